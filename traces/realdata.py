@@ -1,0 +1,99 @@
+"""Figures measured on real models and real text: the defaults of the synthetic generator.
+
+Every number here is a measurement, and its source is stated beside it, so a
+user can see what a synthetic trace is calibrated to and change it in one place.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+
+# Real Mixtral-8x7B-Instruct decode traces (vLLM, top-2, 32 layers; code and math
+# prompts, 80-255 generated tokens each), as reported in the foundation issue.
+# The generator's `real` profile is tuned to sit inside these ranges (tests check it).
+REAL_DECODE_TRACE = {
+    "gini": (0.16, 0.22),                      # per-layer Gini of expert counts
+    "top_share": (0.35, 0.38),                 # share of the 2 most used experts
+    "temporal_reuse": (0.34, 0.41),            # share of a token's experts reused by the next token
+    "cross_layer_correlation": (0.19, 0.36),   # NMI of top-1 experts of consecutive layers
+    "inter_prompt_correlation": (0.42, 0.46),  # Pearson of two prompts' layer x expert counts
+}
+# PAPER.md (eMoE, arXiv 2503.06823): consecutive prompts 0.75-0.95 (Mixtral),
+# consecutive layers ~0.50. Reached by the generator's `paper` profile.
+PAPER_FIGURES = {"inter_prompt_correlation": (0.75, 0.95), "cross_layer_correlation": (0.40, 0.60)}
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """Token count ~ lognormal with this mean and log-space sd, clipped to [lo, hi]."""
+    mean: float
+    sd_log: float
+    lo: int = 1
+    hi: int = 1000   # the paper caps generation at 1000 tokens
+
+
+@dataclass(frozen=True)
+class TaskProfile:
+    prompt: LengthDist
+    output: LengthDist
+    domain: str      # routing-stats domain whose measured popularity the task follows
+    source: str
+
+
+# Prompt and reference-output lengths measured on ../shared/data/corpora
+# (BPE tokens estimated as 1.3 x whitespace words; code as characters / 4).
+TASKS: dict[str, TaskProfile] = {
+    "math": TaskProfile(LengthDist(60, 0.36), LengthDist(168, 0.30, 80, 255), "arxiv",
+                        "prompt: gsm8k-test questions (n=1319); output: real Mixtral decode traces, 80-255 tokens"),
+    "code": TaskProfile(LengthDist(113, 0.48), LengthDist(168, 0.30, 80, 255), "github",
+                        "prompt: HumanEval prompts (n=164); output: real Mixtral decode traces, 80-255 tokens"),
+    "qa": TaskProfile(LengthDist(12, 0.15, 4), LengthDist(5, 0.57), "wikipedia",
+                      "nq-open dev questions and reference answers (n=3610)"),
+    "summarization": TaskProfile(LengthDist(175, 0.52, 16), LengthDist(25, 0.43), "book",
+                                 "dialogsum test dialogues and reference summaries (n=500)"),
+    "translation": TaskProfile(LengthDist(15, 0.29, 3), LengthDist(14, 0.31), "c4",
+                               "multi30k test2016 en->de aligned lines (n=1000)"),
+    # No corpus ships for these three: PAPER.md's observations (conversation longest,
+    # about 2x other tasks; classification/comparison answer with a label).
+    "conversation": TaskProfile(LengthDist(150, 0.6, 8), LengthDist(300, 0.6, 8), "c4",
+                                "assumption from PAPER.md: conversation has the longest outputs"),
+    "classification": TaskProfile(LengthDist(40, 0.4, 8), LengthDist(3, 0.3), "c4",
+                                  "assumption: financial-tweet sentiment, a one-word label"),
+    "comparison": TaskProfile(LengthDist(40, 0.4, 8), LengthDist(3, 0.3), "wikipedia",
+                              "assumption: headline similarity, a one-word label"),
+}
+
+
+@lru_cache(maxsize=None)
+def routing_stats(model: str) -> dict | None:
+    """Measured per-domain expert popularity of a real model, or None if not shipped.
+
+    Files: traces/data/routing-stats-<model>.json, derived from allenai/OLMoE
+    scripts/routing_output (Apache-2.0): per domain, top-k expert counts at
+    MoE layers 0, 7 and 15.
+    """
+    p = DATA / f"routing-stats-{model}.json"
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def measured_popularity(model: str, domain: str) -> dict[int, np.ndarray]:
+    """layer -> share of top-k selections per expert, for the layers measured."""
+    rs = routing_stats(model)
+    if rs is None:
+        return {}
+    doms = rs["domains"]
+    if domain not in doms:
+        domain = "c4" if "c4" in doms else next(iter(doms))
+    out = {}
+    for layer, counts in doms[domain]["expert_counts"].items():
+        v = np.array([counts[str(e)] for e in range(rs["n_experts"])], dtype=float)
+        out[int(layer)] = v / v.sum()
+    return out
