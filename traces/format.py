@@ -186,6 +186,9 @@ def save_trace(t: Trace, path, compress: bool = False) -> Path:
         arrays["router_probs"] = t.router_probs.astype(np.float16, copy=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a trace is a normal shared file
     try:
         (np.savez_compressed if compress else np.savez)(tmp, **arrays)
         os.replace(tmp, path)

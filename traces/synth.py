@@ -168,9 +168,9 @@ def synthesize(model, tasks, n_requests: int, seed: int = 0, profile: str | Rout
         raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
     if n_requests < 1:
         raise ValueError("n_requests must be at least 1")
-    prof = PROFILES[profile] if isinstance(profile, str) else profile
     if isinstance(profile, str) and profile not in PROFILES:
         raise ValueError(f"unknown profile '{profile}'; choose one of {list(PROFILES)}")
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
     if overrides:
         prof = replace(prof, name=prof.name + "+custom", **overrides)
     rm = RoutingModel(model, tasks, prof, structure_seed)

@@ -1,0 +1,188 @@
+"""The `emoe` command line: one subcommand per job, each delegating to its module."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, no traceback."""
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="req", disable=None, leave=False)
+    return bar
+
+
+def _parse_tasks(spec: str):
+    """'qa,code' or 'qa:2,code:1' -> (tasks, weights)."""
+    tasks, weights = [], []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition(":")
+        tasks.append(name)
+        try:
+            weights.append(float(w) if w else 1.0)
+        except ValueError:
+            raise UserError(f"--tasks: weight of '{name}' must be a number, got '{w}'") from None
+    if not tasks:
+        raise UserError("--tasks: give at least one task")
+    return tasks, weights
+
+
+# ---- trace ------------------------------------------------------------------
+def cmd_trace_synth(a):
+    from traces.format import save_trace
+    from traces.synth import synthesize
+    tasks, weights = _parse_tasks(a.tasks)
+    t0 = time.time()
+    bar = _progress(a.requests, "synth")
+    overrides = {}
+    for kv in a.knob or []:
+        k, _, v = kv.partition("=")
+        try:
+            overrides[k] = float(v)
+        except ValueError:
+            raise UserError(f"--knob {kv}: expected NAME=NUMBER") from None
+    try:
+        tr = synthesize(a.model, tasks, a.requests, seed=a.seed, profile=a.profile, task_weights=weights,
+                        rate=a.rate, router_probs=a.router_probs, prompt_mean=a.prompt_len,
+                        output_mean=a.output_len, progress=bar.update, **overrides)
+    except TypeError as e:
+        raise UserError(f"--knob: {e}; knobs are the RoutingProfile fields in traces/synth.py") from None
+    finally:
+        bar.close()
+    path = save_trace(tr, a.output, compress=a.compress)
+    print(f"wrote {path}: {tr.n_requests} requests, {tr.n_tokens} tokens, model {tr.model} "
+          f"({tr.n_layers} layers x {tr.n_experts} experts, top-{tr.top_k}) in {time.time() - t0:.1f}s")
+
+
+def cmd_trace_import(a):
+    from traces.format import save_trace
+    from traces.importer import import_jsonl
+    tr = import_jsonl(a.file, a.model)
+    path = save_trace(tr, a.output, compress=a.compress)
+    print(f"wrote {path}: {tr.n_requests} requests, {tr.n_tokens} tokens")
+
+
+def cmd_trace_info(a):
+    from traces.format import load_trace
+    tr = load_trace(a.trace)
+    print(f"{a.trace}: model {tr.model}, {tr.n_layers} MoE layers x {tr.n_experts} experts, top-{tr.top_k}")
+    print(f"  {tr.n_requests} requests, {tr.n_tokens} tokens "
+          f"(prompt {int(tr.prompt_tokens.sum())}, output {int(tr.output_tokens.sum())}), "
+          f"router probs: {'yes' if tr.router_probs is not None else 'no'}, "
+          f"arrivals: {'yes' if tr.arrival_s is not None else 'no'}")
+    for task in tr.tasks:
+        sel = tr.task == task
+        print(f"  {task:15s} {int(sel.sum()):6d} requests  prompt mean {tr.prompt_tokens[sel].mean():7.1f}  "
+              f"output mean {tr.output_tokens[sel].mean():7.1f}")
+
+
+def cmd_trace_stats(a):
+    from traces.format import load_trace
+    from traces.stats import trace_stats
+    tr = load_trace(a.trace)
+    s = trace_stats(tr, a.tokens)
+    keys = ["gini", "top_share", "temporal_reuse", "cross_layer_correlation", "inter_prompt_correlation",
+            "distinct_experts"]
+    print(f"{a.trace} ({s['tokens_phase']} tokens; definitions in README 'Trace statistics')")
+    print(f"{'':16s}" + "".join(f"{k[:14]:>15s}" for k in ["requests"] + keys))
+    rows = [("ALL", s)] + list(s["per_task"].items())
+    for name, d in rows:
+        print(f"{name:16s}{d['requests']:15d}" + "".join(f"{d[k]:15.3f}" for k in keys))
+    print(f"task specialisation (mean JS divergence, bits): {s['specialisation']:.4f}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(s, indent=2, default=float))
+        print(f"wrote {a.json}")
+    if a.plot:
+        from traces.plots import plot_trace
+        for p in plot_trace(tr, a.plot, a.tokens):
+            print(f"wrote {p}")
+
+
+def cmd_models(a):
+    from sim.models import PRESETS
+    print(f"{'preset':20s}{'params':>9s}{'MoE layers':>11s}{'experts':>8s}{'top-k':>6s}{'shared':>7s}"
+          f"{'MB/expert':>10s}{'dense GB':>9s}{'experts GB':>11s}{'KV KB/tok':>10s}")
+    for m in PRESETS.values():
+        print(f"{m.name:20s}{m.total_params / 1e9:8.2f}B{m.n_moe_layers:11d}{m.n_experts:8d}{m.top_k:6d}"
+              f"{m.n_shared_experts:7d}{m.bytes_per_expert / 1e6:10.1f}{m.dense_bytes / 1e9:9.2f}"
+              f"{m.expert_bytes_total / 1e9:11.2f}{m.kv_bytes_per_token / 1024:10.1f}")
+
+
+# ---- parser -------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emoe", description="Simulate and replay memory-efficient MoE inference "
+                                "(eMoE and baselines) from routing traces.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    tr = sub.add_parser("trace", help="make, import, inspect and measure routing traces")
+    tsub = tr.add_subparsers(dest="trace_command", metavar="ACTION")
+    tsub.required = True
+    s = tsub.add_parser("synth", help="generate a synthetic trace calibrated to real routing")
+    s.add_argument("--model", required=True, help="model preset (see `emoe models`)")
+    s.add_argument("--tasks", default="qa,summarization,code,math,conversation",
+                   help="comma-separated tasks, optionally weighted: qa:2,code:1")
+    s.add_argument("--requests", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--profile", default="real", help="routing profile: real (measured) or paper")
+    s.add_argument("--rate", type=float, help="write Poisson arrival times at this rate (req/s)")
+    s.add_argument("--prompt-len", type=float, help="override every task's mean prompt tokens")
+    s.add_argument("--output-len", type=float, help="override every task's mean output tokens")
+    s.add_argument("--router-probs", action="store_true", help="also store full router probabilities")
+    s.add_argument("--knob", action="append", metavar="NAME=VALUE",
+                   help="override one routing-profile knob, e.g. request_deviation=0.3")
+    s.add_argument("--compress", action="store_true", help="deflate the file (smaller, slower to load)")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_trace_synth)
+
+    s = tsub.add_parser("import", help="convert routing JSONL (vLLM profiler rows) to a trace")
+    s.add_argument("file")
+    s.add_argument("--model", required=True)
+    s.add_argument("--compress", action="store_true")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_trace_import)
+
+    s = tsub.add_parser("info", help="summarise a trace (shape, requests, lengths per task)")
+    s.add_argument("trace")
+    s.set_defaults(func=cmd_trace_info)
+
+    s = tsub.add_parser("stats", help="routing statistics per task and overall")
+    s.add_argument("trace")
+    s.add_argument("--tokens", default="all", choices=["all", "prompt", "decode"])
+    s.add_argument("--json", metavar="OUT", help="write all statistics as JSON")
+    s.add_argument("--plot", metavar="DIR", help="write heatmaps (PNG and SVG)")
+    s.set_defaults(func=cmd_trace_stats)
+
+    s = sub.add_parser("models", help="list model presets and their derived sizes")
+    s.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv=None) -> int:
+    from traces.format import TraceError
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        a.func(a)
+    except (UserError, TraceError, KeyError, ValueError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"emoe: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emoe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

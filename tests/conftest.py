@@ -1,0 +1,21 @@
+import numpy as np
+import pytest
+
+from traces.format import Trace
+
+
+def make_trace(experts, prompt, output, n_experts=4, tasks=None, gates=None, **kw):
+    """A trace from an explicit (T, L, k) expert array: for hand-checkable tests."""
+    experts = np.asarray(experts, dtype=np.uint8)
+    T, L, k = experts.shape
+    R = len(prompt)
+    if gates is None:
+        gates = np.full((T, L, k), 1.0 / k, dtype=np.float16)
+    return Trace("hand", L, n_experts, k, [f"r{i}" for i in range(R)], tasks or ["t"] * R,
+                 prompt, output, experts, gates, **kw)
+
+
+@pytest.fixture
+def tiny_trace():
+    from traces.synth import synthesize
+    return synthesize("tiny", ["qa", "code"], 12, seed=3, rate=1.0, router_probs=True)
