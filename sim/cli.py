@@ -118,6 +118,54 @@ def cmd_models(a):
               f"{m.expert_bytes_total / 1e9:11.2f}{m.kv_bytes_per_token / 1024:10.1f}")
 
 
+# ---- simulate -------------------------------------------------------------------
+SUMMARY_ROWS = [("requests_completed", "requests completed", "{:.0f}"), ("requests_rejected", "rejected", "{:.0f}"),
+                ("peak_memory_bytes", "peak memory (GB)", "gb"), ("peak_experts_bytes", "  experts (GB)", "gb"),
+                ("peak_kv_bytes", "  KV cache (GB)", "gb"), ("ttft_mean_s", "TTFT mean (s)", "{:.3f}"),
+                ("ttft_p99_s", "TTFT p99 (s)", "{:.3f}"), ("tpot_mean_s", "TPOT mean (s)", "{:.4f}"),
+                ("e2e_mean_s", "end-to-end mean (s)", "{:.3f}"), ("e2e_p99_s", "end-to-end p99 (s)", "{:.3f}"),
+                ("throughput_tokens_per_s", "throughput (tok/s)", "{:.1f}"),
+                ("slo_attainment", "SLO attainment", "{:.1%}"), ("expert_hit_rate", "expert hit rate", "{:.1%}"),
+                ("bytes_loaded", "bytes loaded (GB)", "gb"), ("routing_fidelity", "routing fidelity", "{:.2%}"),
+                ("engine_steps", "engine steps", "{:.0f}")]
+
+
+def print_summary(s: dict, title: str = ""):
+    if title:
+        print(title)
+    for key, label, fmt in SUMMARY_ROWS:
+        v = s.get(key)
+        if v is None:
+            continue
+        print(f"  {label:24s} {v / 1e9:.2f}" if fmt == "gb" else f"  {label:24s} " + fmt.format(v))
+
+
+def _scenario(a):
+    from sim.scenario import load_scenario
+    return load_scenario(a.scenario, a.set or [])
+
+
+def cmd_run(a):
+    from datetime import datetime
+
+    from sim.run import run_scenario
+    sc = _scenario(a)
+    out = Path(a.output) if a.output else Path("runs") / f"{sc['name']}-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"results directory '{out}' exists and is not empty; choose another -o")
+    bar = _progress(None, "requests")
+    try:
+        res = run_scenario(sc, progress=bar.update)
+    finally:
+        bar.close()
+    path = res.write(out)
+    print_summary(res.summary, f"{sc['name']}: policy {sc['policy']['name']}, scheduler {sc['scheduler']['name']}, "
+                               f"{res.meta['wall_time_s']:.2f}s wall")
+    if res.meta["stopped_early"]:
+        print(f"  note: {res.meta['stopped_early']}")
+    print(f"results in {path}")
+
+
 # ---- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emoe", description="Simulate and replay memory-efficient MoE inference "
@@ -163,18 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="DIR", help="write heatmaps (PNG and SVG)")
     s.set_defaults(func=cmd_trace_stats)
 
+    s = sub.add_parser("run", help="simulate a scenario and write a results directory")
+    s.add_argument("scenario", help="scenario YAML (e.g. scenarios/quickstart.yaml)")
+    s.add_argument("-o", "--output", help="results directory (default runs/NAME-TIMESTAMP)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a scenario key, e.g. --set policy.capacity=0.4 (repeatable)")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("models", help="list model presets and their derived sizes")
     s.set_defaults(func=cmd_models)
     return p
 
 
 def main(argv=None) -> int:
+    from sim.memory import MemoryBudgetError
+    from sim.scenario import ScenarioError
     from traces.format import TraceError
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         a.func(a)
-    except (UserError, TraceError, KeyError, ValueError, FileNotFoundError) as e:
+    except (UserError, TraceError, ScenarioError, MemoryBudgetError, KeyError, ValueError, FileNotFoundError,
+            FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"emoe: error: {msg}", file=sys.stderr)
         return 2

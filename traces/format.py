@@ -159,12 +159,18 @@ def validate(t: Trace, source: str = "trace") -> None:
             req = int(np.searchsorted(t.offsets, row, side="right") - 1)
             raise TraceError(f"{source}: expert id {bad} out of range 0..{t.n_experts - 1} "
                              f"(request '{t.request_id[req]}', token row {row}); does the trace match the model?")
-        if k > 1:
-            srt = np.sort(t.experts, axis=2)
-            if (srt[:, :, 1:] == srt[:, :, :-1]).any():
-                raise TraceError(f"{source}: a token lists the same expert twice in one layer; top-k ids must differ")
+        if k > 1 and _has_repeat(t.experts):
+            raise TraceError(f"{source}: a token lists the same expert twice in one layer; top-k ids must differ")
     if t.router_probs is not None and t.router_probs.shape != (T, L, t.n_experts):
         raise TraceError(f"{source}: 'router_probs' shape {t.router_probs.shape}, expected {(T, L, t.n_experts)}")
+
+
+def _has_repeat(experts: np.ndarray) -> bool:
+    k = experts.shape[2]
+    if k <= 8:   # pairwise compares stream through memory; sorting (T, L, k) is much slower
+        return any(np.any(experts[:, :, i] == experts[:, :, j]) for i in range(k) for j in range(i + 1, k))
+    srt = np.sort(experts, axis=2)
+    return bool((srt[:, :, 1:] == srt[:, :, :-1]).any())
 
 
 def save_trace(t: Trace, path, compress: bool = False) -> Path:

@@ -1,0 +1,21 @@
+"""Expert-management policies, by name. Add one: subclass ExpertPolicy, register it here."""
+from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.moe_infinity import MoEInfinityPolicy
+from sim.policies.on_demand import OnDemandPolicy
+from sim.policies.oracle import OraclePolicy
+from sim.policies.pregated import PregatedPolicy
+from sim.policies.random_subset import RandomPolicy
+from sim.policies.resident import ResidentPolicy
+
+POLICIES: dict[str, type[ExpertPolicy]] = {
+    p.name: p for p in (ResidentPolicy, OnDemandPolicy, RandomPolicy, PregatedPolicy, MoEInfinityPolicy,
+                        OraclePolicy)
+}
+
+
+def make_policy(spec: dict, model, trace=None, seed: int = 0) -> ExpertPolicy:
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return POLICIES[spec["name"]](model, params, trace, seed)
+
+
+__all__ = ["ExpertPolicy", "StepBatch", "StepPlan", "POLICIES", "make_policy"]

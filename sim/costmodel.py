@@ -1,0 +1,139 @@
+"""How long an engine step takes: roofline compute per layer, expert copies over one
+host-to-device link, and their overlap.
+
+Compute (per transformer layer, roofline: max(flops / rate, bytes / bandwidth)):
+- attention: projections over the step's tokens, plus QK^T and AV over each
+  token's context; reads the projection weights and every request's KV cache;
+- experts: each expert with t > 0 tokens reads its weights once and does
+  2 * t * params flops; a shared expert / dense FFN serves every token;
+- the LM head for each request that samples a token, and fixed overheads.
+
+Copies: one link, one expert at a time (latency + bytes / bandwidth). Within a
+step, layer l's router runs after its attention; demand loads for l start then,
+behind the copy in flight but ahead of queued prefetches; layer l's experts
+compute once its loads (demand and prefetched) have arrived. Prefetches are
+issued `lead` layers early (or at step start for later steps) and run whenever
+the link is free. The link's backlog carries over to the next step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepTiming:
+    duration_s: float
+    link_busy_s: float       # copy time started during this step
+    stall_s: float           # time layers waited for experts
+
+
+class CostModel:
+    def __init__(self, model, hw):
+        self.m, self.hw = model, hw
+        d = model.dtype_bytes
+        self.flops, self.bw = hw.flops, hw.hbm
+        self.attn_bytes = model.attention_params_per_layer * d
+        self.kv_layer_bytes = model.kv_bytes_per_token / model.n_layers
+        self.expert_bytes = model.bytes_per_expert
+        self.expert_flops_per_token = 2 * model.expert_params
+        shared_params = model.n_shared_experts * 3 * model.hidden * (model.shared_ffn or model.expert_ffn)
+        self.shared_bytes = shared_params * d
+        self.shared_flops_per_token = 2 * shared_params
+        self.dense_layers = model.n_layers - model.n_moe_layers
+        self.dense_ffn_params = 3 * model.hidden * model.dense_ffn
+        self.head_params = model.vocab * model.hidden
+        self.copy_s = hw.copy_time(model.bytes_per_expert)
+        self.link_free_at = 0.0   # absolute time the link finishes its committed copies
+
+    # ---- compute ------------------------------------------------------------
+    def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int) -> float:
+        """One layer's attention. attn_ctx: sum over tokens of the context each attends to;
+        kv_tokens: KV entries read (all requests in the step)."""
+        m = self.m
+        flops = 2 * n_tokens * m.attention_params_per_layer + 4 * attn_ctx * m.n_heads * m.hd
+        nbytes = self.attn_bytes + kv_tokens * self.kv_layer_bytes
+        return max(flops / self.flops, nbytes / self.bw) + self.hw.layer_overhead_s
+
+    def experts_s(self, counts: np.ndarray, n_tokens: int) -> np.ndarray:
+        """(L,) time of each MoE layer's expert FFNs (routed + shared)."""
+        active = counts > 0
+        t = np.maximum(counts * (self.expert_flops_per_token / self.flops), active * (self.expert_bytes / self.bw))
+        per_layer = t.sum(axis=1)
+        if self.shared_bytes:
+            per_layer = per_layer + max(n_tokens * self.shared_flops_per_token / self.flops,
+                                        self.shared_bytes / self.bw)
+        return per_layer
+
+    def fixed_s(self, n_tokens: int, n_sampled: int) -> float:
+        """Dense (non-MoE) layers' FFNs, the LM head, and the step overhead."""
+        d = self.m.dtype_bytes
+        dense = self.dense_layers * max(2 * n_tokens * self.dense_ffn_params / self.flops,
+                                        self.dense_ffn_params * d / self.bw) if self.dense_layers else 0.0
+        head = max(2 * n_sampled * self.head_params / self.flops, self.head_params * d / self.bw)
+        return dense + head + self.hw.step_overhead_s
+
+    # ---- a whole step ----------------------------------------------------------
+    def step(self, t0: float, plan, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: int) -> StepTiming:
+        attn = self.attention_s(n_tokens, attn_ctx, kv_tokens)
+        ffn = self.experts_s(plan.counts, n_tokens)
+        fixed = self.fixed_s(n_tokens, n_sampled) + plan.extra_time_s
+        L = len(ffn)
+        n_copies = int(plan.demand.sum() + plan.early.sum()) + plan.ahead
+        if n_copies == 0:
+            compute = L * attn + float(ffn.sum())
+            return StepTiming(fixed + compute, 0.0, 0.0)
+        return self._step_with_copies(t0, plan, attn, ffn, fixed)
+
+    def _step_with_copies(self, t0, plan, attn, ffn, fixed) -> StepTiming:
+        c = self.copy_s
+        L = len(ffn)
+        free = max(self.link_free_at, t0)
+        busy = 0.0
+        stall = 0.0
+        pending = deque()                  # prefetch items [issue time, copies, layer or -1]
+        arrived = {}
+        t = t0 + fixed                     # overheads (host work, LM head) placed first
+        if plan.ahead:
+            pending.append([t0, plan.ahead, -1])
+
+        def run_pending(limit):
+            nonlocal free, busy
+            while pending and max(pending[0][0], free) < limit:
+                issue, n, layer = pending.popleft()
+                start = max(issue, free)
+                free = start + n * c
+                busy += n * c
+                if layer >= 0:
+                    arrived[layer] = free
+
+        early = plan.early
+        lead = max(plan.lead, 1)
+        for layer in range(L):
+            # Prefetches for layer + lead are issued as this layer starts (first ones at step start).
+            targets = range(0, min(lead, L)) if layer == 0 else (layer + lead - 1,)
+            for target in targets:
+                if target < L and early[target]:
+                    pending.append([t, int(early[target]), target])
+            router_done = t + attn
+            run_pending(router_done)
+            n_dem = int(plan.demand[layer])
+            for item in list(pending):     # a prefetch for this layer not started yet: now demand
+                if item[2] == layer:
+                    pending.remove(item)
+                    n_dem += item[1]
+            ready = router_done
+            if n_dem:
+                start = max(router_done, free)
+                free = start + n_dem * c
+                busy += n_dem * c
+                ready = free
+            if layer in arrived:
+                ready = max(ready, arrived[layer])
+            stall += ready - router_done
+            t = ready + ffn[layer]
+        run_pending(float("inf"))          # what is left (prefetch for later steps) runs on
+        self.link_free_at = free
+        return StepTiming(t - t0, busy, stall)

@@ -1,0 +1,194 @@
+"""The simulated serving engine: SimPy drives arrivals and engine steps.
+
+Continuous batching with chunked prefill (vLLM v1 style): every step carries one
+token for each decoding request plus prompt chunks of newly admitted requests,
+up to limits.max_batch_tokens. Per step, the policy serves the batch's routing
+(from the trace) and the cost model turns the plan into time. KV memory grows
+per token; when it runs out, the latest admitted request is preempted and later
+recomputed from scratch (vLLM's recompute preemption).
+"""
+from __future__ import annotations
+
+import numpy as np
+import simpy
+
+from sim.costmodel import CostModel
+from sim.memory import MemoryLedger
+from sim.policies.base import StepBatch
+
+
+class Engine:
+    def __init__(self, model, hw, trace, requests, policy, scheduler, limits: dict, progress=None):
+        self.model, self.hw, self.trace = model, hw, trace
+        self.requests = requests
+        self.policy, self.scheduler = policy, scheduler
+        self.max_tokens = int(limits["max_batch_tokens"])
+        self.max_running = int(limits["max_running"])
+        self.max_steps = int(limits.get("max_steps") or 0)
+        self.max_time = float(limits.get("max_sim_time_s") or 0.0)
+        self.cost = CostModel(model, hw)
+        self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
+        self.waiting: list = []
+        self.running: list = []
+        self.finished: list = []
+        self.rejected: list = []
+        self.timeline: list[tuple] = []
+        self.steps = 0
+        self.preemptions = 0
+        self.progress = progress
+        self._wake = None
+        self.stopped_early = ""
+
+    # ---- SimPy processes ----------------------------------------------------------
+    def run(self) -> "Engine":
+        env = simpy.Environment()
+        self.env = env
+        env.process(self._arrivals(env))
+        env.process(self._serve(env))
+        env.run()
+        return self
+
+    def _arrivals(self, env):
+        for req in sorted(self.requests, key=lambda r: (r.arrival_s, r.index)):
+            if req.arrival_s > env.now:
+                yield env.timeout(req.arrival_s - env.now)
+            self.waiting.append(req)
+            self.policy.on_arrival(req, env.now)
+            if self._wake is not None and not self._wake.triggered:
+                self._wake.succeed()
+
+    def _serve(self, env):
+        total = len(self.requests)
+        while len(self.finished) + len(self.rejected) < total:
+            if (self.max_steps and self.steps >= self.max_steps) or (self.max_time and env.now >= self.max_time):
+                self.stopped_early = f"stopped at limit (steps={self.steps}, t={env.now:.1f}s)"
+                return
+            self._admit(env.now)
+            if not self.running:
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                continue
+            duration = self._step(env.now)
+            yield env.timeout(duration)
+            self._advance(env.now)
+
+    # ---- admission -------------------------------------------------------------------
+    def _admit(self, now: float):
+        if not self.waiting:
+            return
+        mem = self.mem
+
+        def fits(req) -> bool:
+            if len(self.running) >= self.max_running:
+                return False
+            need = req.prompt_tokens + 1
+            if need * mem.kv_per_token > mem.kv_budget:   # can never fit: reject, do not block others
+                return True
+            return mem.kv_fits(need + len(self.running))  # keep a token of headroom per running request
+
+        for req in self.scheduler.select(self.waiting, self.running, now, fits):
+            self.waiting.remove(req)
+            if (req.prompt_tokens + 1) * mem.kv_per_token > mem.kv_budget:
+                req.extra["rejected"] = (f"prompt of {req.prompt_tokens} tokens needs "
+                                         f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
+                                         f"more than the {mem.kv_budget / 1e9:.2f} GB left")
+                self.rejected.append(req)
+                continue
+            if req.admitted_s is None:
+                req.admitted_s = now
+            self.running.append(req)
+            self.policy.on_admit(req, now)
+
+    def _preempt_for(self, new_tokens: int):
+        """Free KV (latest admitted first) until this step's new tokens fit."""
+        while len(self.running) > 1 and not self.mem.kv_fits(new_tokens):
+            victim = self.running.pop()
+            self.mem.kv_used -= victim.context * self.mem.kv_per_token
+            new_tokens -= 1 if not victim.in_prefill else min(victim.prompt_tokens - victim.prefilled,
+                                                               self.max_tokens)
+            victim.prefilled = 0
+            victim.generated = 0
+            victim.preemptions += 1
+            self.preemptions += 1
+            self.waiting.insert(0, victim)
+
+    # ---- one step ----------------------------------------------------------------------
+    def _plan_tokens(self):
+        """Rows of this step: one per decoding request, then prompt chunks in admission order."""
+        decode = [r for r in self.running if not r.in_prefill]
+        budget = self.max_tokens - len(decode)
+        chunks = []
+        for r in self.running:
+            if r.in_prefill and budget > 0:
+                c = min(r.prompt_tokens - r.prefilled, budget)
+                chunks.append((r, c))
+                budget -= c
+        return decode, chunks
+
+    def _step(self, now: float) -> float:
+        decode, chunks = self._plan_tokens()
+        n_new = len(decode) + sum(c for _, c in chunks)
+        if not self.mem.kv_fits(n_new):
+            self._preempt_for(n_new)
+            decode, chunks = self._plan_tokens()
+            n_new = len(decode) + sum(c for _, c in chunks)
+        reqs = decode + [r for r, _ in chunks]
+        rows = np.fromiter((r.next_row for r in decode), dtype=np.int64, count=len(decode))
+        token_req = np.arange(len(decode))
+        attn_ctx = float(sum(r.context for r in decode)) + len(decode)
+        kv_read = sum(r.context for r in reqs) + n_new
+        if chunks:
+            rows = np.concatenate([rows] + [np.arange(r.next_row, r.next_row + c) for r, c in chunks])
+            token_req = np.concatenate([token_req] + [np.full(c, len(decode) + i) for i, (_, c) in enumerate(chunks)])
+            attn_ctx += sum(c * r.prefilled + c * (c + 1) / 2 for r, c in chunks)
+        n_tokens = len(rows)
+        t = self.trace
+        batch = StepBatch(self.steps, t.experts[rows], t.gates[rows],
+                          None if t.router_probs is None else t.router_probs[rows], token_req, reqs)
+        plan = self.policy.plan_step(batch)
+        n_sampled = len(decode) + sum(1 for r, c in chunks if r.prefilled + c >= r.prompt_tokens)
+        timing = self.cost.step(now, plan, n_tokens, n_sampled, attn_ctx, kv_read)
+        self.mem.kv_used += n_new * self.mem.kv_per_token
+        parts = self.mem.sample(int(self.policy.resident.sum()), plan.staged, n_tokens, n_sampled)
+        self.timeline.append((now, timing.duration_s, n_tokens, len(reqs), len(self.running), len(self.waiting),
+                              len(decode), n_tokens - len(decode), parts["dense"], parts["experts"], parts["kv"],
+                              parts["activations"], parts["predictor"], timing.link_busy_s, timing.stall_s,
+                              int(plan.demand.sum() + plan.early.sum()) + plan.ahead))
+        self._chunks = chunks
+        self._decode = decode
+        self.steps += 1
+        self.scheduler.on_step(self.running, timing.duration_s, now)
+        return timing.duration_s
+
+    def _advance(self, now: float):
+        """Apply the step's progress once its time has passed."""
+        done = []
+        for r in self._decode:
+            r.generated += 1
+            if r.generated >= r.output_tokens:
+                done.append(r)
+        for r, c in self._chunks:
+            r.prefilled += c
+            if not r.in_prefill:
+                r.generated = 1
+                if r.first_token_s is None:
+                    r.first_token_s = now
+                if r.generated >= r.output_tokens:
+                    done.append(r)
+        for r in done:
+            r.finish_s = now
+            self.running.remove(r)
+            self.mem.kv_used -= r.context * self.mem.kv_per_token
+            self.finished.append(r)
+            self.policy.on_finish(r, now)
+            self.scheduler.on_finish(r, now)
+        if done and self.progress:
+            self.progress(len(done))
+        if not self.running:
+            self.mem.kv_used = 0.0   # guard float drift
+
+
+TIMELINE_COLUMNS = ("t_s", "step_s", "tokens", "batch_requests", "running", "waiting", "decode_tokens",
+                    "prefill_tokens", "mem_dense", "mem_experts", "mem_kv", "mem_activations", "mem_predictor",
+                    "link_busy_s", "stall_s", "expert_loads")

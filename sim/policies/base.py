@@ -1,0 +1,252 @@
+"""The expert-management interface every policy implements, and the shared mechanics.
+
+A policy is a plain object with no clock: an engine (the SimPy simulator or the
+real-GPU replayer) hands it each step's routing and it answers which experts are
+used, which must be loaded (on demand or prefetched) and which were rerouted.
+Time is the engine's business; decisions are the policy's.
+
+Counting, the same for every policy:
+- an *access* is one (step, layer, expert) the batch needs; it is a *hit* if
+  the expert was resident when the step began, else a *miss* (it had to be
+  loaded during the step, on demand or by an in-step prefetch);
+- bytes_loaded = every expert copied to the device (misses under fetch, plus
+  prefetches for later steps);
+- reroutes and gate mass kept are per (token, layer) route: a rerouted route
+  lost the gate mass of the experts it could not use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MISS_MODES = ("fetch", "reroute")
+
+
+@dataclass
+class StepBatch:
+    """The tokens of one engine step and their routing from the trace."""
+    step: int
+    experts: np.ndarray      # (n, L, k) routed expert ids
+    gates: np.ndarray        # (n, L, k) gate weights (sum to 1 per token and layer)
+    probs: np.ndarray | None  # (n, L, E) full router probabilities, if the trace has them
+    token_req: np.ndarray    # (n,) index into `requests`
+    requests: list           # the Request objects in this step
+
+
+@dataclass
+class StepPlan:
+    counts: np.ndarray       # (L, E) tokens each expert computes (after reroutes)
+    demand: np.ndarray       # (L,) experts loaded when layer l's router has run (layer waits)
+    early: np.ndarray        # (L,) experts loaded in-step ahead of need (issued `lead` layers before)
+    lead: int                # how many layers ahead `early` loads are issued
+    ahead: int               # experts prefetched for later steps (issued at step start, nobody waits)
+    staged: int              # of the loads, experts streamed through the staging buffer (cache full)
+    extra_time_s: float = 0.0  # policy work charged to the step (e.g. predictor invocation)
+
+
+class ExpertPolicy:
+    name = "base"
+    # Parameter name -> default. check_params rejects anything else.
+    PARAMS: dict = {"capacity": 1.0, "capacity_bytes": None, "miss": "fetch"}
+    uses_cache = True          # False: the expert set is fixed by the policy alone
+
+    def __init__(self, model, params: dict, trace=None, seed: int = 0):
+        self.model = model
+        self.params = {**self.PARAMS, **params}
+        self.check_params(params)
+        self.trace = trace
+        self.rng = np.random.default_rng(seed)
+        L, E = model.n_moe_layers, model.n_experts
+        self.L, self.E, self.k = L, E, model.top_k
+        self.capacity = self._capacity_per_layer()
+        self.resident = np.zeros((L, E), dtype=bool)
+        self.popularity = np.ones((L, E))      # routed counts seen so far (reroute fallback order)
+        self.miss_mode = self.params.get("miss", "fetch")
+        self.predictor_bytes = 0
+        # counters
+        self.hits = self.misses = self.reroutes = 0
+        self.loads = self.ahead_loads = 0
+        self.gate_kept = 0.0
+        self.routes = 0
+        self.initial_load()
+
+    # ---- parameters --------------------------------------------------------
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        unknown = set(params) - set(cls.PARAMS)
+        if unknown:
+            raise KeyError(f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.PARAMS)}")
+        p = {**cls.PARAMS, **params}
+        if "capacity" in cls.PARAMS:
+            c = p["capacity"]
+            if not isinstance(c, (int, float)) or not 0 < c <= 1:
+                raise ValueError(f"capacity must be a fraction of experts in (0, 1], got {c!r}")
+        if p.get("capacity_bytes") is not None and not (isinstance(p["capacity_bytes"], (int, float))
+                                                       and p["capacity_bytes"] > 0):
+            raise ValueError(f"capacity_bytes must be a positive number, got {p['capacity_bytes']!r}")
+        if "miss" in cls.PARAMS and p["miss"] not in MISS_MODES:
+            raise ValueError(f"miss must be one of {MISS_MODES}, got {p['miss']!r}")
+
+    def _capacity_per_layer(self) -> np.ndarray:
+        """Experts per layer the cache holds (uniform over layers)."""
+        if self.params.get("capacity_bytes") is not None:
+            per_layer = int(self.params["capacity_bytes"] // (self.model.bytes_per_expert * self.L))
+        else:
+            per_layer = int(round(self.params.get("capacity", 1.0) * self.E))
+        if per_layer < self.k:
+            raise ValueError(f"policy '{self.name}': capacity of {per_layer} experts per layer is below "
+                             f"top_k={self.k}; a layer could not compute one token. Raise the capacity "
+                             f"(at least {self.k / self.E:.3f} of experts)")
+        return np.full(self.L, min(per_layer, self.E), dtype=np.int64)
+
+    def initial_load(self) -> None:
+        """Experts resident before the first request (default: the first `capacity`)."""
+        for layer in range(self.L):
+            self.resident[layer, : self.capacity[layer]] = True
+
+    @property
+    def cache_experts(self) -> int:
+        """Expert slots the policy may fill: what the memory budget reserves."""
+        return int(self.capacity.sum())
+
+    # ---- hooks (engines call these; policies override what they need) ------
+    def on_arrival(self, req, now: float) -> None: ...
+    def on_admit(self, req, now: float) -> None: ...
+    def on_finish(self, req, now: float) -> None: ...
+
+    def plan_step(self, batch: StepBatch) -> StepPlan:
+        raise NotImplementedError
+
+    # ---- shared mechanics ----------------------------------------------------
+    def _needed(self, experts: np.ndarray) -> np.ndarray:
+        """(L, E) tokens routed to each expert."""
+        L, E = self.L, self.E
+        idx = (np.arange(L)[None, :, None] * E + experts).ravel()
+        return np.bincount(idx, minlength=L * E).reshape(L, E)
+
+    def _account(self, batch: StepBatch, hit_slots: np.ndarray, rerouted: np.ndarray | None):
+        """Per-request and global token-level counters for this step."""
+        if rerouted is None:   # every route served by its own experts
+            kept = np.full(len(batch.token_req), float(self.L))
+        else:
+            g = batch.gates.astype(np.float32)
+            kept = ((g * hit_slots).sum(axis=2) / np.maximum(g.sum(axis=2), 1e-9)).sum(axis=1)
+        n_req = len(batch.requests)
+        per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req)
+        per_miss = np.bincount(batch.token_req, (~hit_slots).sum(axis=(1, 2)), minlength=n_req)
+        per_kept = np.bincount(batch.token_req, kept, minlength=n_req)
+        per_routes = np.bincount(batch.token_req, minlength=n_req) * self.L
+        per_rr = np.bincount(batch.token_req, rerouted.sum(axis=1), minlength=n_req) if rerouted is not None \
+            else np.zeros(n_req)
+        for i, r in enumerate(batch.requests):
+            r.hits += int(per_hit[i])
+            r.misses += int(per_miss[i])
+            r.gate_kept += float(per_kept[i])
+            r.routes += int(per_routes[i])
+            r.reroutes += int(per_rr[i])
+        self.gate_kept += float(kept.sum())
+        self.routes += int(per_routes.sum())
+        if rerouted is not None:
+            self.reroutes += int(rerouted.sum())
+
+    def reroute(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Send each route whose expert is not resident to its next-ranked resident expert.
+
+        Ranking: the full router probabilities when the trace has them, else the
+        experts' popularity seen so far. Returns (experts after reroute, hit
+        slots (n, L, k), rerouted routes (n, L))."""
+        ex = batch.experts
+        hit = self.resident[np.arange(self.L)[None, :, None], ex]
+        miss = ~hit
+        rerouted = miss.any(axis=2)
+        if not rerouted.any():
+            return ex, hit, rerouted
+        ti, li = np.nonzero(rerouted)
+        sub_ex, sub_miss = ex[ti, li].astype(np.int64), miss[ti, li]            # (m, k)
+        if batch.probs is not None:
+            score = batch.probs[ti, li].astype(np.float32)
+        else:
+            score = self.popularity[li].astype(np.float32)
+        score = np.where(self.resident[li], score, -np.inf)
+        kept_ex = np.where(sub_miss, -1, sub_ex)
+        rows = np.arange(len(ti))[:, None]
+        score[np.broadcast_to(rows, kept_ex.shape)[kept_ex >= 0], kept_ex[kept_ex >= 0]] = -np.inf
+        cand = np.argsort(-score, axis=1, kind="stable")                         # best resident first
+        rank = np.cumsum(sub_miss, axis=1) - 1
+        fill = np.take_along_axis(cand, np.maximum(rank, 0), axis=1)
+        new = ex.copy()
+        new[ti, li] = np.where(sub_miss, fill, sub_ex)
+        return new, hit, rerouted
+
+    def serve(self, batch: StepBatch, evict_order=None, lead: int = 0, early_mask=None) -> StepPlan:
+        """Serve a step from the cache: reroute or fetch misses, evicting by `evict_order`.
+
+        evict_order(layer, candidates) -> candidates sorted most-evictable first.
+        early_mask (L, E): misses that were predicted and so load `lead` layers early."""
+        ex = batch.experts
+        self.popularity += self._needed(ex)
+        if self.miss_mode == "reroute":
+            new, hit, rerouted = self.reroute(batch)
+            needed = self._needed(new)
+            used = needed > 0
+            self.hits += int(used.sum())
+            self._account(batch, hit, rerouted)
+            self.touch(used, needed)
+            zero = np.zeros(self.L, dtype=np.int64)
+            return StepPlan(needed, zero, zero.copy(), 0, 0, 0)
+        needed = self._needed(ex)
+        used = needed > 0
+        missing = used & ~self.resident
+        n_miss = int(missing.sum())
+        self.hits += int(used.sum()) - n_miss
+        self.misses += n_miss
+        self.loads += n_miss
+        hit_slots = self.resident[np.arange(self.L)[None, :, None], ex]
+        self._account(batch, hit_slots, None)
+        staged = 0
+        if n_miss:
+            for layer in np.flatnonzero(missing.any(axis=1)):
+                staged += self._admit(layer, missing[layer], used[layer], evict_order)
+        self.touch(used, needed)
+        if early_mask is not None and lead > 0:
+            early = (missing & early_mask).sum(axis=1)
+            demand = missing.sum(axis=1) - early
+        else:
+            early, demand = np.zeros(self.L, dtype=np.int64), missing.sum(axis=1)
+        return StepPlan(needed, demand, early, lead, 0, staged)
+
+    def _admit(self, layer: int, missing: np.ndarray, used: np.ndarray, evict_order) -> int:
+        """Make `missing` resident at `layer`, evicting unused experts. Returns experts staged."""
+        res = self.resident[layer]
+        cap = int(self.capacity[layer])
+        want = np.flatnonzero(missing)
+        free = cap - int(res.sum())
+        if len(want) > free:
+            cand = np.flatnonzero(res & ~used)
+            n_out = min(len(want) - free, len(cand))
+            if n_out:
+                victims = evict_order(layer, cand)[:n_out] if evict_order else cand[:n_out]
+                res[victims] = False
+                free += len(victims)
+        # What still does not fit streams through the staging buffer and is dropped after use.
+        take = want[:max(free, 0)]
+        res[take] = True
+        return len(want) - len(take)
+
+    def touch(self, used: np.ndarray, needed: np.ndarray) -> None:
+        """Recency/frequency bookkeeping after a step (LRU/LFU override)."""
+
+    def set_resident(self, layer: int, target: np.ndarray) -> int:
+        """Replace a layer's resident set with `target` (bool E); returns experts loaded."""
+        new = target & ~self.resident[layer]
+        self.resident[layer] = target
+        return int(new.sum())
+
+    def counters(self) -> dict:
+        accesses = self.hits + self.misses
+        return dict(hits=self.hits, misses=self.misses, reroutes=self.reroutes,
+                    expert_loads=self.loads + self.ahead_loads, prefetches_ahead=self.ahead_loads,
+                    bytes_loaded=(self.loads + self.ahead_loads) * self.model.bytes_per_expert,
+                    expert_hit_rate=self.hits / accesses if accesses else 1.0,
+                    routing_fidelity=self.gate_kept / self.routes if self.routes else 1.0)

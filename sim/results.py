@@ -1,0 +1,139 @@
+"""Metrics of a run and the results directory both engines (sim, replay) write.
+
+Directory layout:
+    scenario.yaml   the fully resolved scenario
+    meta.json       code version, seed, engine, wall time, command
+    summary.json    the headline metrics (keys below)
+    requests.csv    one row per request (also requests.parquet)
+    timeline.csv    one row per engine step (also timeline.parquet)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import yaml
+
+SUMMARY_KEYS = ("requests_completed", "requests_rejected", "peak_memory_bytes", "ttft_mean_s", "ttft_p99_s",
+                "tpot_mean_s", "e2e_mean_s", "e2e_p99_s", "throughput_tokens_per_s", "slo_attainment",
+                "expert_hit_rate", "bytes_loaded", "routing_fidelity")
+
+
+def code_version() -> str:
+    import importlib.metadata
+    try:
+        v = importlib.metadata.version("emoe")
+    except importlib.metadata.PackageNotFoundError:
+        v = "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    return f"{v}+{sha}{'-dirty' if dirty else ''}" if sha else v
+
+
+def slo_met(r) -> bool:
+    ttft = r.first_token_s - r.arrival_s
+    e2e = r.finish_s - r.arrival_s
+    tpot = (r.finish_s - r.first_token_s) / (r.generated - 1) if r.generated > 1 else 0.0
+    s = r.slo
+    return (ttft <= s.get("ttft_s", np.inf)) and (e2e <= s.get("e2e_s", np.inf)) and (tpot <= s.get("tpot_s", np.inf))
+
+
+def request_table(requests) -> pd.DataFrame:
+    rows = []
+    for r in requests:
+        done = r.finish_s is not None
+        ttft = r.first_token_s - r.arrival_s if r.first_token_s is not None else np.nan
+        e2e = r.finish_s - r.arrival_s if done else np.nan
+        tpot = (r.finish_s - r.first_token_s) / (r.generated - 1) if done and r.generated > 1 else (0.0 if done else np.nan)
+        rows.append(dict(request_id=r.rid, task=r.task, prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens,
+                         generated_tokens=r.generated if done else 0, arrival_s=r.arrival_s,
+                         admitted_s=r.admitted_s, first_token_s=r.first_token_s, finish_s=r.finish_s,
+                         ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, slo_met=bool(done and slo_met(r)),
+                         completed=done, rejected=r.extra.get("rejected", ""), preemptions=r.preemptions,
+                         hits=r.hits, misses=r.misses, reroutes=r.reroutes,
+                         gate_mass_kept=r.gate_kept / r.routes if r.routes else np.nan))
+    return pd.DataFrame(rows)
+
+
+def summarize(req: pd.DataFrame, policy_counters: dict, peak_total: float, peak_parts: dict,
+              extra: dict | None = None) -> dict:
+    done = req[req.completed]
+    span = (done.finish_s.max() - req.arrival_s.min()) if len(done) else np.nan
+
+    def stat(col, f):
+        return float(f(done[col])) if len(done) else float("nan")
+    s = dict(requests_completed=int(len(done)), requests_rejected=int((req.rejected != "").sum()),
+             peak_memory_bytes=float(peak_total),
+             ttft_mean_s=stat("ttft_s", np.mean), ttft_p50_s=stat("ttft_s", np.median),
+             ttft_p99_s=stat("ttft_s", lambda x: np.percentile(x, 99)),
+             tpot_mean_s=stat("tpot_s", np.mean),
+             e2e_mean_s=stat("e2e_s", np.mean), e2e_p50_s=stat("e2e_s", np.median),
+             e2e_p99_s=stat("e2e_s", lambda x: np.percentile(x, 99)),
+             throughput_tokens_per_s=float(done.generated_tokens.sum() / span) if len(done) and span > 0 else 0.0,
+             slo_attainment=float(req.slo_met.mean()) if len(req) else float("nan"),
+             makespan_s=float(span))
+    s.update(policy_counters)
+    s.update({f"peak_{k}_bytes": float(v) for k, v in peak_parts.items()})
+    if extra:
+        s.update(extra)
+    return s
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return str(x)
+
+
+def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline: pd.DataFrame, summary: dict,
+                  meta: dict) -> Path:
+    """Write into a temporary sibling, then move into place: a crash leaves no half directory,
+    and an existing directory is never overwritten."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"results directory '{out}' exists and is not empty; choose another -o "
+                              "(nothing was overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        (tmp / "scenario.yaml").write_text(scenario_yaml)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+        requests.to_csv(tmp / "requests.csv", index=False)
+        timeline.to_csv(tmp / "timeline.csv", index=False)
+        try:
+            requests.to_parquet(tmp / "requests.parquet", index=False)
+            timeline.to_parquet(tmp / "timeline.parquet", index=False)
+        except ImportError:
+            pass   # pyarrow missing: CSV is complete on its own
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_results(path) -> dict:
+    p = Path(path)
+    if not (p / "summary.json").exists():
+        raise FileNotFoundError(f"'{p}' is not a results directory (no summary.json)")
+    return dict(summary=json.loads((p / "summary.json").read_text()),
+                requests=pd.read_csv(p / "requests.csv"),
+                timeline=pd.read_csv(p / "timeline.csv"),
+                scenario=yaml.safe_load((p / "scenario.yaml").read_text()))

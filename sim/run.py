@@ -1,0 +1,59 @@
+"""Run one scenario in the simulator: scenario -> model, hardware, trace, policy,
+scheduler -> engine -> metrics. `emoe run`, sweeps and notebooks all call this."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from sim.engine import TIMELINE_COLUMNS, Engine
+from sim.hardware import get_hardware
+from sim.models import get_model
+from sim.policies import make_policy
+from sim.results import code_version, request_table, summarize, write_results
+from sim.scenario import dump
+from sim.schedulers import make_scheduler
+from sim.workload import build_requests, load_workload_trace
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    requests: pd.DataFrame
+    timeline: pd.DataFrame
+    meta: dict
+    scenario: dict
+
+    def write(self, out_dir) -> Path:
+        return write_results(out_dir, dump(self.scenario), self.requests, self.timeline, self.summary, self.meta)
+
+
+def build(sc: dict, trace=None):
+    """Everything a run needs, from a resolved scenario (also used by capacity and replay)."""
+    model = get_model(sc["model"])
+    hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
+    if trace is None:
+        trace = load_workload_trace(sc, model)
+    policy = make_policy(sc["policy"], model, trace, sc["seed"])
+    scheduler = make_scheduler(sc["scheduler"])
+    return model, hw, trace, policy, scheduler
+
+
+def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:
+    t0 = time.perf_counter()
+    model, hw, trace, policy, scheduler = build(sc, trace)
+    requests = build_requests(sc, trace)
+    eng = Engine(model, hw, trace, requests, policy, scheduler, sc["limits"], progress).run()
+    wall = time.perf_counter() - t0
+    req = request_table(requests)
+    tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
+    summary = summarize(req, policy.counters(), eng.mem.peak_total, eng.mem.peak,
+                        extra=dict(engine_steps=eng.steps, preemptions=eng.preemptions,
+                                   budget_bytes=eng.mem.budget, kv_budget_bytes=eng.mem.kv_budget,
+                                   simulated_time_s=float(eng.env.now)))
+    meta = dict(engine="sim", code_version=code_version(), seed=sc["seed"], wall_time_s=wall,
+                engine_steps_per_s=eng.steps / wall if wall else None, stopped_early=eng.stopped_early,
+                model=model.describe(), hardware=hw.__dict__)
+    return RunResult(summary, req, tl, meta, sc)

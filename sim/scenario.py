@@ -1,0 +1,221 @@
+"""Scenario files: load, apply --set overrides, validate, resolve.
+
+A scenario is YAML with the sections below; every key is checked and an
+unknown or ill-typed one fails with the file, the key path and what is allowed.
+
+    name: quickstart
+    seed: 0
+    model: mixtral-8x7b                    # preset, or {preset: ..., <field>: ...}, or all fields
+    hardware: {preset: a100-40gb, count: 4} # or a preset name, or {profile: PROFILE.yaml}
+    workload:
+      trace: ../traces/samples/x.npz       # path relative to the scenario file
+      synthetic: {tasks: [qa, code], requests: 100, profile: real, seed: 0}   # instead of trace
+      requests: 100                        # use the first N requests (default: all)
+      tasks: [qa, code]                    # keep only these tasks (default: all)
+      arrival: {process: poisson, rate: 0.5}   # poisson | trace | batch (all at t=0)
+      slo: {default: {ttft_s: 5, e2e_s: 120}, qa: {ttft_s: 1, tpot_s: 0.2}}
+    policy: {name: on_demand, capacity: 0.6, eviction: lru, miss: fetch}
+    scheduler: {name: fcfs}
+    limits: {max_batch_tokens: 8192, max_running: 64, memory_utilization: 0.9, max_steps: 0}
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message names file, key and the fix."""
+
+
+DEFAULTS = {
+    "name": "scenario",
+    "seed": 0,
+    "model": None,
+    "hardware": "a100-40gb",
+    "workload": {
+        "trace": None,
+        "synthetic": None,
+        "requests": None,
+        "tasks": None,
+        "arrival": {"process": "poisson", "rate": 0.5},
+        "slo": {"default": {"ttft_s": 10.0, "e2e_s": 300.0}},
+    },
+    "policy": {"name": "resident"},
+    "scheduler": {"name": "fcfs"},
+    "limits": {"max_batch_tokens": 8192, "max_running": 64, "memory_utilization": 0.9,
+               "max_steps": 0, "max_sim_time_s": 0.0},
+}
+ARRIVALS = {"poisson": {"process", "rate"}, "trace": {"process", "time_scale"}, "batch": {"process"}}
+SLO_KEYS = {"ttft_s", "tpot_s", "e2e_s"}
+SYNTH_KEYS = {"tasks", "requests", "profile", "seed", "prompt_mean", "output_mean", "task_weights"}
+LIMIT_TYPES = {"max_batch_tokens": int, "max_running": int, "memory_utilization": float, "max_steps": int,
+               "max_sim_time_s": float}
+
+
+def _set_path(d: dict, dotted: str, value):
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        v = cur.get(k)
+        if isinstance(v, str):   # shorthand section (`policy: lru`) grows into a mapping
+            v = {"name": v} if k in ("policy", "scheduler") else {"preset": v}
+        cur[k] = v if isinstance(v, dict) else {}
+        cur = cur[k]
+    cur[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'policy.capacity=0.4' -> ('policy.capacity', 0.4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ScenarioError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. policy.capacity=0.4")
+    key, _, raw = text.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"--set {text!r}: value is not valid YAML ({e})") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_keys(where: str, d: dict, allowed, src: str):
+    if not isinstance(d, dict):
+        raise ScenarioError(f"{src}: '{where}' must be a mapping, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ScenarioError(f"{src}: unknown key(s) {', '.join(where + '.' + u if where else u for u in unknown)}; "
+                            f"allowed under '{where or 'top level'}': {', '.join(sorted(allowed))}")
+
+
+def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
+    """Read, override, validate; returns the resolved scenario dict (with `_base_dir`)."""
+    src = str(path) if path else "<scenario>"
+    if data is None:
+        p = Path(path)
+        if not p.exists():
+            raise ScenarioError(f"scenario file '{p}' does not exist (try scenarios/quickstart.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ScenarioError(f"{src}: malformed YAML: {e}") from None
+        base_dir = p.resolve().parent
+    else:
+        base_dir = Path.cwd()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{src}: a scenario is a mapping with sections {', '.join(DEFAULTS)}")
+    data = copy.deepcopy(data)
+    for ov in overrides:
+        key, value = parse_override(ov) if isinstance(ov, str) else ov
+        _set_path(data, key, value)
+    _check_keys("", data, DEFAULTS, src)
+    # Shorthand: `policy: resident` == `policy: {name: resident}`.
+    for section in ("policy", "scheduler"):
+        if isinstance(data.get(section), str):
+            data[section] = {"name": data[section]}
+    sc = _merge(DEFAULTS, {k: v for k, v in data.items() if k not in ("policy", "scheduler", "model", "hardware")})
+    for section in ("policy", "scheduler", "model", "hardware"):
+        if section in data:
+            sc[section] = copy.deepcopy(data[section])
+    if "workload" in data and isinstance(data["workload"], dict) and "slo" in data["workload"]:
+        sc["workload"]["slo"] = _merge(DEFAULTS["workload"]["slo"], data["workload"]["slo"])
+    validate(sc, src, base_dir)
+    sc["_base_dir"] = str(base_dir)
+    return sc
+
+
+def validate(sc: dict, src: str, base_dir: Path) -> None:
+    from sim.hardware import get_hardware
+    from sim.models import get_model
+    from sim.policies import POLICIES
+    from sim.schedulers import SCHEDULERS
+
+    if sc["model"] is None:
+        raise ScenarioError(f"{src}: 'model' is required (a preset such as mixtral-8x7b, see `emoe models`)")
+    try:
+        get_model(sc["model"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ScenarioError(f"{src}: model: {e.args[0] if e.args else e}") from None
+    try:
+        get_hardware(sc["hardware"], base_dir)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        raise ScenarioError(f"{src}: hardware: {e.args[0] if e.args else e}") from None
+    if not isinstance(sc["seed"], int):
+        raise ScenarioError(f"{src}: seed must be an integer, got {sc['seed']!r}")
+
+    w = sc["workload"]
+    _check_keys("workload", w, DEFAULTS["workload"], src)
+    if (w["trace"] is None) == (w["synthetic"] is None):
+        raise ScenarioError(f"{src}: workload needs exactly one of 'trace' (a .npz path) or 'synthetic' "
+                            "({tasks: [...], requests: N})")
+    if w["trace"] is not None:
+        tp = Path(w["trace"])
+        tp = tp if tp.is_absolute() else base_dir / tp
+        if not tp.exists():
+            raise ScenarioError(f"{src}: workload.trace '{w['trace']}' not found (looked at {tp}); "
+                                "paths are relative to the scenario file")
+    if w["synthetic"] is not None:
+        _check_keys("workload.synthetic", w["synthetic"], SYNTH_KEYS, src)
+        if "tasks" not in w["synthetic"] or "requests" not in w["synthetic"]:
+            raise ScenarioError(f"{src}: workload.synthetic needs 'tasks' and 'requests'")
+    if w["requests"] is not None and (not isinstance(w["requests"], int) or w["requests"] < 1):
+        raise ScenarioError(f"{src}: workload.requests must be a positive integer, got {w['requests']!r}")
+    if w["tasks"] is not None and not (isinstance(w["tasks"], list) and w["tasks"]):
+        raise ScenarioError(f"{src}: workload.tasks must be a non-empty list of task names")
+    arr = w["arrival"]
+    if not isinstance(arr, dict) or arr.get("process") not in ARRIVALS:
+        raise ScenarioError(f"{src}: workload.arrival.process must be one of {', '.join(ARRIVALS)}")
+    _check_keys("workload.arrival", arr, ARRIVALS[arr["process"]], src)
+    if arr["process"] == "poisson" and not (isinstance(arr.get("rate"), (int, float)) and arr["rate"] > 0):
+        raise ScenarioError(f"{src}: workload.arrival.rate must be a positive number (requests/s), "
+                            f"got {arr.get('rate')!r}")
+    if not isinstance(w["slo"], dict):
+        raise ScenarioError(f"{src}: workload.slo must map task names (or 'default') to targets")
+    for task, targets in w["slo"].items():
+        _check_keys(f"workload.slo.{task}", targets, SLO_KEYS, src)
+        for k, v in targets.items():
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ScenarioError(f"{src}: workload.slo.{task}.{k} must be a positive number of seconds")
+
+    for section, registry in (("policy", POLICIES), ("scheduler", SCHEDULERS)):
+        spec = sc[section]
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ScenarioError(f"{src}: '{section}' needs a 'name' (one of {', '.join(registry)})")
+        if spec["name"] not in registry:
+            raise ScenarioError(f"{src}: {section}.name '{spec['name']}' is unknown; "
+                                f"choose one of {', '.join(registry)}")
+        try:
+            registry[spec["name"]].check_params({k: v for k, v in spec.items() if k != "name"})
+        except (KeyError, ValueError, TypeError) as e:
+            raise ScenarioError(f"{src}: {section} '{spec['name']}': {e.args[0] if e.args else e}") from None
+
+    lim = sc["limits"]
+    _check_keys("limits", lim, DEFAULTS["limits"], src)
+    for k, typ in LIMIT_TYPES.items():
+        v = lim[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (typ is int and int(v) != v) or v < 0:
+            raise ScenarioError(f"{src}: limits.{k} must be a non-negative {typ.__name__}, got {v!r}")
+    if not 0 < lim["memory_utilization"] <= 1:
+        raise ScenarioError(f"{src}: limits.memory_utilization must be in (0, 1], got {lim['memory_utilization']}")
+    if lim["max_batch_tokens"] < 1 or lim["max_running"] < 1:
+        raise ScenarioError(f"{src}: limits.max_batch_tokens and limits.max_running must be at least 1")
+
+
+def public(sc: dict) -> dict:
+    """The resolved scenario without private keys, as written to results."""
+    return {k: v for k, v in sc.items() if not k.startswith("_")}
+
+
+def dump(sc: dict) -> str:
+    return yaml.safe_dump(public(sc), sort_keys=False)

@@ -1,0 +1,40 @@
+"""Request schedulers: which waiting requests join the running batch, in what order.
+
+A scheduler is a plain object with no clock: the engine passes `now` and a
+`fits(request)` callback that checks (and reserves) memory and batch limits.
+Admission stops at the first request in order that does not fit, as vLLM does,
+so a large request is not starved by smaller ones behind it.
+"""
+from __future__ import annotations
+
+
+class Scheduler:
+    name = "base"
+    PARAMS: dict = {}
+
+    def __init__(self, params: dict | None = None):
+        params = params or {}
+        self.check_params(params)
+        self.params = {**self.PARAMS, **params}
+
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        unknown = set(params) - set(cls.PARAMS)
+        if unknown:
+            raise KeyError(f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.PARAMS) or 'none'}")
+
+    def key(self, req, now: float):
+        """Sort key of the waiting queue: smaller goes first."""
+        return (req.arrival_s, req.index)
+
+    def select(self, waiting: list, running: list, now: float, fits) -> list:
+        admitted = []
+        for req in sorted(waiting, key=lambda r: self.key(r, now)):
+            if not fits(req):
+                break
+            admitted.append(req)
+        return admitted
+
+    # Hooks for schedulers that keep their own estimates (the eMoE scheduler).
+    def on_step(self, running: list, step_s: float, now: float) -> None: ...
+    def on_finish(self, req, now: float) -> None: ...

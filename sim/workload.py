@@ -1,0 +1,67 @@
+"""From a scenario's workload section to the requests an engine serves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sim.request import Request
+from traces.format import Trace, check_matches_model, load_trace
+
+
+def load_workload_trace(sc: dict, model) -> Trace:
+    w = sc["workload"]
+    if w["trace"] is not None:
+        p = Path(w["trace"])
+        if not p.is_absolute():
+            p = Path(sc.get("_base_dir", ".")) / p
+        trace = load_trace(p)
+        check_matches_model(trace, model, str(p))
+    else:
+        from traces.synth import synthesize
+        s = dict(w["synthetic"])
+        trace = synthesize(model, s.pop("tasks"), s.pop("requests"), seed=s.pop("seed", sc["seed"]), **s)
+    if w["tasks"] is not None:
+        unknown = sorted(set(w["tasks"]) - set(trace.tasks))
+        if unknown:
+            raise ValueError(f"workload.tasks {unknown} not in the trace (it has {trace.tasks})")
+        trace = trace.subset(np.flatnonzero(np.isin(trace.task, w["tasks"])))
+    if w["requests"] is not None and w["requests"] < trace.n_requests:
+        trace = trace.subset(np.arange(w["requests"]))
+    return trace
+
+
+def arrival_times(sc: dict, trace: Trace) -> np.ndarray:
+    arr = sc["workload"]["arrival"]
+    n = trace.n_requests
+    if arr["process"] == "batch":
+        return np.zeros(n)
+    if arr["process"] == "trace":
+        if trace.arrival_s is None or np.isnan(trace.arrival_s).any():
+            raise ValueError("workload.arrival.process is 'trace' but the trace has no arrival times; "
+                             "use {process: poisson, rate: R} or synthesise with --rate")
+        t = (trace.arrival_s - trace.arrival_s.min()) * float(arr.get("time_scale", 1.0))
+        return t
+    # Poisson: its own stream, so changing the policy never changes arrivals.
+    rng = np.random.default_rng([sc["seed"], 0xA11])
+    return np.cumsum(rng.exponential(1.0 / arr["rate"], n))
+
+
+def slo_for(sc: dict, task: str) -> dict:
+    slo = sc["workload"]["slo"]
+    return {**slo.get("default", {}), **slo.get(task, {})}
+
+
+def build_requests(sc: dict, trace: Trace) -> list[Request]:
+    arrivals = arrival_times(sc, trace)
+    # What a server may know of a task before generating: its mean output length.
+    expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in trace.tasks}
+    reqs = []
+    for i in range(trace.n_requests):
+        task = str(trace.task[i])
+        p, o = int(trace.prompt_tokens[i]), int(trace.output_tokens[i])
+        if p == 0:   # decode-only traces: the first routed token stands in for the prompt
+            p, o = 1, o - 1
+        reqs.append(Request(i, str(trace.request_id[i]), task, p, max(o, 1), int(trace.offsets[i]),
+                            float(arrivals[i]), slo_for(sc, task), expected[task]))
+    return reqs
