@@ -166,6 +166,37 @@ def cmd_run(a):
     print(f"results in {path}")
 
 
+def cmd_capacity(a):
+    from sim.capacity import capacity
+    from sim.policies import make_policy
+    from sim.run import build
+    sc = _scenario(a)
+    model, hw, trace, policy, _ = build(sc, trace=False)
+    specs = [sc["policy"]]
+    for extra in (a.compare or []):
+        from sim.scenario import load_scenario
+        specs.append(load_scenario(a.scenario, (a.set or []) + [f"policy={extra}"])["policy"])
+    rows = []
+    for spec in specs:
+        pol = policy if spec is sc["policy"] else make_policy(spec, model, None, sc["seed"])
+        rows.append(capacity(model, hw, pol, sc["limits"], a.seq_len))
+    base = rows[-1] if len(rows) > 1 else None
+    print(f"{model.name} on {hw.count} x {hw.name}: budget {rows[0]['budget_bytes'] / 1e9:.1f} GB "
+          f"({sc['limits']['memory_utilization']:.0%} of {hw.total_memory / 1e9:.1f} GB)")
+    print(f"{'policy':14s}{'experts':>9s}{'expert GB':>10s}{'free GB':>9s}{'longest prompt':>16s}"
+          f"{'batch@' + str(a.seq_len):>11s}{'GB@' + str(a.seq_len):>9s}")
+    for r in rows:
+        ratio = "" if base is None or r is base else \
+            f"   ({r['longest_prompt_tokens'] / max(base['longest_prompt_tokens'], 1):.1f}x prompt, " \
+            f"{r['largest_batch'] / max(base['largest_batch'], 1):.1f}x batch vs {base['policy']})"
+        print(f"{r['policy']:14s}{r['experts_resident']:>9d}{r['expert_bytes'] / 1e9:10.1f}{r['free_bytes'] / 1e9:9.1f}"
+              f"{r['longest_prompt_tokens']:16d}{r['largest_batch']:11d}{r['memory_at_seq_len_bytes'] / 1e9:9.1f}"
+              + ratio)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {a.json}")
+
+
 # ---- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emoe", description="Simulate and replay memory-efficient MoE inference "
@@ -217,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a scenario key, e.g. --set policy.capacity=0.4 (repeatable)")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("capacity", help="largest batch and longest prompt that fit under the scenario's policy")
+    s.add_argument("scenario")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--seq-len", type=int, default=512, help="tokens per request for the batch figure")
+    s.add_argument("--compare", action="append", metavar="POLICY",
+                   help="also show this policy (YAML, e.g. resident); the last one is the ratio baseline")
+    s.add_argument("--json", metavar="OUT")
+    s.set_defaults(func=cmd_capacity)
 
     s = sub.add_parser("models", help="list model presets and their derived sizes")
     s.set_defaults(func=cmd_models)

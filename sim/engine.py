@@ -78,14 +78,21 @@ class Engine:
         if not self.waiting:
             return
         mem = self.mem
+        # KV already promised: held now, plus the prompt still to prefill of running requests.
+        state = {"running": len(self.running),
+                 "tokens": sum(r.prompt_tokens - r.prefilled for r in self.running) + len(self.running)}
 
         def fits(req) -> bool:
-            if len(self.running) >= self.max_running:
+            if state["running"] >= self.max_running:
                 return False
             need = req.prompt_tokens + 1
-            if need * mem.kv_per_token > mem.kv_budget:   # can never fit: reject, do not block others
+            if need * mem.kv_per_token > mem.kv_budget:   # can never fit: rejected below, blocks nobody
                 return True
-            return mem.kv_fits(need + len(self.running))  # keep a token of headroom per running request
+            if not mem.kv_fits(state["tokens"] + need):
+                return False
+            state["running"] += 1
+            state["tokens"] += need
+            return True
 
         for req in self.scheduler.select(self.waiting, self.running, now, fits):
             self.waiting.remove(req)

@@ -109,9 +109,15 @@ def get_hardware(spec, base_dir: Path | None = None) -> HardwareSpec:
         base.update(load_profile(prof))
         base["source"] = f"profile {prof}"
     base.update(d)
-    hw = HardwareSpec(**base)
+    for f in HW_FIELDS - {"name", "source"}:
+        v = base[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"hardware.{f} must be a non-negative number, got {v!r}")
     for f in ("memory_bytes", "hbm_bytes_per_s", "flops_per_s", "h2d_bytes_per_s", "count"):
-        if not getattr(hw, f) > 0:
-            raise ValueError(f"hardware.{f} must be positive, got {getattr(hw, f)!r}")
-    return hw
+        if not base[f] > 0:
+            raise ValueError(f"hardware.{f} must be positive, got {base[f]!r}")
+    if int(base["count"]) != base["count"]:
+        raise ValueError(f"hardware.count must be a whole number of GPUs, got {base['count']!r}")
+    base["count"] = int(base["count"])
+    return HardwareSpec(**base)
 

@@ -36,6 +36,8 @@ def build(sc: dict, trace=None):
     hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
     if trace is None:
         trace = load_workload_trace(sc, model)
+    elif trace is False:   # memory-only questions (capacity) need no trace
+        trace = None
     policy = make_policy(sc["policy"], model, trace, sc["seed"])
     scheduler = make_scheduler(sc["scheduler"])
     return model, hw, trace, policy, scheduler

@@ -73,9 +73,15 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ScenarioError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. policy.capacity=0.4")
     key, _, raw = text.partition("=")
     try:
-        return key.strip(), yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ScenarioError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    if isinstance(value, str):   # YAML 1.1 reads 1e5 as a string; users mean a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -128,8 +134,9 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
     for section in ("policy", "scheduler", "model", "hardware"):
         if section in data:
             sc[section] = copy.deepcopy(data[section])
-    if "workload" in data and isinstance(data["workload"], dict) and "slo" in data["workload"]:
-        sc["workload"]["slo"] = _merge(DEFAULTS["workload"]["slo"], data["workload"]["slo"])
+    user_w = data.get("workload") if isinstance(data.get("workload"), dict) else {}
+    if isinstance(user_w.get("arrival"), dict):   # an arrival process replaces the default whole
+        sc["workload"]["arrival"] = {"process": "poisson", **user_w["arrival"]}
     validate(sc, src, base_dir)
     sc["_base_dir"] = str(base_dir)
     return sc

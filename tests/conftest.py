@@ -19,3 +19,11 @@ def make_trace(experts, prompt, output, n_experts=4, tasks=None, gates=None, **k
 def tiny_trace():
     from traces.synth import synthesize
     return synthesize("tiny", ["qa", "code"], 12, seed=3, rate=1.0, router_probs=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_trace_path(tmp_path_factory):
+    from traces.format import save_trace
+    from traces.synth import synthesize
+    t = synthesize("tiny", ["qa", "code", "math"], 40, seed=4, router_probs=True)
+    return save_trace(t, tmp_path_factory.mktemp("traces") / "tiny.npz")

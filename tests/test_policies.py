@@ -1,0 +1,85 @@
+"""Policy decisions on hand-made batches."""
+import numpy as np
+import pytest
+
+from sim.models import get_model
+from sim.policies import POLICIES, StepBatch, make_policy
+from sim.request import Request
+
+TINY = get_model("tiny")   # 4 layers, 8 experts, top-2
+
+
+def batch(experts, probs=None, step=0):
+    ex = np.asarray(experts, dtype=np.uint8)
+    n = len(ex)
+    r = Request(0, "r0", "qa", 4, 4, 0, 0.0, {}, 4.0)
+    g = np.full(ex.shape, 0.5, dtype=np.float16)
+    return StepBatch(step, ex, g, probs, np.zeros(n, dtype=np.int64), [r])
+
+
+def test_reroute_goes_to_next_ranked_resident_expert():
+    p = make_policy({"name": "random", "capacity": 0.5}, TINY, seed=0)
+    p.resident[:] = False
+    p.resident[:, [0, 1, 2, 3]] = True
+    probs = np.zeros((1, 4, 8), dtype=np.float16)
+    probs[0, :, :] = [0.01, 0.02, 0.3, 0.07, 0.4, 0.1, 0.05, 0.05]
+    # Token wants experts 4 (absent) and 0 (resident): 4 -> best resident not chosen = 2.
+    ex = np.tile([[4, 0]], (4, 1))[None]
+    new, hit, rerouted = p.reroute(batch(ex, probs))
+    assert new[0, 0].tolist() == [2, 0] and rerouted.all()
+    assert hit[0, 0].tolist() == [False, True]
+    plan = p.plan_step(batch(ex, probs))
+    assert plan.counts[0, 2] == 1 and plan.counts[0, 4] == 0
+    assert p.counters()["routing_fidelity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_reroute_without_probs_uses_popularity():
+    p = make_policy({"name": "random", "capacity": 0.5}, TINY, seed=0)
+    p.resident[:] = False
+    p.resident[:, [0, 1, 2, 3]] = True
+    p.popularity[:] = 1
+    p.popularity[:, 3] = 50
+    new, _, _ = p.reroute(batch(np.tile([[7, 6]], (4, 1))[None]))
+    assert sorted(new[0, 0].tolist()) == [2, 3] or new[0, 0, 0] == 3
+
+
+def test_lru_evicts_the_least_recently_used():
+    p = make_policy({"name": "on_demand", "capacity": 0.25}, TINY)   # 2 experts per layer
+    assert p.resident[0].tolist() == [True, True] + [False] * 6
+    p.plan_step(batch(np.tile([[0, 2]], (4, 1))[None]))   # 2 misses: evicts 1 (unused)
+    assert set(np.flatnonzero(p.resident[0])) == {0, 2}
+    p.plan_step(batch(np.tile([[2, 3]], (4, 1))[None]))   # 3 missing: 0 is least recent
+    assert set(np.flatnonzero(p.resident[0])) == {2, 3}
+    c = p.counters()
+    assert c["misses"] == 2 * 4 and c["hits"] == (2 + 2) * 4 - 8
+
+
+@pytest.mark.parametrize("eviction,kept", [("lru", {0, 2, 3}), ("lfu", {0, 1, 3})])
+def test_lru_and_lfu_differ_on_frequent_but_old(eviction, kept):
+    p = make_policy({"name": "on_demand", "capacity": 0.375, "eviction": eviction}, TINY)  # 3 per layer
+    for pair in [[1, 0]] * 3 + [[0, 2]]:      # 1: used 3x, long ago; 2: used once, just now
+        p.plan_step(batch(np.tile([pair], (4, 1))[None]))
+    p.plan_step(batch(np.tile([[0, 3]], (4, 1))[None]))
+    assert set(np.flatnonzero(p.resident[0])) == kept
+
+
+def test_random_subset_is_fixed_and_sized():
+    p = make_policy({"name": "random", "capacity": 0.5}, TINY, seed=3)
+    before = p.resident.copy()
+    assert (before.sum(axis=1) == 4).all()
+    p.plan_step(batch(np.tile([[0, 7]], (4, 1))[None]))
+    assert (p.resident == before).all()
+    q = make_policy({"name": "random", "capacity": 0.5}, TINY, seed=4)
+    assert not (q.resident == before).all()
+
+
+def test_capacity_below_top_k_is_rejected():
+    with pytest.raises(ValueError, match="below top_k=2"):
+        make_policy({"name": "on_demand", "capacity": 0.1}, TINY)
+
+
+def test_every_policy_is_registered_and_checks_params():
+    assert set(POLICIES) >= {"resident", "on_demand", "random", "pregated", "moe_infinity", "oracle"}
+    for cls in POLICIES.values():
+        with pytest.raises(KeyError, match="unknown parameter"):
+            cls.check_params({"no_such_knob": 1})
