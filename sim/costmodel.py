@@ -85,7 +85,23 @@ class CostModel:
         if n_copies == 0:
             compute = L * attn + float(ffn.sum())
             return StepTiming(fixed + compute, 0.0, 0.0)
+        if not plan.early.any() and not plan.ahead:
+            return self._step_demand_only(t0, plan.demand, attn, ffn, fixed)
         return self._step_with_copies(t0, plan, attn, ffn, fixed)
+
+    def _step_demand_only(self, t0, demand, attn, ffn, fixed) -> StepTiming:
+        """Closed form of _step_with_copies when every copy is on demand: each layer's
+        copies finish before the next layer's router runs, so only the first layer
+        with copies can wait for a backlog left by an earlier step."""
+        c = self.copy_s
+        layers = np.flatnonzero(demand)
+        first, last = int(layers[0]), int(layers[-1])
+        ffn_before = np.concatenate([[0.0], np.cumsum(ffn)])
+        router_first = t0 + fixed + (first + 1) * attn + ffn_before[first]
+        wait = max(0.0, self.link_free_at - router_first)
+        copies = float(demand.sum()) * c
+        self.link_free_at = t0 + fixed + wait + (last + 1) * attn + ffn_before[last] + float(demand[:last + 1].sum()) * c
+        return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + copies + wait, copies, copies + wait)
 
     def _step_with_copies(self, t0, plan, attn, ffn, fixed) -> StepTiming:
         c = self.copy_s

@@ -69,3 +69,19 @@ def test_link_backlog_carries_to_the_next_step():
 def test_more_gpus_more_links():
     hw4 = get_hardware({"preset": "a100-80gb", "count": 4})
     assert CostModel(M, hw4).copy_s < CostModel(M, HW).copy_s / 3
+
+
+@pytest.mark.parametrize("backlog", [0.0, 0.05, 1.0])
+def test_closed_form_demand_step_equals_the_layer_walk(backlog):
+    rng = np.random.default_rng(0)
+    d = rng.integers(0, 3, L)
+    d[:3] = 0
+    a, b = CostModel(M, HW), CostModel(M, HW)
+    a.link_free_at = b.link_free_at = backlog
+    p = plan(demand=d)
+    fast = step(a, p)
+    attn = b.attention_s(1, 100, 100)
+    walk = b._step_with_copies(0.0, p, attn, b.experts_s(p.counts, 1), b.fixed_s(1, 1))
+    assert fast.duration_s == pytest.approx(walk.duration_s)
+    assert fast.stall_s == pytest.approx(walk.stall_s)
+    assert a.link_free_at == pytest.approx(b.link_free_at)

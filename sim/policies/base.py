@@ -61,6 +61,9 @@ class ExpertPolicy:
         self.L, self.E, self.k = L, E, model.top_k
         self.capacity = self._capacity_per_layer()
         self.resident = np.zeros((L, E), dtype=bool)
+        self._layer_offset = (np.arange(L) * E)[None, :, None]   # flat (layer, expert) index base
+        self._layer_idx = np.arange(L)[None, :, None]
+        self._zeros_L = np.zeros(L, dtype=np.int64)
         self.popularity = np.ones((L, E))      # routed counts seen so far (reroute fallback order)
         self.miss_mode = self.params.get("miss", "fetch")
         self.predictor_bytes = 0
@@ -121,20 +124,34 @@ class ExpertPolicy:
     # ---- shared mechanics ----------------------------------------------------
     def _needed(self, experts: np.ndarray) -> np.ndarray:
         """(L, E) tokens routed to each expert."""
-        L, E = self.L, self.E
-        idx = (np.arange(L)[None, :, None] * E + experts).ravel()
-        return np.bincount(idx, minlength=L * E).reshape(L, E)
+        return np.bincount((self._layer_offset + experts).ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
 
     def _account(self, batch: StepBatch, hit_slots: np.ndarray, rerouted: np.ndarray | None):
         """Per-request and global token-level counters for this step."""
-        if rerouted is None:   # every route served by its own experts
+        if rerouted is None or hit_slots is None:   # every route served by its own experts
             kept = np.full(len(batch.token_req), float(self.L))
         else:
             g = batch.gates.astype(np.float32)
             kept = ((g * hit_slots).sum(axis=2) / np.maximum(g.sum(axis=2), 1e-9)).sum(axis=1)
         n_req = len(batch.requests)
-        per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req)
-        per_miss = np.bincount(batch.token_req, (~hit_slots).sum(axis=(1, 2)), minlength=n_req)
+        if n_req == 1 and rerouted is None:   # light load: one request, nothing rerouted
+            r = batch.requests[0]
+            n_routes = len(batch.token_req) * self.L
+            slots = n_routes * self.k
+            hits = slots if hit_slots is None else int(hit_slots.sum())
+            r.hits += hits
+            r.misses += slots - hits
+            r.gate_kept += n_routes
+            r.routes += n_routes
+            self.gate_kept += n_routes
+            self.routes += n_routes
+            return
+        if hit_slots is None:   # nothing missed this step
+            per_hit = np.bincount(batch.token_req, minlength=n_req) * (self.L * self.k)
+            per_miss = np.zeros(n_req)
+        else:
+            per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req)
+            per_miss = np.bincount(batch.token_req, (~hit_slots).sum(axis=(1, 2)), minlength=n_req)
         per_kept = np.bincount(batch.token_req, kept, minlength=n_req)
         per_routes = np.bincount(batch.token_req, minlength=n_req) * self.L
         per_rr = np.bincount(batch.token_req, rerouted.sum(axis=1), minlength=n_req) if rerouted is not None \
@@ -157,7 +174,7 @@ class ExpertPolicy:
         experts' popularity seen so far. Returns (experts after reroute, hit
         slots (n, L, k), rerouted routes (n, L))."""
         ex = batch.experts
-        hit = self.resident[np.arange(self.L)[None, :, None], ex]
+        hit = self.resident[self._layer_idx, ex]
         miss = ~hit
         rerouted = miss.any(axis=2)
         if not rerouted.any():
@@ -179,60 +196,66 @@ class ExpertPolicy:
         new[ti, li] = np.where(sub_miss, fill, sub_ex)
         return new, hit, rerouted
 
-    def serve(self, batch: StepBatch, evict_order=None, lead: int = 0, early_mask=None) -> StepPlan:
-        """Serve a step from the cache: reroute or fetch misses, evicting by `evict_order`.
+    def serve(self, batch: StepBatch, lead: int = 0, early_mask=None) -> StepPlan:
+        """Serve a step from the cache: reroute or fetch misses, evicting by evict_key().
 
-        evict_order(layer, candidates) -> candidates sorted most-evictable first.
         early_mask (L, E): misses that were predicted and so load `lead` layers early."""
         ex = batch.experts
-        self.popularity += self._needed(ex)
+        needed = self._needed(ex)
+        self.popularity += needed
         if self.miss_mode == "reroute":
             new, hit, rerouted = self.reroute(batch)
-            needed = self._needed(new)
+            if rerouted.any():
+                needed = self._needed(new)
             used = needed > 0
             self.hits += int(used.sum())
             self._account(batch, hit, rerouted)
             self.touch(used, needed)
             zero = np.zeros(self.L, dtype=np.int64)
             return StepPlan(needed, zero, zero.copy(), 0, 0, 0)
-        needed = self._needed(ex)
         used = needed > 0
         missing = used & ~self.resident
         n_miss = int(missing.sum())
         self.hits += int(used.sum()) - n_miss
         self.misses += n_miss
         self.loads += n_miss
-        hit_slots = self.resident[np.arange(self.L)[None, :, None], ex]
+        hit_slots = self.resident[self._layer_idx, ex] if n_miss else None
         self._account(batch, hit_slots, None)
-        staged = 0
-        if n_miss:
-            for layer in np.flatnonzero(missing.any(axis=1)):
-                staged += self._admit(layer, missing[layer], used[layer], evict_order)
+        staged = self._admit(missing, used) if n_miss else 0
         self.touch(used, needed)
-        if early_mask is not None and lead > 0:
+        demand = missing.sum(axis=1)
+        if early_mask is not None and lead > 0 and n_miss:
             early = (missing & early_mask).sum(axis=1)
-            demand = missing.sum(axis=1) - early
+            demand = demand - early
         else:
-            early, demand = np.zeros(self.L, dtype=np.int64), missing.sum(axis=1)
+            early = self._zeros_L
         return StepPlan(needed, demand, early, lead, 0, staged)
 
-    def _admit(self, layer: int, missing: np.ndarray, used: np.ndarray, evict_order) -> int:
-        """Make `missing` resident at `layer`, evicting unused experts. Returns experts staged."""
-        res = self.resident[layer]
-        cap = int(self.capacity[layer])
-        want = np.flatnonzero(missing)
-        free = cap - int(res.sum())
-        if len(want) > free:
-            cand = np.flatnonzero(res & ~used)
-            n_out = min(len(want) - free, len(cand))
-            if n_out:
-                victims = evict_order(layer, cand)[:n_out] if evict_order else cand[:n_out]
-                res[victims] = False
-                free += len(victims)
-        # What still does not fit streams through the staging buffer and is dropped after use.
-        take = want[:max(free, 0)]
-        res[take] = True
-        return len(want) - len(take)
+    def evict_key(self) -> np.ndarray | None:
+        """(L, E): smaller is evicted first (LRU: last use). None: lowest expert id first."""
+        return None
+
+    def _admit(self, missing: np.ndarray, used: np.ndarray) -> int:
+        """Make `missing` resident in every layer at once, evicting experts this step does
+        not use, most evictable first. What still does not fit streams through the
+        staging buffer and is dropped after use; returns how many did."""
+        res = self.resident
+        n_want = missing.sum(axis=1)
+        free = self.capacity - res.sum(axis=1)
+        short = n_want - free
+        if (short > 0).any():
+            evictable = res & ~used
+            key = self.evict_key()
+            if key is None:
+                key = np.broadcast_to(np.arange(self.E, dtype=float), res.shape)
+            order = np.argsort(np.where(evictable, key, np.inf), axis=1, kind="stable")
+            rank = np.argsort(order, axis=1)          # position of each expert in eviction order
+            n_out = np.minimum(np.maximum(short, 0), evictable.sum(axis=1))
+            res &= ~(evictable & (rank < n_out[:, None]))
+            free = free + n_out
+        take = missing & (np.cumsum(missing, axis=1) <= free[:, None])
+        res |= take
+        return int(n_want.sum() - take.sum())
 
     def touch(self, used: np.ndarray, needed: np.ndarray) -> None:
         """Recency/frequency bookkeeping after a step (LRU/LFU override)."""

@@ -52,9 +52,9 @@ class MoEInfinityPolicy(ExpertPolicy):
             row = (eam / eam.sum()).ravel()[None, :]
             self.library = np.concatenate([self.library, row])[-int(self.params["library_size"]):]
 
-    def _evict_order(self, layer, cand):
+    def evict_key(self):
         # Lowest predicted activation first; ties broken by least recent use.
-        return cand[np.lexsort((self.last_used[layer, cand], self.score[layer, cand]))]
+        return self.score + 1e-9 * self.last_used / (self.clock + 1)
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         L, E = self.L, self.E
@@ -70,7 +70,7 @@ class MoEInfinityPolicy(ExpertPolicy):
             if "mi_pred" not in r.extra or r.extra["mi_seen"] // self.params["rematch_every"] \
                     != seen // self.params["rematch_every"]:
                 self._update_prediction(r)
-        plan = self.serve(batch, self._evict_order)
+        plan = self.serve(batch)
         plan.ahead = self._prefetch(plan.counts > 0)
         self.ahead_loads += plan.ahead
         return plan
@@ -99,7 +99,7 @@ class MoEInfinityPolicy(ExpertPolicy):
                 cand = np.flatnonzero(res & ~used[li])
                 if not len(cand):
                     continue
-                victim = self._evict_order(li, cand)[0]
+                victim = cand[np.argmin(self.evict_key()[li, cand])]
                 if self.score[li, victim] >= self.score[li, ei]:
                     continue   # the resident one is predicted to be as useful
                 res[victim] = False

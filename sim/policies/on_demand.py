@@ -21,9 +21,8 @@ class OnDemandPolicy(ExpertPolicy):
         self.freq = np.zeros((self.L, self.E))
         self.clock = 0
 
-    def _evict_order(self, layer, cand):
-        key = self.last_used[layer, cand] if self.params["eviction"] == "lru" else self.freq[layer, cand]
-        return cand[np.argsort(key, kind="stable")]
+    def evict_key(self):
+        return self.last_used if self.params["eviction"] == "lru" else self.freq
 
     def touch(self, used, needed):
         self.clock += 1
@@ -31,4 +30,4 @@ class OnDemandPolicy(ExpertPolicy):
         self.freq += needed
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
-        return self.serve(batch, self._evict_order)
+        return self.serve(batch)

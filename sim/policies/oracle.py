@@ -11,28 +11,21 @@ class OraclePolicy(ExpertPolicy):
     PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch", "horizon": 64}
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
-        self._future = None
         self._batch = batch
         everything = np.ones((self.L, self.E), dtype=bool)
-        return self.serve(batch, self._belady, lead=1, early_mask=everything)
+        return self.serve(batch, lead=1, early_mask=everything)
 
-    def _future_routes(self):
-        """(m, H, L, k) routing of the running requests' next H tokens (-1 past their end)."""
-        if self._future is None:
-            H = int(self.params["horizon"])
-            reqs = self._batch.requests
-            t = self.trace
-            rows = np.array([r.next_row for r in reqs])[:, None] + 1 + np.arange(H)[None, :]
-            ends = np.array([r.row0 + r.prompt_tokens + r.output_tokens for r in reqs])[:, None]
-            valid = rows < ends
-            fut = t.experts[np.minimum(rows, t.n_tokens - 1)].astype(np.int16)
-            fut[~valid] = -1
-            self._future = fut
-        return self._future
-
-    def _belady(self, layer, cand):
-        fut = self._future_routes()[:, :, layer, :]                     # (m, H, k)
-        H = fut.shape[1]
-        uses = (fut[None, :, :, :] == cand[:, None, None, None]).any(axis=3)   # (c, m, H)
-        first = np.where(uses.any(axis=2), uses.argmax(axis=2), H + 1).min(axis=1)  # (c,)
-        return cand[np.argsort(-first, kind="stable")]
+    def evict_key(self):
+        """Minus the number of steps until the running requests next use each expert."""
+        H = int(self.params["horizon"])
+        reqs = self._batch.requests
+        t = self.trace
+        rows = np.array([r.next_row for r in reqs])[:, None] + 1 + np.arange(H)[None, :]   # (m, H)
+        ends = np.array([r.row0 + r.prompt_tokens + r.output_tokens for r in reqs])[:, None]
+        fut = t.experts[np.minimum(rows, t.n_tokens - 1)].astype(np.int64)                 # (m, H, L, k)
+        steps_ahead = np.broadcast_to(np.arange(H)[None, :, None, None], fut.shape)
+        valid = np.broadcast_to((rows < ends)[:, :, None, None], fut.shape)
+        flat = (np.arange(self.L)[None, None, :, None] * self.E + fut)[valid]
+        first = np.full(self.L * self.E, H + 1)
+        np.minimum.at(first, flat, steps_ahead[valid])
+        return -first.reshape(self.L, self.E).astype(float)

@@ -2,10 +2,8 @@
 and prefetch them (one layer ahead); a prediction misses each needed expert with
 probability 1 - recall, and those are fetched on demand when the router asks.
 The cache is small (default: a quarter of the experts, LRU)."""
-import numpy as np
-
-from sim.policies.on_demand import OnDemandPolicy
 from sim.policies.base import StepBatch, StepPlan
+from sim.policies.on_demand import OnDemandPolicy
 
 
 class PregatedPolicy(OnDemandPolicy):
@@ -21,4 +19,4 @@ class PregatedPolicy(OnDemandPolicy):
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         predicted = self.rng.random((self.L, self.E)) < self.params["recall"]
-        return self.serve(batch, self._evict_order, lead=1, early_mask=predicted)
+        return self.serve(batch, lead=1, early_mask=predicted)

@@ -14,6 +14,8 @@ class RandomPolicy(ExpertPolicy):
             self.resident[layer, self.rng.choice(self.E, self.capacity[layer], replace=False)] = True
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
-        if self.miss_mode == "fetch":   # the subset is fixed: a fetched expert is dropped after use
-            return self.serve(batch, evict_order=lambda layer, cand: cand[:0])
         return self.serve(batch)
+
+    def _admit(self, missing, used):
+        """miss=fetch: the subset is fixed, so a fetched expert streams through and is dropped."""
+        return int(missing.sum())

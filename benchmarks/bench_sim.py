@@ -1,0 +1,75 @@
+"""Benchmark: simulator speed on a Mixtral-8x7B-shape trace (mean 256 output tokens), on_demand policy.
+
+    python benchmarks/bench_sim.py [--requests 1000] [--repeats 3] [--light 200]
+
+- saturated: every request present at t=0, at most 32 running (16-32 in flight);
+- light: one request at a time (arrivals far apart), so every step is one token.
+Prints medians over the repeats; README 'Benchmarks' holds the figures. Runs on one core.
+"""
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from sim.run import run_scenario
+from sim.scenario import load_scenario
+from traces.format import load_trace, save_trace
+from traces.synth import synthesize
+
+OUT = Path(__file__).parent / "out"
+
+
+def trace_for(n: int):
+    p = OUT / f"mixtral-{n}.npz"
+    if not p.exists():
+        OUT.mkdir(exist_ok=True)
+        save_trace(synthesize("mixtral-8x7b", ["qa", "summarization", "code", "math", "conversation"], n,
+                              seed=0, prompt_mean=256, output_mean=256), p)
+    return p
+
+
+def scenario(trace_path, arrival, max_running):
+    return load_scenario(data={
+        "name": "bench", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4},
+        "workload": {"trace": str(trace_path), "arrival": arrival},
+        "policy": {"name": "on_demand", "capacity": 0.6},
+        "limits": {"max_batch_tokens": 8192, "max_running": max_running}})
+
+
+def measure(sc, trace, repeats):
+    walls, res = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = run_scenario(sc, trace=trace)
+        walls.append(time.perf_counter() - t0)
+    w = statistics.median(walls)
+    steps = res.summary["engine_steps"]
+    return w, steps, res, walls
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--light", type=int, default=200, help="requests in the light-load run")
+    a = ap.parse_args()
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    path = trace_for(a.requests)
+    trace = load_trace(path)
+    sc = scenario(path, {"process": "batch"}, 32)
+    w, steps, res, walls = measure(sc, trace, a.repeats)
+    print(f"saturated: {a.requests} requests, {steps} steps, median {w:.2f}s wall (runs {[round(x, 2) for x in walls]}); "
+          f"{steps / w:,.0f} steps/s, {a.requests / w:,.0f} requests/s; mean running "
+          f"{res.timeline.batch_requests.mean():.1f}")
+    light = trace.subset(range(a.light))
+    sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32)
+    w, steps, res, walls = measure(sc, light, a.repeats)
+    print(f"light: {a.light} requests, {steps} steps, median {w:.2f}s wall (runs {[round(x, 2) for x in walls]}); "
+          f"{steps / w:,.0f} steps/s, {a.light / w:,.1f} requests/s; mean running "
+          f"{res.timeline.batch_requests.mean():.2f}")
+
+
+if __name__ == "__main__":
+    main()
