@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+import numpy as np
 import sys
 import time
 from pathlib import Path
@@ -197,6 +199,47 @@ def cmd_capacity(a):
         print(f"wrote {a.json}")
 
 
+# ---- predictors -----------------------------------------------------------------
+def cmd_predictor_train(a):
+    from sim.predictors import TRAINABLE, make_predictor
+    from sim.predictors.evaluate import split_requests
+    from traces.format import load_trace
+    if a.kind not in TRAINABLE:
+        raise UserError(f"--kind must be one of {', '.join(TRAINABLE)}, got '{a.kind}'")
+    tr = load_trace(a.trace)
+    train_idx, eval_idx = split_requests(tr, a.holdout, a.seed)
+    t0 = time.time()
+    pred = make_predictor(a.kind).fit(tr, train_idx)
+    out = pred.save(a.output)
+    print(f"trained {a.kind} on {len(train_idx)} requests of {a.trace} in {time.time() - t0:.1f}s "
+          f"({len(eval_idx)} held out); wrote {out}")
+
+
+def cmd_predictor_eval(a):
+    from sim.predictors import load_predictor
+    from sim.predictors.evaluate import evaluate, summary_by_layer
+    from traces.format import load_trace
+    pred = load_predictor(a.predictor)
+    tr = load_trace(a.trace)
+    if (tr.n_layers, tr.n_experts) != (pred.L, pred.E):
+        raise UserError(f"predictor is for {pred.L} layers x {pred.E} experts, trace has "
+                        f"{tr.n_layers} x {tr.n_experts}")
+    held = np.flatnonzero(~np.isin(tr.request_id, pred.train_ids))
+    if not len(held):
+        raise UserError("every request of this trace was used to train the predictor; evaluate on another trace")
+    df = evaluate(pred, tr, held, a.top)
+    by_layer = summary_by_layer(df)
+    print(f"{pred.kind} on {len(held)} held-out requests of {a.trace} (top {a.top or max(tr.n_experts // 2, 1)} "
+          f"experts per layer predicted)")
+    print(by_layer.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"mean  precision {df.precision.mean():.3f}  recall {df.recall.mean():.3f}  f1 {df.f1.mean():.3f}  "
+          f"coverage {df.coverage.mean():.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(kind=pred.kind, requests=len(held), **{
+            k: float(df[k].mean()) for k in ("precision", "recall", "f1", "coverage")},
+            per_layer=by_layer.reset_index().to_dict(orient="records")), indent=2))
+
+
 # ---- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emoe", description="Simulate and replay memory-efficient MoE inference "
@@ -257,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show this policy (YAML, e.g. resident); the last one is the ratio baseline")
     s.add_argument("--json", metavar="OUT")
     s.set_defaults(func=cmd_capacity)
+
+    pr = sub.add_parser("predictor", help="train and evaluate expert predictors")
+    psub = pr.add_subparsers(dest="predictor_command", metavar="ACTION")
+    psub.required = True
+    s = psub.add_parser("train", help="fit a predictor on a trace's training requests")
+    s.add_argument("trace")
+    s.add_argument("--kind", default="emoe_a", help="frequency | emoe_a | emoe_l | mlp")
+    s.add_argument("--holdout", type=float, default=0.2, help="share of requests held out for evaluation")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_predictor_train)
+    s = psub.add_parser("eval", help="precision/recall/F1 per layer on requests the predictor never saw")
+    s.add_argument("predictor")
+    s.add_argument("trace")
+    s.add_argument("--top", type=int, help="experts predicted per layer (default: half)")
+    s.add_argument("--json", metavar="OUT")
+    s.set_defaults(func=cmd_predictor_eval)
 
     s = sub.add_parser("models", help="list model presets and their derived sizes")
     s.set_defaults(func=cmd_models)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from traces.realdata import PAPER_FIGURES, REAL_DECODE_TRACE, TASKS, measured_popularity
-from traces.stats import popularity, trace_stats
+from traces.stats import inter_prompt_correlation, popularity, request_counts, token_mask, trace_stats
 from traces.synth import synthesize
 
 # Tolerance around the measured ranges: sampling noise of an 80-request trace.
@@ -48,10 +48,14 @@ def test_olmoe_measured_layers():
 
 
 def test_paper_profile_reaches_paper_recurrence():
-    t = synthesize("mixtral-8x7b", ["code", "math"], 80, seed=11, profile="paper")
+    t = synthesize("mixtral-8x7b", ["code", "math"], 160, seed=11, profile="paper")
     s = trace_stats(t, "decode")
     lo, hi = PAPER_FIGURES["inter_prompt_correlation"]
     assert lo <= s["inter_prompt_correlation"] <= hi
+    # ... and recurrence fades with distance: a prompt and its 20th successor ~0.5.
+    counts = request_counts(t, token_mask(t, "decode"))
+    lo, hi = PAPER_FIGURES["successor_correlation"]
+    assert lo - 0.06 <= inter_prompt_correlation(t, counts, lag=20) <= hi + 0.06
     real = trace_stats(synthesize("mixtral-8x7b", ["code", "math"], 80, seed=11), "decode")
     assert s["cross_layer_correlation"] > real["cross_layer_correlation"]
 

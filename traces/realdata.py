@@ -26,7 +26,8 @@ REAL_DECODE_TRACE = {
 }
 # PAPER.md (eMoE, arXiv 2503.06823): consecutive prompts 0.75-0.95 (Mixtral),
 # consecutive layers ~0.50. Reached by the generator's `paper` profile.
-PAPER_FIGURES = {"inter_prompt_correlation": (0.75, 0.95), "cross_layer_correlation": (0.40, 0.60)}
+PAPER_FIGURES = {"inter_prompt_correlation": (0.75, 0.95), "successor_correlation": (0.48, 0.55),
+                 "cross_layer_correlation": (0.40, 0.60)}
 
 
 @dataclass(frozen=True)

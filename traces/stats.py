@@ -101,8 +101,8 @@ def cross_layer_correlation(t: Trace, mask: np.ndarray) -> float:
     return float(np.mean([nmi(top1[:, l], top1[:, l + 1], t.n_experts) for l in range(t.n_layers - 1)]))
 
 
-def inter_prompt_correlation(t: Trace, counts: np.ndarray, task: str | None = None) -> float:
-    """Mean Pearson correlation of consecutive same-task requests' count matrices."""
+def inter_prompt_correlation(t: Trace, counts: np.ndarray, task: str | None = None, lag: int = 1) -> float:
+    """Mean Pearson correlation of same-task requests' count matrices `lag` apart (1: consecutive)."""
     order = np.argsort(t.arrival_s, kind="stable") if t.arrival_s is not None and not np.isnan(t.arrival_s).any() \
         else np.arange(t.n_requests)
     cors = []
@@ -110,7 +110,7 @@ def inter_prompt_correlation(t: Trace, counts: np.ndarray, task: str | None = No
         idx = order[t.task[order] == task_name]
         flat = counts[idx].reshape(len(idx), -1).astype(float)
         flat = flat[flat.sum(axis=1) > 0]
-        for a, b in zip(flat[:-1], flat[1:]):
+        for a, b in zip(flat[:-lag], flat[lag:]):
             if a.std() > 0 and b.std() > 0:
                 cors.append(np.corrcoef(a, b)[0, 1])
     return float(np.mean(cors)) if cors else float("nan")
