@@ -22,11 +22,13 @@ class Engine:
         self.model, self.hw, self.trace = model, hw, trace
         self.requests = requests
         self.policy, self.scheduler = policy, scheduler
+        scheduler.attach(policy)
         self.max_tokens = int(limits["max_batch_tokens"])
         self.max_running = int(limits["max_running"])
         self.max_steps = int(limits.get("max_steps") or 0)
         self.max_time = float(limits.get("max_sim_time_s") or 0.0)
         self.cost = CostModel(model, hw)
+        policy.copy_s = self.cost.copy_s
         self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
         self.waiting: list = []
         self.running: list = []

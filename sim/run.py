@@ -38,7 +38,7 @@ def build(sc: dict, trace=None):
         trace = load_workload_trace(sc, model)
     elif trace is False:   # memory-only questions (capacity) need no trace
         trace = None
-    policy = make_policy(sc["policy"], model, trace, sc["seed"])
+    policy = make_policy(sc["policy"], model, trace, sc["seed"], Path(sc.get("_base_dir", ".")))
     scheduler = make_scheduler(sc["scheduler"])
     return model, hw, trace, policy, scheduler
 

@@ -1,5 +1,6 @@
 """Expert-management policies, by name. Add one: subclass ExpertPolicy, register it here."""
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.emoe import EmoePolicy
 from sim.policies.moe_infinity import MoEInfinityPolicy
 from sim.policies.on_demand import OnDemandPolicy
 from sim.policies.oracle import OraclePolicy
@@ -9,13 +10,13 @@ from sim.policies.resident import ResidentPolicy
 
 POLICIES: dict[str, type[ExpertPolicy]] = {
     p.name: p for p in (ResidentPolicy, OnDemandPolicy, RandomPolicy, PregatedPolicy, MoEInfinityPolicy,
-                        OraclePolicy)
+                        OraclePolicy, EmoePolicy)
 }
 
 
-def make_policy(spec: dict, model, trace=None, seed: int = 0) -> ExpertPolicy:
+def make_policy(spec: dict, model, trace=None, seed: int = 0, base_dir=None) -> ExpertPolicy:
     params = {k: v for k, v in spec.items() if k != "name"}
-    return POLICIES[spec["name"]](model, params, trace, seed)
+    return POLICIES[spec["name"]](model, params, trace, seed, base_dir)
 
 
 __all__ = ["ExpertPolicy", "StepBatch", "StepPlan", "POLICIES", "make_policy"]

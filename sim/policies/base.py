@@ -51,8 +51,9 @@ class ExpertPolicy:
     PARAMS: dict = {"capacity": 1.0, "capacity_bytes": None, "miss": "fetch"}
     uses_cache = True          # False: the expert set is fixed by the policy alone
 
-    def __init__(self, model, params: dict, trace=None, seed: int = 0):
+    def __init__(self, model, params: dict, trace=None, seed: int = 0, base_dir=None):
         self.model = model
+        self.base_dir = base_dir
         self.params = {**self.PARAMS, **params}
         self.check_params(params)
         self.trace = trace
@@ -184,7 +185,7 @@ class ExpertPolicy:
         if batch.probs is not None:
             score = batch.probs[ti, li].astype(np.float32)
         else:
-            score = self.popularity[li].astype(np.float32)
+            score = self.reroute_rank()[li].astype(np.float32)
         score = np.where(self.resident[li], score, -np.inf)
         kept_ex = np.where(sub_miss, -1, sub_ex)
         rows = np.arange(len(ti))[:, None]
@@ -230,6 +231,10 @@ class ExpertPolicy:
         else:
             early = self._zeros_L
         return StepPlan(needed, demand, early, lead, 0, staged)
+
+    def reroute_rank(self) -> np.ndarray:
+        """(L, E) preference among resident experts when the trace has no router probabilities."""
+        return self.popularity
 
     def evict_key(self) -> np.ndarray | None:
         """(L, E): smaller is evicted first (LRU: last use). None: lowest expert id first."""

@@ -1,8 +1,9 @@
 """Request schedulers, by name. Add one: subclass Scheduler, register it here."""
 from sim.schedulers.base import Scheduler
 from sim.schedulers.basic import EDF, FCFS, SJF
+from sim.schedulers.emoe import EmoeScheduler
 
-SCHEDULERS: dict[str, type[Scheduler]] = {s.name: s for s in (FCFS, SJF, EDF)}
+SCHEDULERS: dict[str, type[Scheduler]] = {s.name: s for s in (FCFS, SJF, EDF, EmoeScheduler)}
 
 
 def make_scheduler(spec: dict) -> Scheduler:
