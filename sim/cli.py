@@ -199,6 +199,22 @@ def cmd_capacity(a):
         print(f"wrote {a.json}")
 
 
+def cmd_sweep(a):
+    from sim.sweep import load_sweep, run_sweep
+    spec = load_sweep(a.sweep)
+    if a.jobs < 1:
+        raise UserError("-j must be at least 1")
+    t0 = time.time()
+    res = run_sweep(spec, jobs=a.jobs, dask=a.dask, output=a.output)
+    df = res["table"]
+    print(f"sweep {spec['name']}: {len(df)} points, ran {res['ran']}, reused {res['skipped']}, "
+          f"failed {res['failed']} in {time.time() - t0:.1f}s; table in {res['output'] / 'table.csv'}")
+    for _, row in df[df.status == "failed"].iterrows():
+        print(f"  point {row.point} failed: {row.error}")
+    if res["failed"]:
+        raise SystemExit(1)
+
+
 # ---- predictors -----------------------------------------------------------------
 def cmd_predictor_train(a):
     from sim.predictors import TRAINABLE, make_predictor
@@ -301,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT")
     s.set_defaults(func=cmd_capacity)
 
+    s = sub.add_parser("sweep", help="run a grid of scenarios in parallel (resumable), one table out")
+    s.add_argument("sweep", help="sweep YAML (base scenario + grid)")
+    s.add_argument("-j", "--jobs", type=int, default=1, help="local worker processes")
+    s.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster: tcp://host:port, or 'local'")
+    s.add_argument("-o", "--output", help="sweep directory (default: the file's `output`, or runs/sweep-NAME)")
+    s.set_defaults(func=cmd_sweep)
+
     pr = sub.add_parser("predictor", help="train and evaluate expert predictors")
     psub = pr.add_subparsers(dest="predictor_command", metavar="ACTION")
     psub.required = True
@@ -326,12 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from sim.memory import MemoryBudgetError
     from sim.scenario import ScenarioError
+    from sim.sweep import SweepError
     from traces.format import TraceError
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         a.func(a)
-    except (UserError, TraceError, ScenarioError, MemoryBudgetError, KeyError, ValueError, FileNotFoundError,
+    except (UserError, TraceError, ScenarioError, SweepError, MemoryBudgetError, KeyError, ValueError, FileNotFoundError,
             FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"emoe: error: {msg}", file=sys.stderr)

@@ -1,0 +1,256 @@
+"""Parameter sweeps: a base scenario, a grid of overrides, run in parallel, resumable.
+
+Sweep file (YAML):
+
+    base: quickstart.yaml            # scenario path, relative to the sweep file
+    set: {workload.requests: 50}     # fixed overrides for every point (optional)
+    grid:                            # cartesian product of dotted keys -> values
+      policy.capacity: [0.2, 0.4, 0.6, 0.8]
+    zip:                             # axes varied together (equal lengths), one more grid axis
+      policy.name: [random, emoe]
+      policy.miss: [reroute, reroute]
+    seeds: [0, 1, 2]                 # repeat every point with these seeds (optional)
+    output: runs/my-sweep            # default: runs/sweep-<file name>
+
+Each point's fully resolved scenario is hashed; its results live in
+OUTPUT/points/<hash>/ (written atomically). A point whose results exist is not
+run again, so an interrupted or crashed sweep resumes where it stopped and loses
+nothing. A failing point records its error in OUTPUT/points/<hash>.error.json
+and does not stop the others. OUTPUT/table.{parquet,csv} holds one row per point:
+the swept values, status, error, and every summary metric.
+
+Points run on local processes (-j N), or on a Dask cluster (`dask='tcp://host:port'`,
+or 'local' for a LocalCluster): Dask's distributed scheduler takes over when a
+sweep outgrows one machine.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from sim.scenario import ScenarioError, load_scenario, public
+
+SWEEP_KEYS = {"base", "set", "grid", "zip", "seeds", "output", "name"}
+
+
+class SweepError(ValueError):
+    pass
+
+
+def load_sweep(path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise SweepError(f"sweep file '{p}' does not exist")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SweepError(f"{p}: malformed YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"{p}: a sweep is a mapping with keys {sorted(SWEEP_KEYS)}")
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise SweepError(f"{p}: unknown key(s) {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
+    if "base" not in spec:
+        raise SweepError(f"{p}: 'base' (the scenario file to sweep) is required")
+    for key in ("grid", "zip", "set"):
+        if not isinstance(spec.get(key) or {}, dict):
+            raise SweepError(f"{p}: '{key}' maps dotted scenario keys to {'values' if key == 'set' else 'lists'}")
+    for key in ("grid", "zip"):
+        for k, v in (spec.get(key) or {}).items():
+            if not isinstance(v, list) or not v:
+                raise SweepError(f"{p}: {key}.{k} must be a non-empty list of values")
+    zipped = spec.get("zip") or {}
+    if len({len(v) for v in zipped.values()}) > 1:
+        raise SweepError(f"{p}: every zip axis needs the same length, got "
+                         f"{ {k: len(v) for k, v in zipped.items()} }")
+    seeds = spec.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
+        raise SweepError(f"{p}: seeds must be a list of integers")
+    spec["_dir"] = p.resolve().parent
+    spec.setdefault("name", p.stem)
+    return spec
+
+
+def expand(spec: dict) -> list[dict]:
+    """Every point's overrides, in a stable order: grid (row-major), zip, seeds."""
+    grid = spec.get("grid") or {}
+    zipped = spec.get("zip") or {}
+    axes = [[(k, v) for v in vals] for k, vals in grid.items()]
+    if zipped:
+        keys = list(zipped)
+        axes.append([tuple((k, zipped[k][i]) for k in keys) for i in range(len(zipped[keys[0]]))])
+    points = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        ov = {}
+        for item in combo:
+            pairs = item if isinstance(item[0], tuple) else (item,)
+            for k, v in pairs:
+                ov[k] = v
+        for seed in spec.get("seeds") or [None]:
+            point = dict(ov)
+            if seed is not None:
+                point["seed"] = seed
+            points.append(point)
+    return points
+
+
+def point_hash(sc: dict) -> str:
+    """Stable across runs and machines: the resolved scenario with paths made absolute."""
+    blob = json.dumps(public(sc), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_points(spec: dict) -> list[dict]:
+    base = spec["_dir"] / spec["base"]
+    fixed = list((spec.get("set") or {}).items())
+    out = []
+    for i, ov in enumerate(expand(spec)):
+        try:
+            sc = load_scenario(base, fixed + list(ov.items()))
+            if sc["workload"]["trace"] is not None and not Path(sc["workload"]["trace"]).is_absolute():
+                sc["workload"]["trace"] = str((Path(sc["_base_dir"]) / sc["workload"]["trace"]).resolve())
+            out.append(dict(index=i, overrides=ov, scenario=sc, hash=point_hash(sc), error=None))
+        except (ScenarioError, KeyError, ValueError) as e:
+            # A bad value fails its own point only; the message is kept in the table.
+            h = hashlib.sha256(json.dumps(ov, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            out.append(dict(index=i, overrides=ov, scenario=None, hash=h, error=str(e)))
+    return out
+
+
+def _atomic_write(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_point(scenario: dict, out_dir: str) -> dict:
+    """Run one point and write its results directory (a worker function: local or Dask)."""
+    from sim.run import run_scenario
+    out = Path(out_dir)
+    err_file = out.with_name(out.name + ".error.json")
+    try:
+        res = run_scenario(scenario)
+        res.write(out)
+        if err_file.exists():
+            err_file.unlink()
+        return dict(status="done", summary=res.summary)
+    except Exception as e:  # noqa: BLE001 - any failure is this point's, recorded and reported
+        msg = f"{type(e).__name__}: {e}"
+        _atomic_write(err_file, json.dumps(dict(error=msg, traceback=traceback.format_exc()), indent=2))
+        return dict(status="failed", error=msg)
+
+
+def _flat(v):
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+
+
+def run_sweep(spec: dict, jobs: int = 1, dask: str | None = None, output=None, progress: bool = True) -> dict:
+    """Run every unfinished point; returns {table, ran, skipped, failed, output}."""
+    out = Path(output or spec.get("output") or Path("runs") / f"sweep-{spec['name']}")
+    if not out.is_absolute() and output is None and spec.get("output"):
+        out = spec["_dir"] / out
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    points = resolve_points(spec)
+    results: dict[int, dict] = {}
+    todo = []
+    for pt in points:
+        pdir = out / "points" / pt["hash"]
+        if pt["error"]:
+            results[pt["index"]] = dict(status="failed", error=pt["error"])
+        elif (pdir / "summary.json").exists():
+            results[pt["index"]] = dict(status="done", summary=json.loads((pdir / "summary.json").read_text()),
+                                        skipped=True)
+        else:
+            todo.append(pt)
+    skipped = sum(1 for r in results.values() if r.get("skipped"))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(points), initial=len(results), desc=f"sweep {spec['name']}", unit="pt", disable=None)
+
+    def record(pt, res):
+        results[pt["index"]] = res
+        if bar is not None:
+            n_fail = sum(1 for r in results.values() if r["status"] == "failed")
+            bar.set_postfix(done=len(results) - n_fail, failed=n_fail)
+            bar.update(1)
+
+    try:
+        if todo:
+            _execute(todo, out, jobs, dask, record)
+    finally:
+        if bar is not None:
+            bar.close()
+        table = _table(points, results, out)
+    return dict(table=table, ran=len(todo), skipped=skipped,
+                failed=sum(1 for r in results.values() if r["status"] == "failed"), output=out)
+
+
+def _execute(todo, out: Path, jobs: int, dask: str | None, record):
+    args = [(pt, pt["scenario"], str(out / "points" / pt["hash"])) for pt in todo]
+    if dask:
+        from dask.distributed import Client, LocalCluster, as_completed
+        cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=True,
+                               dashboard_address=None) if dask == "local" else None
+        client = Client(cluster if cluster is not None else dask)
+        try:
+            futures = {client.submit(run_point, sc, d, pure=False): pt for pt, sc, d in args}
+            for fut in as_completed(futures):
+                try:
+                    res = fut.result()
+                except Exception as e:  # noqa: BLE001 - a worker lost: the point failed
+                    res = dict(status="failed", error=f"{type(e).__name__}: {e}")
+                record(futures[fut], res)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    elif jobs <= 1:
+        for pt, sc, d in args:
+            record(pt, run_point(sc, d))
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import multiprocessing as mp
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            futures = {ex.submit(run_point, sc, d): pt for pt, sc, d in args}
+            for fut in as_completed(futures):
+                try:
+                    res = fut.result()
+                except Exception as e:  # noqa: BLE001
+                    res = dict(status="failed", error=f"{type(e).__name__}: {e}")
+                record(futures[fut], res)
+
+
+def _table(points, results, out: Path) -> pd.DataFrame:
+    rows = []
+    for pt in points:
+        res = results.get(pt["index"], dict(status="pending"))
+        row = {"point": pt["index"], "hash": pt["hash"]}
+        row.update({k: _flat(v) for k, v in pt["overrides"].items()})
+        row["status"] = res["status"]
+        row["error"] = res.get("error", "")
+        for k, v in (res.get("summary") or {}).items():
+            row[k] = v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for name, writer in (("table.csv", lambda p: df.to_csv(p, index=False)),
+                         ("table.parquet", lambda p: df.to_parquet(p, index=False))):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.tmp-")
+        os.close(fd)
+        try:
+            writer(tmp)
+            os.replace(tmp, out / name)
+        except (ImportError, ValueError, TypeError):   # parquet needs uniform column types
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return df

@@ -1,0 +1,99 @@
+"""Sweeps: identical on local processes and Dask, resumable after a kill, failures isolated."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sim.sweep import expand, load_sweep, run_sweep
+from simhelpers import TINY_HW
+
+
+@pytest.fixture
+def sweep_file(tmp_path, tiny_trace_path):
+    scen = {"name": "base", "seed": 0, "model": "tiny", "hardware": TINY_HW,
+            "workload": {"trace": str(tiny_trace_path), "requests": 12, "arrival": {"process": "poisson", "rate": 20}},
+            "policy": {"name": "on_demand", "capacity": 0.5}, "limits": {"max_batch_tokens": 256}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(scen))
+
+    def make(grid, **extra):
+        spec = {"base": "base.yaml", "grid": grid, **extra}
+        p = tmp_path / f"sweep{len(list(tmp_path.glob('sweep*.yaml')))}.yaml"
+        p.write_text(yaml.safe_dump(spec))
+        return p
+    return make
+
+
+def test_expand_grid_zip_seeds():
+    spec = {"grid": {"a": [1, 2], "b": ["x"]}, "zip": {"c": [1, 2], "d": [3, 4]}, "seeds": [0, 1]}
+    pts = expand(spec)
+    assert len(pts) == 2 * 1 * 2 * 2
+    assert pts[0] == {"a": 1, "b": "x", "c": 1, "d": 3, "seed": 0}
+    assert {"a": 2, "b": "x", "c": 2, "d": 4, "seed": 1} in pts
+
+
+def test_local_pool_and_dask_give_identical_tables(sweep_file, tmp_path):
+    pytest.importorskip("dask.distributed")
+    f = sweep_file({"policy.capacity": [0.25, 0.5, 0.75], "policy.name": ["on_demand", "moe_infinity"]})
+    spec = load_sweep(f)
+    a = run_sweep(spec, jobs=2, output=tmp_path / "local", progress=False)["table"]
+    b = run_sweep(spec, jobs=2, dask="local", output=tmp_path / "dask", progress=False)["table"]
+    assert len(a) == 6 and (a.status == "done").all()
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, pd.read_parquet(tmp_path / "local" / "table.parquet"))
+
+
+def test_bad_value_fails_alone_with_its_message(sweep_file, tmp_path):
+    f = sweep_file({"policy.capacity": [0.5, 7.0, 0.75]})
+    res = run_sweep(load_sweep(f), output=tmp_path / "o", progress=False)
+    t = res["table"]
+    assert t.status.tolist() == ["done", "failed", "done"]
+    assert "capacity must be a fraction" in t.error[1]
+    assert res["failed"] == 1
+    # A point that fails at run time (impossible memory) records its error file too.
+    f2 = sweep_file({"hardware.memory_bytes": [3.0e6, 1.0e5]})
+    t2 = run_sweep(load_sweep(f2), output=tmp_path / "o2", progress=False)["table"]
+    assert t2.status.tolist() == ["done", "failed"] and "impossible memory budget" in t2.error[1]
+    assert len(list((tmp_path / "o2" / "points").glob("*.error.json"))) == 1
+
+
+def test_killed_sweep_resumes_running_only_unfinished_points(sweep_file, tmp_path):
+    f = sweep_file({"policy.capacity": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
+                    "policy.name": ["on_demand", "moe_infinity"]})
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "sweep", str(f), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("points/*/summary.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name for p in out.glob("points/*/summary.json")}
+    assert 3 <= len(finished) < 14, "the sweep must be killed midway"
+    stamps = {h: (out / "points" / h / "summary.json").stat().st_mtime_ns for h in finished}
+    res = run_sweep(load_sweep(f), output=out, progress=False)
+    assert res["skipped"] == len(finished) and res["ran"] == 14 - len(finished)
+    assert (res["table"].status == "done").all()
+    for h, ns in stamps.items():   # finished points were not touched
+        assert (out / "points" / h / "summary.json").stat().st_mtime_ns == ns
+    assert not list(out.glob("points/.*tmp*"))
+
+
+def test_bad_sweep_files(tmp_path):
+    from sim.sweep import SweepError
+    p = tmp_path / "s.yaml"
+    p.write_text("base: x.yaml\ngrid: {a: 3}\n")
+    with pytest.raises(SweepError, match="grid.a must be a non-empty list"):
+        load_sweep(p)
+    p.write_text("grid: {a: [1]}\n")
+    with pytest.raises(SweepError, match="'base'"):
+        load_sweep(p)
+    p.write_text("base: x.yaml\nzip: {a: [1, 2], b: [1]}\n")
+    with pytest.raises(SweepError, match="same length"):
+        load_sweep(p)
