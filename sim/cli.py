@@ -129,6 +129,7 @@ SUMMARY_ROWS = [("requests_completed", "requests completed", "{:.0f}"), ("reques
                 ("throughput_tokens_per_s", "throughput (tok/s)", "{:.1f}"),
                 ("slo_attainment", "SLO attainment", "{:.1%}"), ("expert_hit_rate", "expert hit rate", "{:.1%}"),
                 ("bytes_loaded", "bytes loaded (GB)", "gb"), ("routing_fidelity", "routing fidelity", "{:.2%}"),
+                ("routing_fidelity_sensitive", "  in sensitive layers", "{:.2%}"),
                 ("engine_steps", "engine steps", "{:.0f}")]
 
 

@@ -124,7 +124,7 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
     data = copy.deepcopy(data)
     for ov in overrides:
         key, value = parse_override(ov) if isinstance(ov, str) else ov
-        _set_path(data, key, value)
+        _set_path(data, key, copy.deepcopy(value))   # later overrides must not mutate the caller's values
     _check_keys("", data, DEFAULTS, src)
     # Shorthand: `policy: resident` == `policy: {name: resident}`.
     for section in ("policy", "scheduler"):

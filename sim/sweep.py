@@ -115,7 +115,9 @@ def resolve_points(spec: dict) -> list[dict]:
     out = []
     for i, ov in enumerate(expand(spec)):
         try:
-            sc = load_scenario(base, fixed + list(ov.items()))
+            # Whole sections before their keys: `policy: {...}` then `policy.capacity: x`.
+            items = sorted(fixed + list(ov.items()), key=lambda kv: kv[0].count("."))
+            sc = load_scenario(base, items)
             if sc["workload"]["trace"] is not None and not Path(sc["workload"]["trace"]).is_absolute():
                 sc["workload"]["trace"] = str((Path(sc["_base_dir"]) / sc["workload"]["trace"]).resolve())
             out.append(dict(index=i, overrides=ov, scenario=sc, hash=point_hash(sc), error=None))

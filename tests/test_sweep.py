@@ -97,3 +97,16 @@ def test_bad_sweep_files(tmp_path):
     p.write_text("base: x.yaml\nzip: {a: [1, 2], b: [1]}\n")
     with pytest.raises(SweepError, match="same length"):
         load_sweep(p)
+
+
+def test_section_then_key_overrides_and_no_leaks(sweep_file, tmp_path):
+    """`policy: {...}` values combine with `policy.capacity` in any order, and one point's
+    overrides never leak into another's."""
+    f = sweep_file({"policy.capacity": [0.25, 0.75], "policy": [{"name": "on_demand"}, {"name": "random"}]})
+    t = run_sweep(load_sweep(f), output=tmp_path / "o", progress=False)["table"]
+    assert (t.status == "done").all()
+    pairs = set(zip(t["policy.capacity"], t.policy))
+    assert pairs == {(c, p) for c in (0.25, 0.75) for p in ('{"name": "on_demand"}', '{"name": "random"}')}
+    small = t[t["policy.capacity"] == 0.25].peak_experts_bytes
+    large = t[t["policy.capacity"] == 0.75].peak_experts_bytes
+    assert small.max() < large.min()

@@ -73,6 +73,11 @@ class ExpertPolicy:
         self.loads = self.ahead_loads = 0
         self.gate_kept = 0.0
         self.routes = 0
+        # Fidelity where it matters: routes in layers the request's task is sensitive to.
+        from sim.sensitivity import load_sensitivity
+        self.truth_sens = load_sensitivity(None, L)
+        self.sensitive_kept = 0.0
+        self.sensitive_routes = 0.0
         self.initial_load()
 
     # ---- parameters --------------------------------------------------------
@@ -127,8 +132,25 @@ class ExpertPolicy:
         """(L, E) tokens routed to each expert."""
         return np.bincount((self._layer_offset + experts).ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
 
+    def _sens_row(self, req) -> np.ndarray:
+        row = req.extra.get("s_row")
+        if row is None:
+            row = req.extra["s_row"] = self.truth_sens.row(req.task)
+        return row
+
     def _account(self, batch: StepBatch, hit_slots: np.ndarray, rerouted: np.ndarray | None):
         """Per-request and global token-level counters for this step."""
+        if rerouted is None or hit_slots is None:
+            tok_per_req = np.bincount(batch.token_req, minlength=len(batch.requests))
+            s = float(sum(n * self._sens_row(r).sum() for n, r in zip(tok_per_req, batch.requests)))
+            self.sensitive_kept += s
+            self.sensitive_routes += s
+        else:
+            g = batch.gates.astype(np.float32)
+            kept_tl = (g * hit_slots).sum(axis=2) / np.maximum(g.sum(axis=2), 1e-9)       # (n, L)
+            S = np.stack([self._sens_row(r) for r in batch.requests])[batch.token_req]   # (n, L)
+            self.sensitive_kept += float((kept_tl * S).sum())
+            self.sensitive_routes += float(S.sum())
         if rerouted is None or hit_slots is None:   # every route served by its own experts
             kept = np.full(len(batch.token_req), float(self.L))
         else:
@@ -277,4 +299,6 @@ class ExpertPolicy:
                     expert_loads=self.loads + self.ahead_loads, prefetches_ahead=self.ahead_loads,
                     bytes_loaded=(self.loads + self.ahead_loads) * self.model.bytes_per_expert,
                     expert_hit_rate=self.hits / accesses if accesses else 1.0,
-                    routing_fidelity=self.gate_kept / self.routes if self.routes else 1.0)
+                    routing_fidelity=self.gate_kept / self.routes if self.routes else 1.0,
+                    routing_fidelity_sensitive=self.sensitive_kept / self.sensitive_routes
+                    if self.sensitive_routes else 1.0)

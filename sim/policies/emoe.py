@@ -64,6 +64,7 @@ class EmoePolicy(ExpertPolicy):
         super().__init__(model, params, trace, seed, base_dir)
         p = self.params
         self.sens = load_sensitivity(p["sensitivity"], self.L, base_dir)
+        self.truth_sens = self.sens   # fidelity in sensitive layers is judged by the same table
         tasks = trace.tasks if trace is not None else []
         self.taskid = TaskIdentifier(tasks, p["task_id"], p["misid_rate"], seed)
         if p["predictor_file"]:
