@@ -216,6 +216,41 @@ def cmd_sweep(a):
         raise SystemExit(1)
 
 
+def cmd_plot(a):
+    from sim import plots
+    from sim.results import load_results
+    out = Path(a.output)
+    written = []
+    tables = [Path(p) for p in a.inputs if (Path(p) / "table.csv").exists() or str(p).endswith(".csv")]
+    results = [Path(p) for p in a.inputs if (Path(p) / "summary.json").exists()]
+    unknown = [p for p in a.inputs if Path(p) not in tables and Path(p) not in results]
+    if unknown:
+        raise UserError(f"{unknown[0]}: neither a sweep directory (table.csv) nor a results directory "
+                        "(summary.json)")
+    import pandas as pd
+    kinds = {"memory": plots.memory_vs_experts, "fidelity": plots.fidelity_vs_memory, "rate": plots.vs_rate,
+             "interval": plots.vs_interval, "pareto": plots.pareto}
+    for p in tables:
+        t = pd.read_csv(p if p.suffix == ".csv" else p / "table.csv")
+        sub = out / (p.stem if p.suffix == ".csv" else p.name) if len(tables) > 1 else out
+        if a.kind == "auto":
+            written += plots.auto(t, sub)
+        elif a.kind in kinds:
+            written += plots.save(kinds[a.kind](t), sub, a.kind)
+    if results:
+        runs = {}
+        for p in results:
+            r = load_results(p)
+            runs[f"{p.name} ({r['scenario']['policy']['name']})"] = r["requests"]
+        for metric in ("e2e_s", "ttft_s"):
+            written += plots.save(plots.latency_cdf(runs, metric), out, f"cdf_{metric[:-2]}")
+    if not written:
+        raise UserError("nothing to plot: a sweep needs a varied policy.capacity, arrival rate or interval, "
+                        "or pass results directories for latency CDFs")
+    for p in written:
+        print(f"wrote {p}")
+
+
 # ---- predictors -----------------------------------------------------------------
 def cmd_predictor_train(a):
     from sim.predictors import TRAINABLE, make_predictor
@@ -324,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster: tcp://host:port, or 'local'")
     s.add_argument("-o", "--output", help="sweep directory (default: the file's `output`, or runs/sweep-NAME)")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("plot", help="standard figures from sweep tables or results directories")
+    s.add_argument("inputs", nargs="+", help="sweep directories (table.csv) and/or results directories")
+    s.add_argument("--kind", default="auto", choices=["auto", "memory", "fidelity", "rate", "interval", "pareto"])
+    s.add_argument("-o", "--output", default="plots", help="directory for PNG and SVG files")
+    s.set_defaults(func=cmd_plot)
 
     pr = sub.add_parser("predictor", help="train and evaluate expert predictors")
     psub = pr.add_subparsers(dest="predictor_command", metavar="ACTION")

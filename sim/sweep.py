@@ -233,12 +233,30 @@ def _execute(todo, out: Path, jobs: int, dask: str | None, record):
                 record(futures[fut], res)
 
 
+def describe(sc: dict | None) -> dict:
+    """Columns every table gets from the resolved scenario, whatever was swept: for plots."""
+    if sc is None:
+        return {}
+    pol = sc["policy"]
+    label = pol["name"]
+    if pol["name"] == "emoe":
+        label = "eMoE-E" if pol.get("interval") == 1 else f"eMoE p={pol.get('interval', 40)}"
+        label += "" if pol.get("skip", True) else " no-skip"
+        label += "" if pol.get("task_aware", True) else " no-task-aware"
+    sched = sc["scheduler"]["name"]
+    return dict(policy_name=pol["name"], policy_capacity=pol.get("capacity", 1.0 if pol["name"] == "resident"
+                                                                  else None),
+                scheduler_name=sched, label=f"{label} + {sched}" if sched != "fcfs" else label,
+                arrival_rate=sc["workload"]["arrival"].get("rate"), seed_used=sc["seed"])
+
+
 def _table(points, results, out: Path) -> pd.DataFrame:
     rows = []
     for pt in points:
         res = results.get(pt["index"], dict(status="pending"))
         row = {"point": pt["index"], "hash": pt["hash"]}
         row.update({k: _flat(v) for k, v in pt["overrides"].items()})
+        row.update(describe(pt["scenario"]))
         row["status"] = res["status"]
         row["error"] = res.get("error", "")
         for k, v in (res.get("summary") or {}).items():

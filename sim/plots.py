@@ -1,0 +1,206 @@
+"""Standard figures from sweep tables and results directories (PNG and SVG).
+
+Every function takes data (a sweep table DataFrame, or {label: requests DataFrame})
+and returns a matplotlib Figure, so notebooks call them directly; `save` writes
+both formats. `emoe plot` wraps them for the command line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+GB = 1e9
+
+
+def _plt():
+    import matplotlib
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, out_dir, name: str) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg"):
+        p = out / f"{name}.{ext}"
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        paths.append(p)
+    _plt().close(fig)
+    return paths
+
+
+def _done(t: pd.DataFrame) -> pd.DataFrame:
+    t = t[t.status == "done"] if "status" in t else t
+    if "label" not in t:
+        raise ValueError("the table has no 'label' column; make it with `emoe sweep`")
+    return t
+
+
+def _by_label(t):
+    return sorted(t.groupby("label"), key=lambda kv: kv[0])
+
+
+def memory_vs_experts(t: pd.DataFrame):
+    """Peak memory (total and the expert part) vs share of experts loaded, per policy."""
+    plt = _plt()
+    t = _done(t)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, g in _by_label(t):
+        g = g.groupby("policy_capacity", as_index=False).mean(numeric_only=True).sort_values("policy_capacity")
+        line, = ax.plot(g.policy_capacity * 100, g.peak_memory_bytes / GB, marker="o", label=label)
+        ax.plot(g.policy_capacity * 100, g.peak_experts_bytes / GB, ls=":", color=line.get_color())
+    ax.set_xlabel("experts kept on the GPU (% of all)")
+    ax.set_ylabel("peak GPU memory (GB); dotted: experts only")
+    ax.set_title("Memory vs share of experts loaded")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def fidelity_vs_memory(t: pd.DataFrame):
+    plt = _plt()
+    t = _done(t)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, g in _by_label(t):
+        g = g.sort_values("peak_memory_bytes")
+        ax.plot(g.peak_memory_bytes / GB, g.routing_fidelity * 100, marker="o", label=label)
+    ax.set_xlabel("peak GPU memory (GB)")
+    ax.set_ylabel("routing fidelity (% of gate mass served)")
+    ax.set_title("Routing fidelity vs memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def latency_cdf(requests: dict[str, pd.DataFrame], metric: str = "e2e_s"):
+    """CDF of per-request latency, one line per run (label -> requests table)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, req in requests.items():
+        x = np.sort(req.loc[req.completed, metric].to_numpy())
+        ax.plot(x, np.arange(1, len(x) + 1) / max(len(x), 1), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel({"e2e_s": "end-to-end latency (s)", "ttft_s": "time to first token (s)",
+                   "tpot_s": "time per output token (s)"}.get(metric, metric))
+    ax.set_ylabel("share of requests")
+    ax.set_title("Latency CDF")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def vs_rate(t: pd.DataFrame):
+    """SLO attainment, mean and p99 end-to-end latency vs arrival rate."""
+    plt = _plt()
+    t = _done(t)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, g in _by_label(t):
+        g = g.groupby("arrival_rate", as_index=False).mean(numeric_only=True).sort_values("arrival_rate")
+        line, = axes[0].plot(g.arrival_rate, g.e2e_mean_s, marker="o", label=f"{label} mean")
+        axes[0].plot(g.arrival_rate, g.e2e_p99_s, ls="--", color=line.get_color(), label=f"{label} p99")
+        axes[1].plot(g.arrival_rate, g.slo_attainment * 100, marker="o", label=label)
+    axes[0].set_xlabel("arrival rate (requests/s)")
+    axes[0].set_ylabel("end-to-end latency (s)")
+    axes[0].set_xscale("log")
+    axes[0].set_title("Latency vs load")
+    axes[1].set_xlabel("arrival rate (requests/s)")
+    axes[1].set_ylabel("SLO attainment (%)")
+    axes[1].set_xscale("log")
+    axes[1].set_title("SLO attainment vs load")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def vs_interval(t: pd.DataFrame):
+    """Routing fidelity, latency and bytes moved vs predictor interval p."""
+    plt = _plt()
+    t = _done(t)
+    col = "policy.interval"
+    if col not in t:
+        raise ValueError("the table has no 'policy.interval' column: sweep policy.interval")
+    g = t.groupby(col, as_index=False).mean(numeric_only=True).sort_values(col)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(g[col], g.routing_fidelity * 100, marker="o")
+    axes[0].set_ylabel("routing fidelity (%)")
+    axes[1].plot(g[col], g.e2e_mean_s, marker="o")
+    axes[1].set_ylabel("mean end-to-end latency (s)")
+    axes[2].plot(g[col], g.bytes_loaded / GB, marker="o")
+    axes[2].set_ylabel("expert bytes moved (GB)")
+    for ax in axes:
+        ax.set_xlabel("predictor interval p (prompts)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("eMoE vs predictor interval")
+    return fig
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Rows not dominated by another (all columns: smaller is better)."""
+    n = len(points)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = np.all(points <= points[i], axis=1) & np.any(points < points[i], axis=1)
+        keep[i] = not dominated.any()
+    return keep
+
+
+def pareto(t: pd.DataFrame):
+    """Memory vs latency, colour = routing fidelity; the Pareto-optimal points ringed."""
+    plt = _plt()
+    t = _done(t).reset_index(drop=True)
+    pts = np.stack([t.peak_memory_bytes, t.e2e_mean_s, -t.routing_fidelity], axis=1)
+    front = pareto_mask(pts)
+    fig, ax = plt.subplots(figsize=(6.8, 4.5))
+    sc = ax.scatter(t.peak_memory_bytes / GB, t.e2e_mean_s, c=t.routing_fidelity * 100, cmap="viridis", s=36)
+    ax.scatter(t.peak_memory_bytes[front] / GB, t.e2e_mean_s[front], s=140, facecolors="none",
+               edgecolors="red", label="Pareto front (memory, latency, fidelity)")
+    for i in np.flatnonzero(front):
+        ax.annotate(t.label[i], (t.peak_memory_bytes[i] / GB, t.e2e_mean_s[i]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    fig.colorbar(sc, label="routing fidelity (%)")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak GPU memory (GB)")
+    ax.set_ylabel("mean end-to-end latency (s)")
+    ax.set_title("Memory / latency / fidelity trade-off")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def sim_vs_replay(comparison: pd.DataFrame):
+    """Bar chart of simulated vs replayed metrics (rows: metric; columns: sim, replay)."""
+    plt = _plt()
+    c = comparison.dropna(subset=["sim", "replay"])
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(c) + 1.5))
+    y = np.arange(len(c))
+    ratio = c.sim / c.replay.replace(0, np.nan)
+    ax.barh(y, ratio, color=np.where((ratio - 1).abs() <= 0.15, "tab:green", "tab:red"))
+    ax.axvline(1, color="k", lw=1)
+    ax.set_yticks(y, c.index)
+    ax.set_xlabel("simulated / replayed (1 = exact; green within 15%)")
+    ax.set_title("Simulator vs replay")
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def auto(table: pd.DataFrame, out_dir) -> list[Path]:
+    """Every standard figure this table supports."""
+    written = []
+    t = _done(table)
+    varied = {c for c in ("policy_capacity", "arrival_rate", "policy.interval") if c in t and t[c].nunique() > 1}
+    if "policy_capacity" in varied:
+        written += save(memory_vs_experts(t), out_dir, "memory_vs_experts")
+        written += save(fidelity_vs_memory(t), out_dir, "fidelity_vs_memory")
+    if "arrival_rate" in varied:
+        written += save(vs_rate(t), out_dir, "latency_vs_rate")
+    if "policy.interval" in varied:
+        written += save(vs_interval(t), out_dir, "vs_interval")
+    if len(t) >= 2:
+        written += save(pareto(t), out_dir, "pareto")
+    return written
