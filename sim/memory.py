@@ -7,11 +7,16 @@ policy has one). The KV cache gets whatever the rest leaves of the budget.
 """
 from __future__ import annotations
 
-import numpy as np
-
 
 class MemoryBudgetError(ValueError):
     """The fixed parts alone do not fit the GPU memory."""
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def activation_bytes_per_token(model) -> float:
@@ -40,10 +45,10 @@ class MemoryLedger:
         if self.kv_budget < self.kv_per_token * 16:
             fixed = self.dense + self.expert_reserve + self.predictor + self.act_reserve
             raise MemoryBudgetError(
-                f"impossible memory budget: dense weights {self.dense / 1e9:.1f} GB + expert cache "
-                f"{self.expert_reserve / 1e9:.1f} GB + activations {self.act_reserve / 1e9:.1f} GB"
-                + (f" + predictor {self.predictor / 1e9:.2f} GB" if self.predictor else "")
-                + f" = {fixed / 1e9:.1f} GB leave no room for a KV cache in {self.budget / 1e9:.1f} GB "
+                f"impossible memory budget: dense weights {fmt_bytes(self.dense)} + expert cache "
+                f"{fmt_bytes(self.expert_reserve)} + activations {fmt_bytes(self.act_reserve)}"
+                + (f" + predictor {fmt_bytes(self.predictor)}" if self.predictor else "")
+                + f" = {fmt_bytes(fixed)} leave no room for a KV cache in {fmt_bytes(self.budget)} "
                 f"({hw.count} x {hw.name} at {utilization:.0%}); lower policy.capacity, "
                 f"limits.max_batch_tokens, or add GPUs (hardware.count)")
         self.kv_used = 0.0
@@ -67,7 +72,3 @@ class MemoryLedger:
         if total > self.peak_total:
             self.peak_total = total
         return parts
-
-
-def largest_fitting(limit_bytes: float, per_unit: float) -> int:
-    return int(np.floor(limit_bytes / per_unit)) if per_unit > 0 else 0

@@ -15,7 +15,8 @@ def test_pareto_mask():
 
 def test_plot_command_on_a_sweep_and_results(tmp_path, tiny_trace_path):
     scen = {"name": "b", "model": "tiny", "hardware": TINY_HW,
-            "workload": {"trace": str(tiny_trace_path), "requests": 10}, "policy": {"name": "on_demand"}}
+            "workload": {"trace": str(tiny_trace_path), "requests": 10}, "policy": {"name": "on_demand"},
+            "limits": {"max_batch_tokens": 256}}
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(scen))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({
         "base": "b.yaml", "output": "out", "grid": {"policy.capacity": [0.25, 0.5, 1.0],
