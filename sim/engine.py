@@ -12,9 +12,25 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from sim.costmodel import CostModel
+from dataclasses import dataclass
+
+from sim.costmodel import CostModel, StepTiming
 from sim.memory import MemoryLedger
 from sim.policies.base import StepBatch
+
+
+@dataclass
+class StepWork:
+    """The tokens of one engine step: who is in it and which trace rows they process."""
+    decode: list            # requests generating one token
+    chunks: list            # (request, prompt tokens) being prefilled
+    rows: np.ndarray        # trace rows, decode tokens first
+    batch: StepBatch
+    n_new: int              # KV entries this step adds
+    n_tokens: int
+    n_sampled: int          # requests that produce a token
+    attn_ctx: float         # sum over tokens of the context attended to
+    kv_read: int            # KV entries read
 
 
 class Engine:
@@ -136,6 +152,23 @@ class Engine:
         return decode, chunks
 
     def _step(self, now: float) -> float:
+        work = self._build_step()
+        plan = self.policy.plan_step(work.batch)
+        timing = self.execute(now, work, plan)
+        self.mem.kv_used += work.n_new * self.mem.kv_per_token
+        parts = self.memory_parts(plan, work)
+        self.timeline.append((now, timing.duration_s, work.n_tokens, len(work.batch.requests), len(self.running),
+                              len(self.waiting), len(work.decode), work.n_tokens - len(work.decode),
+                              parts["dense"], parts["experts"], parts["kv"], parts["activations"],
+                              parts["predictor"], timing.link_busy_s, timing.stall_s,
+                              int(plan.demand.sum() + plan.early.sum()) + plan.ahead))
+        self._chunks = work.chunks
+        self._decode = work.decode
+        self.steps += 1
+        self.scheduler.on_step(self.running, timing.duration_s, now)
+        return timing.duration_s
+
+    def _build_step(self) -> "StepWork":
         decode, chunks = self._plan_tokens()
         n_new = len(decode) + sum(c for _, c in chunks)
         if not self.mem.kv_fits(n_new):
@@ -151,24 +184,20 @@ class Engine:
             rows = np.concatenate([rows] + [np.arange(r.next_row, r.next_row + c) for r, c in chunks])
             token_req = np.concatenate([token_req] + [np.full(c, len(decode) + i) for i, (_, c) in enumerate(chunks)])
             attn_ctx += sum(c * r.prefilled + c * (c + 1) / 2 for r, c in chunks)
-        n_tokens = len(rows)
         t = self.trace
         batch = StepBatch(self.steps, t.experts[rows], t.gates[rows],
                           None if t.router_probs is None else t.router_probs[rows], token_req, reqs)
-        plan = self.policy.plan_step(batch)
         n_sampled = len(decode) + sum(1 for r, c in chunks if r.prefilled + c >= r.prompt_tokens)
-        timing = self.cost.step(now, plan, n_tokens, n_sampled, attn_ctx, kv_read)
-        self.mem.kv_used += n_new * self.mem.kv_per_token
-        parts = self.mem.sample(int(self.policy.resident.sum()), plan.staged, n_tokens, n_sampled)
-        self.timeline.append((now, timing.duration_s, n_tokens, len(reqs), len(self.running), len(self.waiting),
-                              len(decode), n_tokens - len(decode), parts["dense"], parts["experts"], parts["kv"],
-                              parts["activations"], parts["predictor"], timing.link_busy_s, timing.stall_s,
-                              int(plan.demand.sum() + plan.early.sum()) + plan.ahead))
-        self._chunks = chunks
-        self._decode = decode
-        self.steps += 1
-        self.scheduler.on_step(self.running, timing.duration_s, now)
-        return timing.duration_s
+        return StepWork(decode, chunks, rows, batch, n_new, len(rows), n_sampled, attn_ctx, kv_read)
+
+    # ---- what differs between the simulator and the replayer ---------------------------------
+    def execute(self, now: float, work: "StepWork", plan) -> StepTiming:
+        """The step's time: the cost model here, real execution in the replayer."""
+        return self.cost.step(now, plan, work.n_tokens, work.n_sampled, work.attn_ctx, work.kv_read)
+
+    def memory_parts(self, plan, work: "StepWork") -> dict:
+        """The step's memory by part: the ledger here, measured bytes in the replayer."""
+        return self.mem.sample(int(self.policy.resident.sum()), plan.staged, work.n_tokens, work.n_sampled)
 
     def _advance(self, now: float):
         """Apply the step's progress once its time has passed."""

@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -162,6 +163,8 @@ def run_sweep(spec: dict, jobs: int = 1, dask: str | None = None, output=None, p
     if not out.is_absolute() and output is None and spec.get("output"):
         out = spec["_dir"] / out
     (out / "points").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "points").glob(".*.tmp-*"):   # half-written points of a killed run
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     points = resolve_points(spec)
     results: dict[int, dict] = {}
     todo = []
