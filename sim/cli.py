@@ -251,6 +251,90 @@ def cmd_plot(a):
         print(f"wrote {p}")
 
 
+# ---- replay ---------------------------------------------------------------------
+def cmd_replay(a):
+    from datetime import datetime
+    try:
+        from replay.run import ReplayOOM, replay_scenario
+    except ImportError as e:
+        raise UserError(f"replay needs torch ({e}); install with: pip install torch==2.13.0 && "
+                        "pip install -e '.[replay]'") from None
+    if a.weights:
+        raise UserError("--weights (real Hugging Face weights) is not supported yet: routing follows the "
+                        "trace and weights are random, which does not change time or memory")
+    sc = _scenario(a)
+    out = Path(a.output) if a.output else Path("runs") / f"{sc['name']}-replay-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"results directory '{out}' exists and is not empty; choose another -o")
+    try:
+        res = replay_scenario(sc, a.device, a.scale, a.dtype)
+    except ReplayOOM as e:
+        raise UserError(str(e)) from None
+    path = res.write(out)
+    print_summary(res.summary, f"replay of {sc['name']} on {res.meta['device_name']} ({res.meta['dtype']}, "
+                               f"scale 1/{a.scale}): {res.meta['wall_time_s']:.2f}s wall")
+    s = res.summary
+    if s.get("h2d_bytes_per_s"):
+        print(f"  host-to-device copies     {s['h2d_copies']} ({s['h2d_bytes'] / 1e9:.3f} GB) at "
+              f"{s['h2d_bytes_per_s'] / 1e9:.2f} GB/s")
+    print(f"results in {path}  (simulate the same model: emoe run {path / 'scenario.yaml'})")
+    if s.get("error"):
+        print(f"emoe: error: {s['error']}; the results up to that point are in {path}", file=sys.stderr)
+        raise SystemExit(3)
+
+
+def cmd_profile(a):
+    try:
+        import torch
+
+        from replay.model import scaled_spec
+        from replay.profile import run_profile, write_profile
+        from replay.run import DTYPES
+    except ImportError as e:
+        raise UserError(f"profile needs torch ({e}); pip install torch==2.13.0") from None
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    dtype_name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    dtype = DTYPES[dtype_name]
+    spec, calib = None, None
+    if a.scenario:
+        from sim.models import get_model
+        sc = _scenario(a)
+        spec = scaled_spec(get_model(sc["model"]), a.scale, torch.tensor([], dtype=dtype).element_size())
+        calib = load_calibration(a, sc)
+    else:
+        from sim.models import get_model
+        spec = scaled_spec(get_model("tiny"), 1, torch.tensor([], dtype=dtype).element_size())
+    max_bytes = a.max_copy_mb * 2 ** 20
+    prof = run_profile(a.device, spec, dtype, calib, max_bytes, a.scale)
+    path = write_profile(prof, a.output)
+    hw, m = prof["hardware"], prof["measured"]
+    print(f"{prof['info']['device']}: host-to-device {hw['h2d_bytes_per_s'] / 1e9:.2f} GB/s, "
+          f"{hw['h2d_latency_s'] * 1e6:.1f} us per copy")
+    print(f"model {m['model']['name']}: expert {m['expert_s']['a'] * 1e6:.1f} us + {m['expert_s']['b'] * 1e6:.2f} us/token; "
+          f"attention {m['attention_s']['a'] * 1e6:.1f} us + {m['attention_s']['b'] * 1e6:.2f} us/token; "
+          f"step {m['step_s']['a'] * 1e3:.2f} ms")
+    print(f"wrote {path} ({prof['info']['seconds']}s); use it with  hardware: {{profile: {path}}}")
+
+
+def load_calibration(a, sc: dict) -> dict:
+    """The scenario's model on a short all-at-once workload: the step-overhead fit's data."""
+    from sim.scenario import load_scenario
+    w = sc["workload"]
+    over = [("policy", {"name": "resident"}), ("workload.arrival", {"process": "batch"}),
+            ("workload.requests", min(w.get("requests") or 16, 16))]
+    return load_scenario(a.scenario, (a.set or []) + over)
+
+
+def cmd_compare(a):
+    from replay.compare import compare, print_comparison
+    table = compare(a.sim, a.replay)
+    if a.json:
+        print(table.reset_index().to_json(orient="records", indent=2))
+    else:
+        print_comparison(table, a.sim, a.replay)
+
+
 # ---- predictors -----------------------------------------------------------------
 def cmd_predictor_train(a):
     from sim.predictors import TRAINABLE, make_predictor
@@ -365,6 +449,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", default="auto", choices=["auto", "memory", "fidelity", "rate", "interval", "pareto"])
     s.add_argument("-o", "--output", default="plots", help="directory for PNG and SVG files")
     s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("replay", help="run a scenario on real hardware (PyTorch) with the same policy objects")
+    s.add_argument("scenario")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--scale", type=int, default=1, help="divide hidden sizes by this (CPU runs of big models)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default bfloat16 on cuda, float32 on cpu")
+    s.add_argument("--weights", metavar="DIR", help="real Hugging Face weights (not supported yet)")
+    s.add_argument("-o", "--output")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("profile", help="measure copy bandwidth and layer costs; write a hardware profile")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--scenario", help="measure layer costs for this scenario's model (and calibrate the step)")
+    s.add_argument("--scale", type=int, default=1, help="as for `emoe replay`")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--max-copy-mb", type=int, default=64, help="largest copy size measured (MiB)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("compare", help="simulated vs replayed metrics side by side, with relative errors")
+    s.add_argument("sim", help="results directory of `emoe run`")
+    s.add_argument("replay", help="results directory of `emoe replay`")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("predictor", help="train and evaluate expert predictors")
     psub = pr.add_subparsers(dest="predictor_command", metavar="ACTION")

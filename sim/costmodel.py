@@ -30,6 +30,18 @@ class StepTiming:
     stall_s: float           # time layers waited for experts
 
 
+def measured_for(hw, model) -> dict | None:
+    """The profile's measured cost functions, if they were measured on this model shape."""
+    m = hw.measured
+    if not m:
+        return None
+    shape = m.get("model", {})
+    keys = ("hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k", "n_heads", "n_kv_heads")
+    if any(shape.get(k) != getattr(model, k) for k in keys):
+        return None
+    return m
+
+
 class CostModel:
     def __init__(self, model, hw):
         self.m, self.hw = model, hw
@@ -47,11 +59,15 @@ class CostModel:
         self.head_params = model.vocab * model.hidden
         self.copy_s = hw.copy_time(model.bytes_per_expert)
         self.link_free_at = 0.0   # absolute time the link finishes its committed copies
+        self.measured = measured_for(hw, model)
 
     # ---- compute ------------------------------------------------------------
-    def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int) -> float:
+    def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int, n_requests: int = 1) -> float:
         """One layer's attention. attn_ctx: sum over tokens of the context each attends to;
         kv_tokens: KV entries read (all requests in the step)."""
+        if self.measured:
+            a = self.measured["attention_s"]
+            return a["a"] + a["b"] * n_tokens + a["c"] * attn_ctx + a["d"] * n_requests
         m = self.m
         flops = 2 * n_tokens * m.attention_params_per_layer + 4 * attn_ctx * m.n_heads * m.hd
         nbytes = self.attn_bytes + kv_tokens * self.kv_layer_bytes
@@ -60,6 +76,9 @@ class CostModel:
     def experts_s(self, counts: np.ndarray, n_tokens: int) -> np.ndarray:
         """(L,) time of each MoE layer's expert FFNs (routed + shared)."""
         active = counts > 0
+        if self.measured:
+            e = self.measured["expert_s"]
+            return (active * e["a"] + counts * e["b"]).sum(axis=1)
         t = np.maximum(counts * (self.expert_flops_per_token / self.flops), active * (self.expert_bytes / self.bw))
         per_layer = t.sum(axis=1)
         if self.shared_bytes:
@@ -69,6 +88,9 @@ class CostModel:
 
     def fixed_s(self, n_tokens: int, n_sampled: int) -> float:
         """Dense (non-MoE) layers' FFNs, the LM head, and the step overhead."""
+        if self.measured:
+            st = self.measured["step_s"]
+            return st["a"] + st["b"] * n_sampled + st["c"] * n_tokens
         d = self.m.dtype_bytes
         dense = self.dense_layers * max(2 * n_tokens * self.dense_ffn_params / self.flops,
                                         self.dense_ffn_params * d / self.bw) if self.dense_layers else 0.0
@@ -76,8 +98,9 @@ class CostModel:
         return dense + head + self.hw.step_overhead_s
 
     # ---- a whole step ----------------------------------------------------------
-    def step(self, t0: float, plan, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: int) -> StepTiming:
-        attn = self.attention_s(n_tokens, attn_ctx, kv_tokens)
+    def step(self, t0: float, plan, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: int,
+             n_requests: int = 1) -> StepTiming:
+        attn = self.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests)
         ffn = self.experts_s(plan.counts, n_tokens)
         fixed = self.fixed_s(n_tokens, n_sampled) + plan.extra_time_s
         L = len(ffn)

@@ -161,7 +161,8 @@ class Engine:
                               len(self.waiting), len(work.decode), work.n_tokens - len(work.decode),
                               parts["dense"], parts["experts"], parts["kv"], parts["activations"],
                               parts["predictor"], timing.link_busy_s, timing.stall_s,
-                              int(plan.demand.sum() + plan.early.sum()) + plan.ahead))
+                              int(plan.demand.sum() + plan.early.sum()) + plan.ahead,
+                              int((plan.counts > 0).sum()), work.attn_ctx, work.n_sampled))
         self._chunks = work.chunks
         self._decode = work.decode
         self.steps += 1
@@ -193,7 +194,8 @@ class Engine:
     # ---- what differs between the simulator and the replayer ---------------------------------
     def execute(self, now: float, work: "StepWork", plan) -> StepTiming:
         """The step's time: the cost model here, real execution in the replayer."""
-        return self.cost.step(now, plan, work.n_tokens, work.n_sampled, work.attn_ctx, work.kv_read)
+        return self.cost.step(now, plan, work.n_tokens, work.n_sampled, work.attn_ctx, work.kv_read,
+                              len(work.batch.requests))
 
     def memory_parts(self, plan, work: "StepWork") -> dict:
         """The step's memory by part: the ledger here, measured bytes in the replayer."""
@@ -229,4 +231,4 @@ class Engine:
 
 TIMELINE_COLUMNS = ("t_s", "step_s", "tokens", "batch_requests", "running", "waiting", "decode_tokens",
                     "prefill_tokens", "mem_dense", "mem_experts", "mem_kv", "mem_activations", "mem_predictor",
-                    "link_busy_s", "stall_s", "expert_loads")
+                    "link_busy_s", "stall_s", "expert_loads", "active_experts", "attn_ctx", "sampled")

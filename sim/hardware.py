@@ -26,6 +26,9 @@ class HardwareSpec:
     layer_overhead_s: float = 30e-6   # kernel launches and sync per transformer layer
     step_overhead_s: float = 2e-3     # scheduler, sampling, host work per engine step
     source: str = ""
+    # Measured cost functions from `emoe profile` for one model shape (see sim/costmodel.py);
+    # when they match the scenario's model they replace the roofline.
+    measured: dict | None = None
 
     @property
     def total_memory(self) -> float:
@@ -81,8 +84,10 @@ def load_profile(path) -> dict:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a hardware profile is a mapping of {sorted(HW_FIELDS)}")
-    data = data.get("hardware", data)
-    return {k: v for k, v in data.items() if k in HW_FIELDS}
+    hw = dict(data.get("hardware", data))
+    if "measured" in data:
+        hw["measured"] = data["measured"]
+    return {k: v for k, v in hw.items() if k in HW_FIELDS}
 
 
 def get_hardware(spec, base_dir: Path | None = None) -> HardwareSpec:
@@ -109,7 +114,7 @@ def get_hardware(spec, base_dir: Path | None = None) -> HardwareSpec:
         base.update(load_profile(prof))
         base["source"] = f"profile {prof}"
     base.update(d)
-    for f in HW_FIELDS - {"name", "source"}:
+    for f in HW_FIELDS - {"name", "source", "measured"}:
         v = base[f]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ValueError(f"hardware.{f} must be a non-negative number, got {v!r}")

@@ -100,7 +100,7 @@ def _jsonable(x):
 
 
 def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline: pd.DataFrame, summary: dict,
-                  meta: dict) -> Path:
+                  meta: dict, trace=None) -> Path:
     """Write into a temporary sibling, then move into place: a crash leaves no half directory,
     and an existing directory is never overwritten."""
     out = Path(out_dir)
@@ -111,6 +111,9 @@ def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         (tmp / "scenario.yaml").write_text(scenario_yaml)
+        if trace is not None:
+            from traces.format import save_trace
+            save_trace(trace, tmp / "trace.npz")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
         requests.to_csv(tmp / "requests.csv", index=False)

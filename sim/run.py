@@ -25,9 +25,11 @@ class RunResult:
     timeline: pd.DataFrame
     meta: dict
     scenario: dict
+    trace: object = None     # written beside the results when the scenario points to it
 
     def write(self, out_dir) -> Path:
-        return write_results(out_dir, dump(self.scenario), self.requests, self.timeline, self.summary, self.meta)
+        return write_results(out_dir, dump(self.scenario), self.requests, self.timeline, self.summary, self.meta,
+                             trace=self.trace)
 
 
 def build(sc: dict, trace=None):

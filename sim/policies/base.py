@@ -43,6 +43,7 @@ class StepPlan:
     ahead: int               # experts prefetched for later steps (issued at step start, nobody waits)
     staged: int              # of the loads, experts streamed through the staging buffer (cache full)
     extra_time_s: float = 0.0  # policy work charged to the step (e.g. predictor invocation)
+    routes: np.ndarray | None = None  # (n, L, k) experts each token is computed with (after reroutes)
 
 
 class ExpertPolicy:
@@ -235,7 +236,7 @@ class ExpertPolicy:
             self._account(batch, hit, rerouted)
             self.touch(used, needed)
             zero = np.zeros(self.L, dtype=np.int64)
-            return StepPlan(needed, zero, zero.copy(), 0, 0, 0)
+            return StepPlan(needed, zero, zero.copy(), 0, 0, 0, routes=new)
         used = needed > 0
         missing = used & ~self.resident
         n_miss = int(missing.sum())
@@ -252,7 +253,7 @@ class ExpertPolicy:
             demand = demand - early
         else:
             early = self._zeros_L
-        return StepPlan(needed, demand, early, lead, 0, staged)
+        return StepPlan(needed, demand, early, lead, 0, staged, routes=ex)
 
     def reroute_rank(self) -> np.ndarray:
         """(L, E) preference among resident experts when the trace has no router probabilities."""

@@ -1,0 +1,133 @@
+"""The replay engine: the simulator's engine, driven by the real clock and a real model.
+
+Batching, admission, preemption and every policy and scheduler decision are the
+simulator's own code (sim/engine.py); only `execute` (run the step on the model
+and time it) and `memory_parts` (measure instead of estimate) differ, and the
+loop waits for real arrivals instead of SimPy events.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from sim.costmodel import StepTiming
+from sim.engine import Engine
+
+
+class ReplayEngine(Engine):
+    def __init__(self, *args, model_rt, **kw):
+        super().__init__(*args, **kw)
+        self.rt = model_rt
+        self.cuda = model_rt.device.type == "cuda"
+        for layer, e in zip(*np.nonzero(self.policy.resident)):   # the policy's starting set
+            model_rt.cache.load(int(layer), int(e))
+        self._resident = self.policy.resident.copy()
+        self.mem_samples: list[dict] = []
+
+    # ---- the real clock -----------------------------------------------------------------------
+    def run(self) -> "ReplayEngine":
+        class _Env:      # what results code reads from a SimPy environment
+            now = 0.0
+        self.env = _Env()
+        pending = sorted(self.requests, key=lambda r: (r.arrival_s, r.index))
+        t0 = time.perf_counter()
+        total = len(self.requests)
+        while len(self.finished) + len(self.rejected) < total:
+            now = time.perf_counter() - t0
+            while pending and pending[0].arrival_s <= now:
+                req = pending.pop(0)
+                self.waiting.append(req)
+                self.policy.on_arrival(req, now)
+            if (self.max_steps and self.steps >= self.max_steps) or (self.max_time and now >= self.max_time):
+                self.stopped_early = f"stopped at limit (steps={self.steps}, t={now:.1f}s)"
+                break
+            self._admit(now)
+            if not self.running:
+                if pending:
+                    time.sleep(max(pending[0].arrival_s - now, 0))
+                continue
+            self._step(now)
+            self._advance(time.perf_counter() - t0)
+        self.env.now = time.perf_counter() - t0
+        return self
+
+    # ---- one step on the model ---------------------------------------------------------------------
+    def _sync_cache(self):
+        """Make the device cache follow the policy's resident set: evictions first; returns loads."""
+        target = self.policy.resident
+        before = self._resident
+        for layer, e in zip(*np.nonzero(before & ~target)):
+            self.rt.cache.evict(int(layer), int(e))
+        loads = list(zip(*[a.tolist() for a in np.nonzero(target & ~before)]))
+        self._resident = target.copy()
+        return loads
+
+    def execute(self, now: float, work, plan) -> StepTiming:
+        t_start = time.perf_counter()
+        copy_before = self.rt.cache.copy_s
+        rt = self.rt
+        loads = self._sync_cache()
+        routes = plan.routes
+        used = np.zeros(self.policy.resident.shape, dtype=bool)
+        L = used.shape[0]
+        used[np.arange(L)[None, :, None], routes] = True
+        lead = max(plan.lead, 1)
+        load_plan = {"ahead": [], "early_at": {}, "demand": [[] for _ in range(L)]}
+        early_left = plan.early.copy()
+        for layer, e in loads:
+            if not used[layer, e]:
+                load_plan["ahead"].append((layer, e))
+            elif early_left[layer] > 0:
+                early_left[layer] -= 1
+                load_plan["early_at"].setdefault(max(layer - lead, 0), []).append((layer, e))
+            else:
+                load_plan["demand"][layer].append((layer, e))
+        # Token ids do not change time or memory: the trace row stands in for the token.
+        token_ids = torch.as_tensor(work.rows % rt.spec.vocab, dtype=torch.long)
+        segments, start = [], 0
+        for r in work.decode:
+            rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
+            segments.append((r.index, start, 1, r.context))
+            start += 1
+        for r, c in work.chunks:
+            if r.prefilled == 0:
+                rt.kv_free(r.index)       # a recomputed (preempted) request starts over
+            rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
+            segments.append((r.index, start, c, r.prefilled))
+            start += c
+        sampled = list(range(len(work.decode))) + [s + n - 1 for (rid, s, n, pos), (r, c)
+                                                   in zip(segments[len(work.decode):], work.chunks)
+                                                   if r.prefilled + c >= r.prompt_tokens]
+        rt.step(token_ids, segments, routes, work.batch.gates, sampled, load_plan)
+        if self.cuda:
+            torch.cuda.synchronize(rt.device)
+            rt.cache.collect_copy_time()
+        duration = time.perf_counter() - t_start + plan.extra_time_s
+        if plan.extra_time_s:
+            time.sleep(plan.extra_time_s)   # the predictor's own time, charged as in the simulator
+        return StepTiming(duration, rt.cache.copy_s - copy_before, 0.0)
+
+    def _advance(self, now: float):
+        finished_before = len(self.finished)
+        super()._advance(now)
+        for r in self.finished[finished_before:]:
+            self.rt.kv_free(r.index)
+
+    def memory_parts(self, plan, work) -> dict:
+        """Measured: tensor bytes (CPU), or the CUDA allocator (also recorded separately)."""
+        rt = self.rt
+        parts = dict(dense=float(rt.dense_bytes), experts=float(rt.cache.resident() * rt.cache.slot_bytes),
+                     kv=float(rt.kv_bytes()), activations=float(work.n_tokens * self.mem.act_per_token),
+                     predictor=float(self.policy.predictor_bytes))
+        if self.cuda:
+            parts["cuda_allocated"] = float(torch.cuda.memory_allocated(rt.device))
+            parts["cuda_reserved"] = float(torch.cuda.memory_reserved(rt.device))
+        for k, v in parts.items():
+            if v > self.mem.peak.get(k, 0.0):
+                self.mem.peak[k] = v
+        total = sum(parts[k] for k in ("dense", "experts", "kv", "activations", "predictor"))
+        self.mem.peak_total = max(self.mem.peak_total, total)
+        self.mem_samples.append(parts)
+        return parts

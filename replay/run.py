@@ -1,0 +1,105 @@
+"""Replay one scenario on real hardware: the simulator's scenario, policy and scheduler,
+the real model and clock; results in the simulator's schema."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from replay.engine import ReplayEngine
+from replay.model import ReplayModel, scaled_spec
+from sim.engine import TIMELINE_COLUMNS
+from sim.hardware import get_hardware
+from sim.models import get_model
+from sim.policies import make_policy
+from sim.results import code_version, request_table, summarize
+from sim.run import RunResult
+from sim.schedulers import make_scheduler
+from sim.workload import build_requests, load_workload_trace
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ReplayOOM(RuntimeError):
+    """The device ran out of memory; partial results are kept."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | None = None,
+                    progress=None, host_experts: dict | None = None) -> RunResult:
+    """host_experts: a dict kept by the caller to reuse one model's host-side experts across replays."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}")
+    if scale < 1:
+        raise ValueError("--scale must be a positive integer")
+    base = get_model(sc["model"])
+    trace = load_workload_trace(sc, base)
+    tdt = DTYPES[dtype]
+    spec = scaled_spec(base, scale, torch.tensor([], dtype=tdt).element_size())
+    # The resolved scenario names the model actually run, so `emoe run` on it simulates the same thing.
+    # ... and the trace it replayed, saved beside the results (requests already selected).
+    sc = dict(sc)
+    sc["model"] = {k: v for k, v in asdict(spec).items()}
+    sc["workload"] = {**sc["workload"], "trace": "trace.npz", "synthetic": None, "requests": None, "tasks": None}
+    hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
+    policy = make_policy(sc["policy"], spec, trace, sc["seed"], Path(sc.get("_base_dir", ".")))
+    scheduler = make_scheduler(sc["scheduler"])
+    requests = build_requests(sc, trace)
+    n_slots = policy.cache_experts + spec.top_k
+    t0 = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        shared = host_experts.get(spec.name) if host_experts is not None else None
+        rt = ReplayModel(spec, device, tdt, sc["seed"], n_slots, host_experts=shared)
+        if host_experts is not None:
+            host_experts[spec.name] = rt.host_experts
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        fitted = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+        raise ReplayOOM(f"out of memory building {spec.name} with {n_slots} expert slots on {device}; the "
+                        f"largest allocation that fitted was {fitted / 1e9:.2f} GB. Use --scale or a smaller "
+                        "policy.capacity") from None
+    eng = ReplayEngine(spec, hw, trace, requests, policy, scheduler, sc["limits"], progress, model_rt=rt)
+    error = ""
+    try:
+        eng.run()
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else eng.mem.peak_total
+        error = (f"out of memory at engine step {eng.steps} with {len(eng.running)} requests running; the "
+                 f"largest size that fitted: {peak / 1e9:.2f} GB peak allocated. Lower limits.max_running "
+                 "or limits.max_batch_tokens")
+        eng.env = type("E", (), {"now": time.perf_counter() - t0})()
+    wall = time.perf_counter() - t0
+    req = request_table(requests)
+    tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
+    cache = rt.cache
+    extra = dict(engine_steps=eng.steps, preemptions=eng.preemptions, budget_bytes=eng.mem.budget,
+                 kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(eng.env.now),
+                 weights_plus_cache_bytes=float(rt.dense_bytes + n_slots * cache.slot_bytes),
+                 h2d_bytes=float(cache.bytes_copied), h2d_copies=cache.copies, h2d_time_s=cache.copy_s,
+                 h2d_bytes_per_s=cache.bytes_copied / cache.copy_s if cache.copy_s else None)
+    if device.startswith("cuda"):
+        extra.update(cuda_max_allocated_bytes=float(torch.cuda.max_memory_allocated()),
+                     cuda_max_reserved_bytes=float(torch.cuda.max_memory_reserved()))
+    if error:
+        extra["error"] = error
+    summary = summarize(req, policy.counters(), eng.mem.peak_total,
+                        {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}, extra=extra)
+    meta = dict(engine="replay", device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda")
+                else "cpu", dtype=dtype, scale=scale, torch=torch.__version__, code_version=code_version(),
+                seed=sc["seed"], wall_time_s=wall, stopped_early=eng.stopped_early or error,
+                model=spec.describe(), hardware=hw.__dict__)
+    return RunResult(summary, req, tl, meta, sc, trace=trace)

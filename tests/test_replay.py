@@ -1,0 +1,103 @@
+"""Replay on CPU: the simulator's own policy objects on a real (tiny) model and clock."""
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from replay.compare import compare  # noqa: E402
+from replay.run import replay_scenario  # noqa: E402
+from sim.cli import main  # noqa: E402
+from sim.run import run_scenario  # noqa: E402
+from sim.scenario import load_scenario  # noqa: E402
+from simhelpers import TINY_HW  # noqa: E402
+
+
+def scenario(trace_path, policy, arrival=None, requests=16):
+    return load_scenario(data={
+        "name": "rp", "seed": 0, "model": "tiny", "hardware": {**TINY_HW, "memory_bytes": 6.0e6},
+        "workload": {"trace": str(trace_path), "requests": requests,
+                     "arrival": arrival or {"process": "batch"}},
+        "policy": policy, "limits": {"max_batch_tokens": 128, "max_running": 8}})
+
+
+@pytest.mark.parametrize("policy", [{"name": "resident"}, {"name": "on_demand", "capacity": 0.5},
+                                    {"name": "emoe", "capacity": 0.5, "interval": 4}])
+def test_replay_completes_and_makes_the_simulators_decisions(tiny_trace_path, policy, tmp_path):
+    rp = replay_scenario(scenario(tiny_trace_path, policy), "cpu")
+    req = rp.requests
+    assert req.completed.all() and len(req) == 16
+    assert (req.generated_tokens == req.output_tokens).all()
+    # Every request present at t=0: batches do not depend on timing, so the same policy
+    # objects must take exactly the same decisions as in the simulator.
+    # The replay's resolved scenario names the model it ran (float32 on CPU) and its trace.
+    sim = run_scenario(load_scenario(rp.write(tmp_path / "rp") / "scenario.yaml"))
+    for key in ("hits", "misses", "reroutes", "bytes_loaded", "engine_steps", "preemptions"):
+        assert rp.summary[key] == sim.summary[key], key
+    assert rp.summary["routing_fidelity"] == pytest.approx(sim.summary["routing_fidelity"])
+    assert rp.summary["h2d_bytes"] >= rp.summary["bytes_loaded"]
+
+
+def test_results_directory_round_trip_and_compare(tiny_trace_path, tmp_path, capsys):
+    sc = tmp_path / "s.yaml"
+    import yaml
+    data = scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5})
+    sc.write_text(yaml.safe_dump({k: v for k, v in data.items() if not k.startswith("_")}))
+    assert main(["replay", str(sc), "--device", "cpu", "-o", str(tmp_path / "rp")]) == 0
+    written = yaml.safe_load((tmp_path / "rp" / "scenario.yaml").read_text())
+    assert written["workload"]["trace"] == "trace.npz" and (tmp_path / "rp" / "trace.npz").exists()
+    # The replay's own scenario simulates the very model and trace it ran.
+    assert main(["run", str(tmp_path / "rp" / "scenario.yaml"), "-o", str(tmp_path / "sim")]) == 0
+    table = compare(tmp_path / "sim", tmp_path / "rp")
+    assert table.loc["misses", "rel_error"] == 0
+    assert table.loc["weights_plus_cache_bytes", "rel_error"] == pytest.approx(0, abs=0.02)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "sim"), str(tmp_path / "rp"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["metric"] for r in rows} >= {"e2e_mean_s", "throughput_tokens_per_s", "peak_memory_bytes"}
+
+
+def test_out_of_memory_keeps_what_was_done(tiny_trace_path, tmp_path, monkeypatch):
+    from replay import model as rm
+    real = rm.ReplayModel.step
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(rm.ReplayModel, "step", flaky)
+    res = replay_scenario(scenario(tiny_trace_path, {"name": "resident"}), "cpu")
+    assert "out of memory at engine step 40" in res.summary["error"]
+    assert "largest size that fitted" in res.summary["error"]
+    done = res.requests.completed.sum()
+    assert 0 < done < 16
+    out = res.write(tmp_path / "partial")
+    assert (out / "requests.csv").exists() and (out / "summary.json").exists()
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(tiny_trace_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        replay_scenario(scenario(tiny_trace_path, {"name": "resident"}), "cuda")
+
+
+def test_profile_writes_a_usable_hardware_profile(tiny_trace_path, tmp_path):
+    import yaml
+    data = scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5}, requests=6)
+    sc = tmp_path / "s.yaml"
+    sc.write_text(yaml.safe_dump({k: v for k, v in data.items() if not k.startswith("_")}))
+    assert main(["profile", "--device", "cpu", "--scenario", str(sc), "--max-copy-mb", "1",
+                 "-o", str(tmp_path / "p.yaml")]) == 0
+    prof = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert prof["hardware"]["h2d_bytes_per_s"] > 0 and prof["measured"]["expert_s"]["b"] >= 0
+    # The simulator picks the measured cost functions up for this model shape.
+    from sim.costmodel import CostModel
+    from sim.hardware import get_hardware
+    from sim.models import get_model
+    from dataclasses import replace
+    hw = get_hardware({"profile": str(tmp_path / "p.yaml")})
+    assert CostModel(replace(get_model("tiny"), dtype_bytes=4), hw).measured is not None
+    assert CostModel(get_model("mixtral-8x7b"), hw).measured is None
