@@ -33,7 +33,8 @@ from sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "traces" / "samples" / "mixtral-8x7b-mixed.npz"
-POLICIES = {"resident": {"name": "resident"}, "emoe": {"name": "emoe", "capacity": 0.625, "interval": 8}}
+POLICIES = {"resident": {"name": "resident"}, "emoe": {"name": "emoe", "capacity": 0.625, "interval": 8},
+            "on_demand": {"name": "on_demand", "capacity": 0.625}}
 
 
 def scenario(policy: dict, profile: Path | None, requests: int, rate: float) -> dict:
@@ -60,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rate", type=float, default=2.0)
+    ap.add_argument("--policies", default="resident,emoe", help=f"comma-separated, from {list(POLICIES)}")
     a = ap.parse_args(argv)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def main(argv=None):
         log.append(line)
 
     say(f"profiling {spec.name} on {a.device}")
-    calib = scenario({"name": "resident"}, None, 8, 100.0)
+    calib = scenario({"name": "resident"}, None, 24, 100.0)
     calib["workload"]["arrival"] = {"process": "batch"}
     host = {}   # one model's host-side experts, shared by the calibration and both replays
     prof = run_profile(a.device, spec, dtype, calib, 1 << 29 if a.device.startswith("cuda") else 1 << 26, a.scale,
@@ -83,7 +85,8 @@ def main(argv=None):
     prof_path = write_profile(prof, out / "profile.yaml")
     say(f"profile: h2d {prof['hardware']['h2d_bytes_per_s'] / 1e9:.1f} GB/s -> {prof_path}")
     report = {"device": prof["info"]["device"], "date": time.strftime("%Y-%m-%d"), "runs": {}}
-    for name, pol in POLICIES.items():
+    for name in a.policies.split(","):
+        pol = POLICIES[name]
         sc = scenario(pol, prof_path, a.requests, a.rate)
         say(f"replaying {name}")
         rp = replay_scenario(sc, a.device, a.scale, dtype_name, host_experts=host)

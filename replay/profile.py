@@ -104,7 +104,11 @@ def model_profile(spec, device, dtype) -> dict:
 
 
 def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
-    """Per-step time the layers do not explain, fitted on a calibration replay's timeline."""
+    """Per-step time the layers do not explain, from a calibration replay's timeline.
+
+    Robust medians, not least squares: decode-only steps give the fixed overhead
+    (engine, policy, embedding, LM head), steps with prompt chunks the extra cost
+    per prefill token. (A free regression over noisy CPU timings swings wildly.)"""
     a, e = measured["attention_s"], measured["expert_s"]
     layers = n_layers * (a["a"] + a["b"] * timeline.tokens + a["c"] * timeline.attn_ctx
                          + a["d"] * timeline.batch_requests) + e["a"] * timeline.active_experts \
@@ -112,10 +116,11 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
     # Wall time from one step's start to the next covers the engine's own work too.
     wall = timeline.t_s.diff().shift(-1).fillna(timeline.step_s)
     resid = (wall - layers).to_numpy()
-    X = np.stack([np.ones(len(timeline)), timeline.sampled, timeline.tokens], axis=1)
-    coef, *_ = np.linalg.lstsq(X, resid, rcond=None)
-    coef = np.maximum(coef, 0.0)
-    return dict(a=float(coef[0]), b=float(coef[1]), c=float(coef[2]))
+    decode = (timeline.prefill_tokens == 0).to_numpy()
+    base = float(np.median(resid[decode])) if decode.any() else float(np.median(resid))
+    pre = ~decode
+    per_token = float(np.median((resid[pre] - base) / timeline.prefill_tokens.to_numpy()[pre])) if pre.any() else 0.0
+    return dict(a=max(base, 0.0), b=0.0, c=max(per_token, 0.0))
 
 
 def run_profile(device: str, spec, dtype, calibration_scenario: dict | None, max_copy_bytes: int,

@@ -322,7 +322,7 @@ def load_calibration(a, sc: dict) -> dict:
     from sim.scenario import load_scenario
     w = sc["workload"]
     over = [("policy", {"name": "resident"}), ("workload.arrival", {"process": "batch"}),
-            ("workload.requests", min(w.get("requests") or 16, 16))]
+            ("workload.requests", min(w.get("requests") or 24, 24))]
     return load_scenario(a.scenario, (a.set or []) + over)
 
 
