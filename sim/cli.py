@@ -130,6 +130,7 @@ SUMMARY_ROWS = [("requests_completed", "requests completed", "{:.0f}"), ("reques
                 ("slo_attainment", "SLO attainment", "{:.1%}"), ("expert_hit_rate", "expert hit rate", "{:.1%}"),
                 ("bytes_loaded", "bytes loaded (GB)", "gb"), ("routing_fidelity", "routing fidelity", "{:.2%}"),
                 ("routing_fidelity_sensitive", "  in sensitive layers", "{:.2%}"),
+                ("estimated_quality", "est. quality (agreement)", "{:.1%}"),
                 ("engine_steps", "engine steps", "{:.0f}")]
 
 
@@ -166,6 +167,8 @@ def cmd_run(a):
                                f"{res.meta['wall_time_s']:.2f}s wall")
     if res.meta["stopped_early"]:
         print(f"  note: {res.meta['stopped_early']}")
+    if "estimated_quality_source" in res.summary:
+        print(f"  (quality: {res.summary['estimated_quality_source']})")
     print(f"results in {path}")
 
 
@@ -249,6 +252,98 @@ def cmd_plot(a):
                         "or pass results directories for latency CDFs")
     for p in written:
         print(f"wrote {p}")
+
+
+# ---- real models (issue 7) ------------------------------------------------------
+def cmd_capture(a):
+    try:
+        from traces.capture import capture_dir
+    except ImportError as e:
+        raise UserError(f"capture needs torch and transformers ({e}); pip install -e '.[capture]'") from None
+    from traces.format import save_trace
+    t0 = time.time()
+    tr = capture_dir(a.model, a.prompts, a.max_new_tokens, a.device, a.batch_size)
+    path = save_trace(tr, a.output)
+    print(f"wrote {path}: {tr.n_requests} prompts, {tr.n_tokens} tokens, {tr.n_layers} MoE layers x "
+          f"{tr.n_experts} experts, top-{tr.top_k} ({time.time() - t0:.1f}s)")
+
+
+def cmd_prompts(a):
+    from traces.prompts import TASKS, heldout_prompts, write_prompts
+    tasks = a.tasks.split(",") if a.tasks else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    rows = heldout_prompts(a.data, a.per_task, tasks, a.seed)
+    print(f"wrote {write_prompts(rows, a.output)}: {len(rows)} prompts ({', '.join(tasks)})")
+
+
+def _hf_model(path):
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise UserError(f"needs transformers ({e}); pip install -e '.[capture]'") from None
+    d = Path(path)
+    if not (d / "config.json").exists():
+        raise UserError(f"'{d}' is not a Hugging Face checkpoint directory (no config.json)")
+    import torch
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d)
+
+
+def _examples(path):
+    from traces.capture import read_prompts
+    rows = read_prompts(path)
+    missing = [i for i, r in enumerate(rows) if "reference" not in r]
+    if missing:
+        raise UserError(f"{path}: line {missing[0] + 1} has no 'reference' continuation; build prompt sets "
+                        "with `emoe prompts`")
+    return rows
+
+
+def _floats(text, name, cast=float):
+    try:
+        return [cast(x) for x in str(text).split(",")]
+    except ValueError:
+        raise UserError(f"--{name}: expected comma-separated numbers, got '{text}'") from None
+
+
+def cmd_accuracy(a):
+    from replay.quality import accuracy
+    model, tok = _hf_model(a.model)
+    examples = _examples(a.prompts)
+    rows = []
+    for cap in _floats(a.capacity, "capacity"):
+        for p in _floats(a.interval, "interval", int):
+            res = accuracy(model, tok, examples, a.policy, cap, p, a.seed)
+            for task, r in res.items():
+                rows.append(dict(policy=a.policy, capacity=cap, interval=p, task=task, **r))
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if a.json:
+        Path(a.json).write_text(df.to_json(orient="records", indent=2))
+        print(f"wrote {a.json}")
+
+
+def cmd_calibrate(a):
+    from sim import quality
+    calib = quality.from_accuracy_json(a.accuracy_json, a.model_name)
+    print(f"wrote {quality.write(calib, a.output)}: {len(calib['curves']) - 1} tasks from {a.accuracy_json}")
+
+
+def cmd_sensitivity(a):
+    import yaml
+
+    from replay.quality import sensitivity
+    model, tok = _hf_model(a.model)
+    res = sensitivity(model, tok, _examples(a.prompts), a.threshold, a.seed)
+    table = {"model": Path(a.model).name, "threshold": a.threshold, "default": 1.0,
+             "tasks": res["tasks"], "measured": {t: [round(x, 4) for x in c] for t, c in res["curves"].items()}}
+    Path(a.output).write_text(yaml.safe_dump(table, sort_keys=False))
+    for task, curve in res["curves"].items():
+        print(f"{task:15s} agreement with layers 0..m-1 randomised: " + " ".join(f"{x:.2f}" for x in curve)
+              + f"   s = {res['tasks'][task]}")
+    print(f"wrote {a.output} (use it as policy.sensitivity)")
 
 
 # ---- replay ---------------------------------------------------------------------
@@ -460,6 +555,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("capture", help="record routing traces from a Hugging Face MoE checkpoint")
+    s.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout)")
+    s.add_argument("--prompts", required=True, help="JSONL of {task, prompt}")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_capture)
+
+    s = sub.add_parser("prompts", help="build a prompt set per task from the corpora's held-out part")
+    s.add_argument("--data", default="../shared/data/corpora")
+    s.add_argument("--tasks", help="comma-separated (default: all)")
+    s.add_argument("--per-task", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_prompts)
+
+    s = sub.add_parser("accuracy", help="quality per task with a policy's experts only (real model)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", required=True, help="JSONL of {task, prompt, reference} (`emoe prompts`)")
+    s.add_argument("--policy", default="emoe", choices=["emoe", "frequency", "random", "all"])
+    s.add_argument("--capacity", default="0.5", help="share(s) of experts kept, e.g. 0.25,0.5,0.75")
+    s.add_argument("--interval", default="1", help="predictor interval(s) p, e.g. 1,10,40")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", metavar="OUT")
+    s.set_defaults(func=cmd_accuracy)
+
+    s = sub.add_parser("calibrate-quality", help="fit the fidelity -> quality estimate from `emoe accuracy --json`")
+    s.add_argument("accuracy_json")
+    s.add_argument("--model-name", required=True, help="the model the measurements come from")
+    s.add_argument("-o", "--output", default=str(Path(__file__).parent / "presets" / "quality-calibration.yaml"))
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("sensitivity", help="per-task, per-layer sensitivity to routing errors (real model)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", required=True)
+    s.add_argument("--threshold", type=float, default=0.85, help="agreement a layer must keep to be insensitive")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_sensitivity)
 
     s = sub.add_parser("profile", help="measure copy bandwidth and layer costs; write a hardware profile")
     s.add_argument("--device", default="cpu")

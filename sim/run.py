@@ -57,6 +57,8 @@ def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:
                         extra=dict(engine_steps=eng.steps, preemptions=eng.preemptions,
                                    budget_bytes=eng.mem.budget, kv_budget_bytes=eng.mem.kv_budget,
                                    simulated_time_s=float(eng.env.now)))
+    from sim import quality
+    summary.update(quality.summarize(quality.load(), req))
     meta = dict(engine="sim", code_version=code_version(), seed=sc["seed"], wall_time_s=wall,
                 engine_steps_per_s=eng.steps / wall if wall else None, stopped_early=eng.stopped_early,
                 model=model.describe(), hardware=hw.__dict__)

@@ -1,0 +1,68 @@
+"""Estimated output quality from routing fidelity, calibrated on a real model.
+
+`emoe accuracy` measures, per task, the top-1 agreement of a model with its
+experts restricted against the unrestricted model, next to the routing fidelity
+of that restriction. A calibration file holds those points per task; the
+simulator interpolates them to label its fidelity with an estimated agreement -
+an estimate from the named model, not a measurement of the simulated one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+DEFAULT = Path(__file__).parent / "presets" / "quality-calibration.yaml"
+
+
+def fit(rows: list[dict], model: str) -> dict:
+    """Accuracy rows (task, routing_fidelity, agreement) -> calibration: per task and 'all'."""
+    pts: dict[str, list] = {}
+    for r in rows:
+        pts.setdefault(r["task"], []).append((float(r["routing_fidelity"]), float(r["agreement"])))
+        pts.setdefault("all", []).append((float(r["routing_fidelity"]), float(r["agreement"])))
+    curves = {}
+    for task, p in pts.items():
+        p = sorted(p + [(1.0, 1.0)])
+        x = np.array([a for a, _ in p])
+        y = np.maximum.accumulate(np.array([b for _, b in p]))   # quality does not fall as fidelity rises
+        curves[task] = [[round(float(a), 4), round(float(b), 4)] for a, b in zip(x, y)]
+    return {"model": model, "metric": "top-1 agreement with all experts", "curves": curves}
+
+
+def load(path=None) -> dict | None:
+    p = Path(path) if path else DEFAULT
+    if not p.exists():
+        return None
+    return yaml.safe_load(p.read_text())
+
+
+def estimate(calib: dict, task: str, fidelity: float) -> float:
+    curve = calib["curves"].get(task) or calib["curves"]["all"]
+    x, y = np.array(curve).T
+    return float(np.interp(fidelity, x, y))
+
+
+def summarize(calib: dict | None, requests) -> dict:
+    """Per-task and overall estimated agreement for a run's per-request gate mass kept."""
+    if calib is None or requests.empty or "gate_mass_kept" not in requests:
+        return {}
+    per = {}
+    for task, g in requests[requests.completed].groupby("task"):
+        per[task] = estimate(calib, task, float(g.gate_mass_kept.mean()))
+    weights = requests[requests.completed].groupby("task").output_tokens.sum()
+    overall = float(sum(per[t] * weights[t] for t in per) / max(weights.sum(), 1))
+    return {"estimated_quality": overall, "estimated_quality_per_task": per,
+            "estimated_quality_source": f"estimate from {calib['model']} ({calib['metric']})"}
+
+
+def write(calib: dict, path) -> Path:
+    p = Path(path)
+    p.write_text(yaml.safe_dump(calib, sort_keys=False))
+    return p
+
+
+def from_accuracy_json(path, model: str) -> dict:
+    return fit(json.loads(Path(path).read_text()), model)

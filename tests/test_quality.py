@@ -1,0 +1,76 @@
+"""Expert restriction on a real (tiny) model: accuracy, sensitivity, and the simulator's estimate."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from hfmodels import save_tiny  # noqa: E402
+from sim import quality  # noqa: E402
+from sim.cli import main  # noqa: E402
+
+PROMPTS = [{"task": t, "prompt": p, "reference": r} for t, p, r in [
+    ("math", "Solve the math problem: 3 + 4\\nAnswer: ", "3 + 4 = 7. The answer is 7."),
+    ("math", "Solve the math problem: 5 + 6\\nAnswer: ", "5 + 6 = 11. The answer is 11."),
+    ("qa", "Answer the question: who wrote the odyssey?\\nAnswer: ", "Homer"),
+    ("qa", "Answer the question: who built the pyramids?\\nAnswer: ", "the ancient Egyptians"),
+    ("code", "def add(a, b):", " return a + b"),
+    ("code", "def sub(a, b):", " return a - b")]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    save_tiny("mixtral", d / "mix")
+    p = d / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    return d / "mix", p
+
+
+def test_accuracy_all_experts_is_exact_and_restriction_costs(tiny, tmp_path):
+    model, prompts = tiny
+    out = tmp_path / "acc.json"
+    assert main(["accuracy", "--model", str(model), "--prompts", str(prompts), "--policy", "random",
+                 "--capacity", "0.5,1.0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    full = [r for r in rows if r["capacity"] == 1.0]
+    half = [r for r in rows if r["capacity"] == 0.5]
+    assert all(r["agreement"] == 1.0 and r["routing_fidelity"] == 1.0 for r in full)
+    assert all(abs(r["perplexity"] - r["perplexity_all_experts"]) < 1e-3 * r["perplexity"] for r in full)
+    assert np.mean([r["routing_fidelity"] for r in half]) < 1.0
+    assert np.mean([r["agreement"] for r in half]) < 1.0
+    # The simulator's quality estimate from these measurements.
+    calib = quality.from_accuracy_json(out, "tiny-mixtral")
+    assert quality.estimate(calib, "math", 1.0) == pytest.approx(1.0)
+    assert quality.estimate(calib, "unknown-task", 0.0) <= 1.0
+
+
+def test_emoe_first_prompt_runs_with_every_expert(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replay.quality import accuracy
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    res = accuracy(model, tok, PROMPTS[:1], "emoe", 0.5, 1)
+    assert res["math"]["agreement"] == 1.0 and res["math"]["routing_fidelity"] == 1.0
+
+
+def test_sensitivity_writes_a_table_the_policy_reads(tiny, tmp_path):
+    model, prompts = tiny
+    out = tmp_path / "sens.yaml"
+    assert main(["sensitivity", "--model", str(model), "--prompts", str(prompts), "--threshold", "0.5",
+                 "-o", str(out)]) == 0
+    from sim.sensitivity import load_sensitivity
+    table = load_sensitivity(str(out), 2)
+    for task in ("math", "qa", "code"):
+        assert set(table.row(task).tolist()) <= {0.0, 1.0}
+    import yaml
+    data = yaml.safe_load(out.read_text())
+    assert len(data["measured"]["math"]) == 2 and data["threshold"] == 0.5
+
+
+def test_prompts_need_references(tmp_path, tiny):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"task": "qa", "prompt": "x"}\n')
+    assert main(["accuracy", "--model", str(tiny[0]), "--prompts", str(p)]) == 2
