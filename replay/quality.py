@@ -89,11 +89,13 @@ def _score(model, ids, n_prompt, n_ref):
 
 
 def _routing_counts(ctrl: RouterControl, n_tokens: int) -> np.ndarray:
-    """(L, E) the unrestricted top-k counts of the last forward pass (last n_tokens rows)."""
+    """(L, E) gate mass the unrestricted router gave each expert in the last forward pass:
+    the share a restriction keeps is the simulator's routing fidelity (gate mass kept)."""
     out = np.zeros((ctrl.L, ctrl.E))
     for li, (lg, mlp) in enumerate(zip(ctrl.last_logits, ctrl.mlps)):
-        experts, _, _ = select(lg[-n_tokens:], ctrl.model.config, mlp)
-        out[li] = np.bincount(experts.flatten().numpy(), minlength=ctrl.E)
+        experts, gates, _ = select(lg[-n_tokens:], ctrl.model.config, mlp)
+        g = gates / gates.sum(-1, keepdim=True)
+        out[li] = np.bincount(experts.flatten().numpy(), weights=g.flatten().numpy(), minlength=ctrl.E)
     return out
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 class UserError(Exception):

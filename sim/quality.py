@@ -27,9 +27,22 @@ def fit(rows: list[dict], model: str) -> dict:
     for task, p in pts.items():
         p = sorted(p + [(1.0, 1.0)])
         x = np.array([a for a, _ in p])
-        y = np.maximum.accumulate(np.array([b for _, b in p]))   # quality does not fall as fidelity rises
+        y = isotonic(np.array([b for _, b in p]))   # quality does not fall as fidelity rises
         curves[task] = [[round(float(a), 4), round(float(b), 4)] for a, b in zip(x, y)]
     return {"model": model, "metric": "top-1 agreement with all experts", "curves": curves}
+
+
+def isotonic(y: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks = [[float(v), 1] for v in y]
+    out = []
+    for v, w in blocks:
+        out.append([v, w])
+        while len(out) > 1 and out[-2][0] > out[-1][0]:
+            v2, w2 = out.pop()
+            v1, w1 = out.pop()
+            out.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2])
+    return np.concatenate([[v] * w for v, w in out])
 
 
 def load(path=None) -> dict | None:

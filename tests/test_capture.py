@@ -52,3 +52,28 @@ def test_bad_prompts_file(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
     assert main(["capture", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"),
                  "-o", str(tmp_path / "t.npz")]) == 2
+
+
+SMALL = __import__("pathlib").Path(__file__).parent.parent / "traces" / "models" / "emoe-small-moe"
+
+
+def test_trained_small_moe_loads_and_captures(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from traces.capture import capture
+    model = AutoModelForCausalLM.from_pretrained(SMALL)
+    tok = AutoTokenizer.from_pretrained(SMALL)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert 5e6 < sum(p.numel() for p in model.parameters()) < 2e7
+    t = capture(model, tok, PROMPTS, max_new_tokens=4, batch_size=3)
+    t.validate()
+    assert (t.output_tokens <= 4).all() and t.n_layers == 4 and t.n_experts == 8
+
+
+def test_shipped_captured_trace_shows_task_specialisation():
+    from traces.stats import trace_stats
+    t = load_trace(SMALL.parent.parent / "samples" / "emoe-small-moe-captured.npz")
+    assert set(t.tasks) == {"math", "code", "qa", "summarization", "translation", "general"}
+    s = trace_stats(t)
+    assert s["specialisation"] > 0.02
+    assert s["gini"] > 0.2

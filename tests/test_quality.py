@@ -74,3 +74,8 @@ def test_prompts_need_references(tmp_path, tiny):
     p = tmp_path / "p.jsonl"
     p.write_text('{"task": "qa", "prompt": "x"}\n')
     assert main(["accuracy", "--model", str(tiny[0]), "--prompts", str(p)]) == 2
+
+
+def test_isotonic_fit():
+    y = quality.isotonic(np.array([0.1, 0.5, 0.3, 0.4, 0.9]))
+    assert np.all(np.diff(y) >= 0) and y.tolist() == pytest.approx([0.1, 0.4, 0.4, 0.4, 0.9])
