@@ -24,7 +24,6 @@ class ReplayEngine(Engine):
         for layer, e in zip(*np.nonzero(self.policy.resident)):   # the policy's starting set
             model_rt.cache.load(int(layer), int(e))
         self._resident = self.policy.resident.copy()
-        self.mem_samples: list[dict] = []
 
     # ---- the real clock -----------------------------------------------------------------------
     def run(self) -> "ReplayEngine":
@@ -129,5 +128,4 @@ class ReplayEngine(Engine):
                 self.mem.peak[k] = v
         total = sum(parts[k] for k in ("dense", "experts", "kv", "activations", "predictor"))
         self.mem.peak_total = max(self.mem.peak_total, total)
-        self.mem_samples.append(parts)
         return parts

@@ -154,7 +154,6 @@ class ReplayModel:
         self.dense_bytes = sum(t.numel() for layer in self.layers for t in layer.values()) * elt \
             + (self.embed.numel() + self.head.numel()) * elt
         self.kv: dict[int, list] = {}    # request index -> per layer [k, v] buffers
-        self.kv_len: dict[int, int] = {}
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_alloc(self, rid: int, max_tokens: int) -> None:
@@ -164,11 +163,9 @@ class ReplayModel:
         self.kv[rid] = [(torch.empty(max_tokens, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device),
                          torch.empty(max_tokens, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device))
                         for _ in range(s.n_moe_layers)]
-        self.kv_len[rid] = 0
 
     def kv_free(self, rid: int) -> None:
         self.kv.pop(rid, None)
-        self.kv_len.pop(rid, None)
 
     def kv_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for bufs in self.kv.values() for k, _ in bufs)
@@ -247,8 +244,6 @@ class ReplayModel:
             x = x + self.experts(li, h, routes_t[:, li, :], gates_t[:, li, :], after)
         if len(sampled):
             _ = x[sampled] @ self.head.T
-        for rid, start, n, pos in segments:
-            self.kv_len[rid] = pos + n
 
 
 def _rms(x, w, eps: float = 1e-6):

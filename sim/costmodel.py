@@ -151,8 +151,9 @@ class CostModel:
         early = plan.early
         lead = max(plan.lead, 1)
         for layer in range(L):
-            # Prefetches for layer + lead are issued as this layer starts (first ones at step start).
-            targets = range(0, min(lead, L)) if layer == 0 else (layer + lead - 1,)
+            # Prefetches for layer + lead are issued as this layer starts (those for the
+            # first `lead` layers at step start, i.e. also now when layer == 0).
+            targets = range(0, min(lead + 1, L)) if layer == 0 else (layer + lead,)
             for target in targets:
                 if target < L and early[target]:
                     pending.append([t, int(early[target]), target])

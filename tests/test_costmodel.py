@@ -85,3 +85,15 @@ def test_closed_form_demand_step_equals_the_layer_walk(backlog):
     assert fast.duration_s == pytest.approx(walk.duration_s)
     assert fast.stall_s == pytest.approx(walk.stall_s)
     assert a.link_free_at == pytest.approx(b.link_free_at)
+
+
+def test_one_layer_ahead_prefetch_overlaps_the_previous_layer():
+    """A copy issued one layer early overlaps that layer's compute: with copies shorter
+    than a layer, prefetching every layer hides them all."""
+    slow = get_hardware({"preset": "a100-80gb", "h2d_bytes_per_s": 1e15, "h2d_latency_s": 1e-4})
+    ones = np.ones(L, dtype=np.int64)
+    base = step(CostModel(M, slow), plan()).duration_s
+    early = step(CostModel(M, slow), plan(early=ones, lead=1))
+    # Only layer 0's copy (issued at step start, with nothing before it) can stall.
+    assert early.stall_s <= CostModel(M, slow).copy_s + 1e-9
+    assert early.duration_s <= base + CostModel(M, slow).copy_s + 1e-9
