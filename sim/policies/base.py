@@ -264,23 +264,26 @@ class ExpertPolicy:
         return None
 
     def _admit(self, missing: np.ndarray, used: np.ndarray) -> int:
-        """Make `missing` resident in every layer at once. Per layer the cache keeps its
-        `capacity` best experts by priority: used this step first, then resident ones by
-        evict_key() (larger stays); experts neither resident nor used never enter. What
-        is used but does not fit streams through the staging buffer; returns how many.
-        (`missing` is implied by used & ~resident; kept in the signature for overrides.)"""
+        """Make `missing` resident in every layer at once, evicting experts this step does
+        not use, most evictable first. What still does not fit streams through the
+        staging buffer and is dropped after use; returns how many did."""
         res = self.resident
-        key = self.evict_key()
-        if key is None:
-            key = np.broadcast_to(np.arange(self.E, dtype=float), res.shape)   # lowest id evicted first
-        # Used and resident before used and missing (a full cache streams the latter),
-        # both before every unused expert.
-        pri = np.where(used, np.where(res, 2e300, 1e300), np.where(res, key, -np.inf))
-        # Ascending stable rank: among equal priorities the lower id goes first.
-        rank = np.argsort(np.argsort(pri, axis=1, kind="stable"), axis=1)
-        keep = (rank >= self.E - self.capacity[:, None]) & (pri > -np.inf)
-        res[...] = keep
-        return int(np.count_nonzero(used & ~keep))
+        n_want = missing.sum(axis=1)
+        free = self.capacity - res.sum(axis=1)
+        short = n_want - free
+        if (short > 0).any():
+            evictable = res & ~used
+            key = self.evict_key()
+            if key is None:
+                key = np.broadcast_to(np.arange(self.E, dtype=float), res.shape)
+            order = np.argsort(np.where(evictable, key, np.inf), axis=1, kind="stable")
+            rank = np.argsort(order, axis=1)          # position of each expert in eviction order
+            n_out = np.minimum(np.maximum(short, 0), evictable.sum(axis=1))
+            res &= ~(evictable & (rank < n_out[:, None]))
+            free = free + n_out
+        take = missing & (np.cumsum(missing, axis=1) <= free[:, None])
+        res |= take
+        return int(n_want.sum() - take.sum())
 
     def touch(self, used: np.ndarray, needed: np.ndarray) -> None:
         """Recency/frequency bookkeeping after a step (LRU/LFU override)."""
