@@ -37,7 +37,7 @@ class ReplayEngine(Engine):
             now = time.perf_counter() - t0
             while pending and pending[0].arrival_s <= now:
                 req = pending.pop(0)
-                self.waiting.append(req)
+                self.enqueue(req)
                 self.policy.on_arrival(req, now)
             if (self.max_steps and self.steps >= self.max_steps) or (self.max_time and now >= self.max_time):
                 self.stopped_early = f"stopped at limit (steps={self.steps}, t={now:.1f}s)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
+import bisect
 from dataclasses import dataclass
 
 from sim.costmodel import CostModel, StepTiming
@@ -70,7 +71,7 @@ class Engine:
         for req in sorted(self.requests, key=lambda r: (r.arrival_s, r.index)):
             if req.arrival_s > env.now:
                 yield env.timeout(req.arrival_s - env.now)
-            self.waiting.append(req)
+            self.enqueue(req)
             self.policy.on_arrival(req, env.now)
             if self._wake is not None and not self._wake.triggered:
                 self._wake.succeed()
@@ -90,6 +91,16 @@ class Engine:
             duration = self._step(env.now)
             yield env.timeout(duration)
             self._advance(env.now)
+
+    def enqueue(self, req) -> None:
+        """Into the waiting queue, kept in the scheduler's order when its key is static."""
+        if self.scheduler.static_key:
+            bisect.insort(self.waiting, req, key=self._queue_key)
+        else:
+            self.waiting.append(req)
+
+    def _queue_key(self, req):
+        return self.scheduler.key(req, 0.0)
 
     # ---- admission -------------------------------------------------------------------
     def _admit(self, now: float):
@@ -136,7 +147,7 @@ class Engine:
             victim.generated = 0
             victim.preemptions += 1
             self.preemptions += 1
-            self.waiting.insert(0, victim)
+            self.enqueue(victim)
 
     # ---- one step ----------------------------------------------------------------------
     def _plan_tokens(self):

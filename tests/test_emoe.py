@@ -173,6 +173,9 @@ def test_algorithm1_admits_when_slack_and_orders_by_stringency():
     running = [req(0, "qa", arrival=0.0, slo={"e2e_s": 1000.0}, expected=10)]
     a = req(1, "qa", prompt=10, arrival=1.0, slo={"ttft_s": 9.0, "e2e_s": 50})
     b = req(2, "qa", prompt=10, arrival=0.5, slo={"ttft_s": 1.0, "e2e_s": 50})
-    assert s.select([a, b], running, 2.0, lambda r: True) == [b, a]
+    # The engine keeps the waiting queue in key order: the most stringent SLO first.
+    queue = sorted([a, b], key=lambda r: s.key(r, 2.0))
+    assert queue == [b, a]
+    assert s.select(queue, running, 2.0, lambda r: True) == [b, a]
     tight = [req(0, "qa", arrival=0.0, slo={"e2e_s": 2.05}, expected=10)]
     assert s.select([req(3, "qa", prompt=500, arrival=1.0)], tight, 2.0, lambda r: True) == []

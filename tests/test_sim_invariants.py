@@ -120,3 +120,19 @@ def test_less_memory_costs_latency(runs):
     res, od = runs["resident"].summary, runs["on_demand"].summary
     assert od["peak_experts_bytes"] < res["peak_experts_bytes"]
     assert od["e2e_mean_s"] > res["e2e_mean_s"]
+
+
+@pytest.mark.parametrize("name", ["fcfs", "sjf", "edf", "emoe"])
+def test_waiting_queue_stays_in_scheduler_order(tiny_trace_path, name):
+    """Admission follows the scheduler's key: with one request at a time, admissions happen in key order."""
+    from sim.engine import Engine
+    from sim.run import build
+    from sim.workload import build_requests
+    sc = tiny_scenario(tiny_trace_path, {"name": "resident"}, scheduler={"name": name},
+                       workload__arrival={"process": "batch"}, limits={"max_batch_tokens": 256, "max_running": 1})
+    model, hw, trace, policy, sched = build(sc)
+    reqs = build_requests(sc, trace)
+    Engine(model, hw, trace, reqs, policy, sched, sc["limits"]).run()
+    order = sorted(reqs, key=lambda r: r.admitted_s)
+    keys = [sched.key(r, 0.0) for r in order if r.preemptions == 0]
+    assert keys == sorted(keys)

@@ -139,11 +139,20 @@ class ExpertPolicy:
             row = req.extra["s_row"] = self.truth_sens.row(req.task)
         return row
 
+    def _sens_sum(self, req) -> float:
+        total = req.extra.get("s_sum")
+        if total is None:
+            total = req.extra["s_sum"] = float(self._sens_row(req).sum())
+        return total
+
     def _account(self, batch: StepBatch, hit_slots: np.ndarray, rerouted: np.ndarray | None):
         """Per-request and global token-level counters for this step."""
         if rerouted is None or hit_slots is None:
-            tok_per_req = np.bincount(batch.token_req, minlength=len(batch.requests))
-            s = float(sum(n * self._sens_row(r).sum() for n, r in zip(tok_per_req, batch.requests)))
+            if len(batch.requests) == 1:
+                s = len(batch.token_req) * self._sens_sum(batch.requests[0])
+            else:
+                tok_per_req = np.bincount(batch.token_req, minlength=len(batch.requests))
+                s = float(sum(n * self._sens_sum(r) for n, r in zip(tok_per_req.tolist(), batch.requests)))
             self.sensitive_kept += s
             self.sensitive_routes += s
         else:

@@ -11,6 +11,9 @@ from __future__ import annotations
 class Scheduler:
     name = "base"
     PARAMS: dict = {}
+    # True when key() does not depend on `now`: the engine then keeps the waiting queue
+    # in key order as requests arrive, and select() never re-sorts it (O(admitted) per step).
+    static_key = True
 
     def __init__(self, params: dict | None = None):
         params = params or {}
@@ -27,9 +30,12 @@ class Scheduler:
         """Sort key of the waiting queue: smaller goes first."""
         return (req.arrival_s, req.index)
 
+    def ordered(self, waiting: list, now: float):
+        return waiting if self.static_key else sorted(waiting, key=lambda r: self.key(r, now))
+
     def select(self, waiting: list, running: list, now: float, fits) -> list:
         admitted = []
-        for req in sorted(waiting, key=lambda r: self.key(r, now)):
+        for req in self.ordered(waiting, now):
             if not fits(req):
                 break
             admitted.append(req)

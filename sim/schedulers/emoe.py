@@ -68,7 +68,7 @@ class EmoeScheduler(Scheduler):
 
     def select(self, waiting, running, now, fits):
         admitted = []
-        for req in sorted(waiting, key=lambda r: self.key(r, now)):
+        for req in self.ordered(waiting, now):
             if not self.keeps_slos(req, running + admitted, now):
                 continue
             if not fits(req):
