@@ -1,1 +1,2 @@
-"""Replay of a scenario on real hardware with PyTorch (not yet built: see issue 6)."""
+"""Running scenarios on real hardware with PyTorch: the replayer (model, engine, run), `emoe profile`,
+`emoe compare`, expert-restricted quality (`emoe accuracy`, `emoe sensitivity`) and the GPU check."""
