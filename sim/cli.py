@@ -636,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import os
+    os.environ.setdefault("MPLBACKEND", "Agg")   # figures go to files; never open a window
     from sim.memory import MemoryBudgetError
     from sim.scenario import ScenarioError
     from sim.sweep import SweepError

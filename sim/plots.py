@@ -15,9 +15,8 @@ GB = 1e9
 
 
 def _plt():
-    import matplotlib
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
+    # No backend switching here: notebooks keep their inline backend; the CLI sets
+    # MPLBACKEND=Agg, and matplotlib falls back to Agg on machines without a display.
     import matplotlib.pyplot as plt
     return plt
 

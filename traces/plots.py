@@ -10,9 +10,7 @@ from traces.stats import layer_transitions, popularity
 
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # the CLI sets MPLBACKEND=Agg; notebooks keep theirs
     return plt
 
 
