@@ -62,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--policies", default="resident,emoe", help=f"comma-separated, from {list(POLICIES)}")
+    ap.add_argument("--calibration-requests", type=int, default=24)
+    ap.add_argument("--max-copy-mb", type=int, default=0, help="largest copy profiled (default: 512 on cuda, 64 on cpu)")
     a = ap.parse_args(argv)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,11 +79,11 @@ def main(argv=None):
         log.append(line)
 
     say(f"profiling {spec.name} on {a.device}")
-    calib = scenario({"name": "resident"}, None, 24, 100.0)
+    calib = scenario({"name": "resident"}, None, a.calibration_requests, 100.0)
     calib["workload"]["arrival"] = {"process": "batch"}
     host = {}   # one model's host-side experts, shared by the calibration and both replays
-    prof = run_profile(a.device, spec, dtype, calib, 1 << 29 if a.device.startswith("cuda") else 1 << 26, a.scale,
-                       host_experts=host)
+    max_copy = (a.max_copy_mb << 20) or (1 << 29 if a.device.startswith("cuda") else 1 << 26)
+    prof = run_profile(a.device, spec, dtype, calib, max_copy, a.scale, host_experts=host)
     prof_path = write_profile(prof, out / "profile.yaml")
     say(f"profile: h2d {prof['hardware']['h2d_bytes_per_s'] / 1e9:.1f} GB/s -> {prof_path}")
     report = {"device": prof["info"]["device"], "date": time.strftime("%Y-%m-%d"), "runs": {}}
