@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from replay.compare import compare
 from replay.model import scaled_spec

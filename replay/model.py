@@ -154,6 +154,7 @@ class ReplayModel:
         self.dense_bytes = sum(t.numel() for layer in self.layers for t in layer.values()) * elt \
             + (self.embed.numel() + self.head.numel()) * elt
         self.kv: dict[int, list] = {}    # request index -> per layer [k, v] buffers
+        self._kv_bytes = 0               # kept as buffers come and go: read every step
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_alloc(self, rid: int, max_tokens: int) -> None:
@@ -163,12 +164,18 @@ class ReplayModel:
         self.kv[rid] = [(torch.empty(max_tokens, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device),
                          torch.empty(max_tokens, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device))
                         for _ in range(s.n_moe_layers)]
+        self._kv_bytes += self._request_kv_bytes(rid)
 
     def kv_free(self, rid: int) -> None:
-        self.kv.pop(rid, None)
+        if rid in self.kv:
+            self._kv_bytes -= self._request_kv_bytes(rid)
+            del self.kv[rid]
+
+    def _request_kv_bytes(self, rid: int) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv[rid])
 
     def kv_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for bufs in self.kv.values() for k, _ in bufs)
+        return self._kv_bytes
 
     # ---- the parts of a layer (timed separately by `emoe profile`) -------------------------------
     def attention(self, li: int, x, segments):

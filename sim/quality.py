@@ -9,6 +9,7 @@ an estimate from the named model, not a measurement of the simulated one.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,13 @@ def isotonic(y: np.ndarray) -> np.ndarray:
 
 
 def load(path=None) -> dict | None:
-    p = Path(path) if path else DEFAULT
+    return _load(str(Path(path) if path else DEFAULT))
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> dict | None:
+    """Read once per process: a sweep runs many scenarios against the same file."""
+    p = Path(path)
     if not p.exists():
         return None
     return yaml.safe_load(p.read_text())

@@ -25,7 +25,6 @@ sweep outgrows one machine.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json

@@ -1,11 +1,9 @@
 """Sweeps: identical on local processes and Dask, resumable after a kill, failures isolated."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest

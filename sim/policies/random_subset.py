@@ -1,6 +1,5 @@
 """`random`: a fixed random subset of the experts per layer (the paper's Random baseline).
 A route to any other expert goes to its next-ranked resident one."""
-import numpy as np
 
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
 
