@@ -62,25 +62,27 @@ class CostModel:
         self.measured = measured_for(hw, model)
 
     # ---- compute ------------------------------------------------------------
-    def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int, n_requests: int = 1) -> float:
+    def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int, n_requests: int = 1,
+                    maximum=max) -> float:
         """One layer's attention. attn_ctx: sum over tokens of the context each attends to;
-        kv_tokens: KV entries read (all requests in the step)."""
+        kv_tokens: KV entries read (all requests in the step). With maximum=np.maximum,
+        attn_ctx and kv_tokens may be arrays (one per step)."""
         if self.measured:
             a = self.measured["attention_s"]
             return a["a"] + a["b"] * n_tokens + a["c"] * attn_ctx + a["d"] * n_requests
         m = self.m
         flops = 2 * n_tokens * m.attention_params_per_layer + 4 * attn_ctx * m.n_heads * m.hd
         nbytes = self.attn_bytes + kv_tokens * self.kv_layer_bytes
-        return max(flops / self.flops, nbytes / self.bw) + self.hw.layer_overhead_s
+        return maximum(flops / self.flops, nbytes / self.bw) + self.hw.layer_overhead_s
 
     def experts_s(self, counts: np.ndarray, n_tokens: int) -> np.ndarray:
-        """(L,) time of each MoE layer's expert FFNs (routed + shared)."""
+        """(L,) time of each MoE layer's expert FFNs (routed + shared); (T, L) for (T, L, E) counts."""
         active = counts > 0
         if self.measured:
             e = self.measured["expert_s"]
-            return (active * e["a"] + counts * e["b"]).sum(axis=1)
+            return (active * e["a"] + counts * e["b"]).sum(axis=-1)
         t = np.maximum(counts * (self.expert_flops_per_token / self.flops), active * (self.expert_bytes / self.bw))
-        per_layer = t.sum(axis=1)
+        per_layer = t.sum(axis=-1)
         if self.shared_bytes:
             per_layer = per_layer + max(n_tokens * self.shared_flops_per_token / self.flops,
                                         self.shared_bytes / self.bw)
@@ -125,6 +127,41 @@ class CostModel:
         copies = float(demand.sum()) * c
         self.link_free_at = t0 + fixed + wait + (last + 1) * attn + ffn_before[last] + float(demand[:last + 1].sum()) * c
         return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + copies + wait, copies, copies + wait)
+
+    def decode_run(self, t0: float, run, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """step() for T consecutive single-token decode steps of one request, all at once:
+        the same arithmetic in the same order, one element per step. Needs every copy on
+        demand and no link backlog at t0 (so no step waits for an earlier one's copies).
+        Returns (start times, durations, copy seconds) and leaves the link as step() would."""
+        T, L = run.demand.shape
+        attn = self.attention_s(1, contexts.astype(float) + 1, contexts + 1, 1, maximum=np.maximum)
+        ffn = self.experts_s(run.counts, 1)                                   # (T, L)
+        fixed = self.fixed_s(1, 1) + 0.0
+        n_copies = run.demand.sum(axis=1)
+        copies = n_copies.astype(float) * self.copy_s
+        ffn_before = ffn.cumsum(axis=1)
+        no_copy = fixed + (L * attn + ffn.sum(axis=1))
+        with_copy = fixed + L * attn + ffn_before[:, -1] + copies + 0.0
+        durations = np.where(n_copies > 0, with_copy, no_copy)
+        starts = np.concatenate([[t0], durations[:-1]]).cumsum()              # t0 + d0 + d1 ... in order
+        j = np.flatnonzero(n_copies)
+        if len(j):   # the link is free once the last step's copies are done
+            j = int(j[-1])
+            dem = run.demand[j]
+            last = int(np.flatnonzero(dem)[-1])
+            before = ffn_before[j, last - 1] if last else 0.0
+            self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + float(before)
+                                 + float(dem[:last + 1].sum()) * self.copy_s)
+        return starts, durations, copies
+
+    def decode_upper_bound(self, contexts: np.ndarray, max_loads: int) -> np.ndarray:
+        """(T,) the longest each single-token decode step could take, with at most max_loads
+        experts loaded per step (what a decode run's length is cut by, to end before the
+        next arrival)."""
+        L, k = self.m.n_moe_layers, self.m.top_k
+        attn = self.attention_s(1, contexts.astype(float) + 1, contexts + 1, 1, maximum=np.maximum)
+        ffn = float(self.experts_s(np.ones((L, k), dtype=np.int64), 1).sum())
+        return (self.fixed_s(1, 1) + L * attn + ffn + max_loads * self.copy_s) * (1 + 1e-9)
 
     def _step_with_copies(self, t0, plan, attn, ffn, fixed) -> StepTiming:
         c = self.copy_s

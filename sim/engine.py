@@ -56,6 +56,7 @@ class Engine:
         self.preemptions = 0
         self.progress = progress
         self._wake = None
+        self._next_arrival_s = 0.0     # when the arrival process next enqueues a request
         self.stopped_early = ""
 
     # ---- SimPy processes ----------------------------------------------------------
@@ -69,12 +70,14 @@ class Engine:
 
     def _arrivals(self, env):
         for req in sorted(self.requests, key=lambda r: (r.arrival_s, r.index)):
+            self._next_arrival_s = req.arrival_s
             if req.arrival_s > env.now:
                 yield env.timeout(req.arrival_s - env.now)
             self.enqueue(req)
             self.policy.on_arrival(req, env.now)
             if self._wake is not None and not self._wake.triggered:
                 self._wake.succeed()
+        self._next_arrival_s = float("inf")
 
     def _serve(self, env):
         total = len(self.requests)
@@ -87,6 +90,12 @@ class Engine:
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
+                continue
+            run = self._decode_run(env.now)
+            if run:
+                req, n_steps, end = run
+                yield env.timeout(end - env.now)
+                self._advance_run(req, n_steps, env.now)
                 continue
             duration = self._step(env.now)
             yield env.timeout(duration)
@@ -202,6 +211,61 @@ class Engine:
         n_sampled = len(decode) + sum(1 for r, c in chunks if r.prefilled + c >= r.prompt_tokens)
         return StepWork(decode, chunks, rows, batch, n_new, len(rows), n_sampled, attn_ctx, kv_read)
 
+    # ---- light load: a lone request's decode steps at once ----------------------------------
+    fast_forward = True     # False: always step by step (the decode run is exact, this is for checking it)
+    MAX_RUN = 512           # steps per decode run (bounds the (T, L, E) arrays)
+
+    def _decode_run(self, now: float):
+        """At light load one request decodes alone for hundreds of steps and nothing else
+        happens until the next arrival. Then the policy and the cost model plan those steps
+        in one vectorised call (same decisions and times as step by step; sums agree to
+        float rounding) instead of one SimPy round trip each. The run is cut so that every
+        step starts before the next arrival even if all its experts missed. Returns
+        (request, steps, end time) or None to step normally."""
+        if not self.fast_forward or len(self.running) != 1 or self.waiting or not self.policy.plans_decode_runs:
+            return None
+        req = self.running[0]
+        if req.in_prefill or self.cost.link_free_at > now:
+            return None
+        n = min(req.output_tokens - req.generated, self.MAX_RUN)
+        if self.max_steps:
+            n = min(n, self.max_steps - self.steps)
+        if n < 2:
+            return None
+        contexts = req.context + np.arange(n)
+        horizon = min(self._next_arrival_s, self.max_time or float("inf"))
+        latest_start = now + np.concatenate([[0.0], self.cost.decode_upper_bound(contexts, self.policy.max_decode_loads)[:-1]]).cumsum()
+        n = int(np.searchsorted(latest_start, horizon, side="left"))
+        if n < 2:
+            return None
+        contexts = contexts[:n]
+        row = req.next_row
+        experts = self.trace.experts[row: row + n]
+        plan = self.policy.plan_decode_run(experts, req)
+        starts, durations, copies = self.cost.decode_run(now, plan, contexts)
+        mem = self.mem
+        kv = mem.kv_used + np.arange(1, n + 1) * float(mem.kv_per_token)
+        mem.kv_used = float(kv[-1])
+        parts = mem.sample_run(plan.resident, kv, 1, 1)
+        loads = plan.demand.sum(axis=1)
+        active = np.count_nonzero(plan.counts, axis=(1, 2))
+        attn_ctx = contexts.astype(float) + 1
+        one, zero = [1] * n, [0] * n
+        self.timeline.extend(zip(starts.tolist(), durations.tolist(), one, one, one, zero, one, zero,
+                                 parts["dense"].tolist(), parts["experts"].tolist(), parts["kv"].tolist(),
+                                 parts["activations"].tolist(), parts["predictor"].tolist(), copies.tolist(),
+                                 copies.tolist(), loads.tolist(), active.tolist(), attn_ctx.tolist(), one))
+        for t, d in zip(starts.tolist(), durations.tolist()):
+            self.scheduler.on_step(self.running, d, t)
+        self.steps += n
+        return req, n, float(starts[-1] + durations[-1])
+
+    def _advance_run(self, req, n_steps: int, now: float):
+        """_advance for a decode run: the request generated n_steps tokens."""
+        req.generated += n_steps
+        if req.generated >= req.output_tokens:
+            self._finish([req], now)
+
     # ---- what differs between the simulator and the replayer ---------------------------------
     def execute(self, now: float, work: "StepWork", plan) -> StepTiming:
         """The step's time: the cost model here, real execution in the replayer."""
@@ -227,6 +291,9 @@ class Engine:
                     r.first_token_s = now
                 if r.generated >= r.output_tokens:
                     done.append(r)
+        self._finish(done, now)
+
+    def _finish(self, done: list, now: float):
         for r in done:
             r.finish_s = now
             self.running.remove(r)

@@ -7,6 +7,8 @@ policy has one). The KV cache gets whatever the rest leaves of the budget.
 """
 from __future__ import annotations
 
+import numpy as np
+
 
 class MemoryBudgetError(ValueError):
     """The fixed parts alone do not fit the GPU memory."""
@@ -71,4 +73,18 @@ class MemoryLedger:
                 self.peak[k] = v
         if total > self.peak_total:
             self.peak_total = total
+        return parts
+
+    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int) -> dict:
+        """sample() for many steps at once (arrays, one element per step); updates the peaks."""
+        parts = dict(dense=np.full(len(kv_used), float(self.dense)),
+                     experts=(resident_experts * self.bpe).astype(float),
+                     kv=np.asarray(kv_used, dtype=float),
+                     activations=np.full(len(kv_used), float(n_tokens * self.act_per_token
+                                                             + n_sampled * self.logit_bytes)),
+                     predictor=np.full(len(kv_used), float(self.predictor)))
+        total = parts["dense"] + parts["experts"] + parts["kv"] + parts["activations"] + parts["predictor"]
+        for k, v in parts.items():
+            self.peak[k] = max(self.peak[k], float(v.max()))
+        self.peak_total = max(self.peak_total, float(total.max()))
         return parts

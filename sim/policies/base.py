@@ -23,6 +23,11 @@ import numpy as np
 MISS_MODES = ("fetch", "reroute")
 
 
+def _row_sums(x: np.ndarray) -> np.ndarray:
+    """(L, E) -> (L,), bools counted as ints; np.add.reduce skips ndarray.sum's Python wrapper."""
+    return np.add.reduce(x, axis=1)
+
+
 @dataclass
 class StepBatch:
     """The tokens of one engine step and their routing from the trace."""
@@ -46,6 +51,17 @@ class StepPlan:
     routes: np.ndarray | None = None  # (n, L, k) experts each token is computed with (after reroutes)
 
 
+@dataclass
+class RunPlan:
+    """T consecutive single-token decode steps of one request, planned at once (light load).
+
+    What T calls of plan_step would have returned, stacked; only for policies whose
+    single-token steps load on demand only (no prefetch, no extra time)."""
+    counts: np.ndarray       # (T, L, E) tokens each expert computes
+    demand: np.ndarray       # (T, L) experts loaded on demand
+    resident: np.ndarray     # (T,) experts resident after each step
+
+
 class ExpertPolicy:
     name = "base"
     # Parameter name -> default. check_params rejects anything else.
@@ -66,6 +82,8 @@ class ExpertPolicy:
         self._layer_offset = (np.arange(L) * E)[None, :, None]   # flat (layer, expert) index base
         self._layer_idx = np.arange(L)[None, :, None]
         self._zeros_L = np.zeros(L, dtype=np.int64)
+        self._expert_ids = np.broadcast_to(np.arange(E), (L, E))   # default eviction order: lowest id
+        self._row_of = np.broadcast_to(np.arange(L)[:, None], (L, E))
         self.popularity = np.ones((L, E))      # routed counts seen so far (reroute fallback order)
         self.miss_mode = self.params.get("miss", "fetch")
         self.predictor_bytes = 0
@@ -128,10 +146,60 @@ class ExpertPolicy:
     def plan_step(self, batch: StepBatch) -> StepPlan:
         raise NotImplementedError
 
+    # ---- light load: a lone request's decode steps in one call -------------
+    @property
+    def plans_decode_runs(self) -> bool:
+        """True if plan_decode_run gives exactly what plan_step would, step by step."""
+        return False
+
+    @property
+    def max_decode_loads(self) -> int:
+        """The most experts one single-token step can load (every routed one missing)."""
+        return self.L * self.k
+
+    def plan_decode_run(self, experts: np.ndarray, req) -> RunPlan:
+        """Serve `req`'s next T single-token decode steps (experts: (T, L, k) routing),
+        updating state and counters as T plan_step calls would. Policies that can
+        vectorise their cache over steps override this and plans_decode_runs."""
+        raise NotImplementedError
+
+    def _run_counts(self, experts: np.ndarray) -> np.ndarray:
+        """(T, L, E) tokens routed to each expert in each single-token step."""
+        T = len(experts)
+        flat = (np.arange(T)[:, None, None] * (self.L * self.E) + self._layer_offset + experts).ravel()
+        return np.bincount(flat, minlength=T * self.L * self.E).reshape(T, self.L, self.E)
+
+    def _account_run(self, experts: np.ndarray, counts: np.ndarray, miss: np.ndarray, req) -> None:
+        """The counters of T single-token fetch steps (what serve + _account add up step by step)."""
+        T = len(experts)
+        self.popularity += counts.sum(axis=0)
+        n_miss = int(np.count_nonzero(miss))
+        self.hits += int(np.count_nonzero(counts)) - n_miss
+        self.misses += n_miss
+        self.loads += n_miss
+        slots = T * self.L * self.k
+        hits = slots - int(np.count_nonzero(np.take_along_axis(miss, experts.astype(np.int64), axis=2)))
+        s = self._sens_sum(req)
+        for _ in range(T):          # float sums in the same order as step by step
+            self.sensitive_kept += s
+            self.sensitive_routes += s
+        n_routes = T * self.L
+        req.hits += hits
+        req.misses += slots - hits
+        req.gate_kept += n_routes
+        req.routes += n_routes
+        self.gate_kept += n_routes
+        self.routes += n_routes
+
     # ---- shared mechanics ----------------------------------------------------
     def _needed(self, experts: np.ndarray) -> np.ndarray:
         """(L, E) tokens routed to each expert."""
         return np.bincount((self._layer_offset + experts).ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
+
+    # Hot-path note: serve/_admit/_account run once per engine step (tens of thousands of
+    # times per simulated minute at light load), so they use ndarray methods, np.add.reduce
+    # and np.count_nonzero, which skip numpy's Python-level wrappers (~2x cheaper on
+    # (L, E) arrays). Same arithmetic, same decisions.
 
     def _sens_row(self, req) -> np.ndarray:
         row = req.extra.get("s_row")
@@ -161,17 +229,12 @@ class ExpertPolicy:
             S = np.stack([self._sens_row(r) for r in batch.requests])[batch.token_req]   # (n, L)
             self.sensitive_kept += float((kept_tl * S).sum())
             self.sensitive_routes += float(S.sum())
-        if rerouted is None or hit_slots is None:   # every route served by its own experts
-            kept = np.full(len(batch.token_req), float(self.L))
-        else:
-            g = batch.gates.astype(np.float32)
-            kept = ((g * hit_slots).sum(axis=2) / np.maximum(g.sum(axis=2), 1e-9)).sum(axis=1)
         n_req = len(batch.requests)
         if n_req == 1 and rerouted is None:   # light load: one request, nothing rerouted
             r = batch.requests[0]
             n_routes = len(batch.token_req) * self.L
             slots = n_routes * self.k
-            hits = slots if hit_slots is None else int(hit_slots.sum())
+            hits = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
             r.hits += hits
             r.misses += slots - hits
             r.gate_kept += n_routes
@@ -179,6 +242,11 @@ class ExpertPolicy:
             self.gate_kept += n_routes
             self.routes += n_routes
             return
+        if rerouted is None or hit_slots is None:   # every route served by its own experts
+            kept = np.full(len(batch.token_req), float(self.L))
+        else:
+            g = batch.gates.astype(np.float32)
+            kept = ((g * hit_slots).sum(axis=2) / np.maximum(g.sum(axis=2), 1e-9)).sum(axis=1)
         if hit_slots is None:   # nothing missed this step
             per_hit = np.bincount(batch.token_req, minlength=n_req) * (self.L * self.k)
             per_miss = np.zeros(n_req)
@@ -248,17 +316,20 @@ class ExpertPolicy:
             return StepPlan(needed, zero, zero.copy(), 0, 0, 0, routes=new)
         used = needed > 0
         missing = used & ~self.resident
-        n_miss = int(missing.sum())
-        self.hits += int(used.sum()) - n_miss
+        n_miss = int(np.count_nonzero(missing))
+        self.hits += int(np.count_nonzero(used)) - n_miss
         self.misses += n_miss
         self.loads += n_miss
-        hit_slots = self.resident[self._layer_idx, ex] if n_miss else None
-        self._account(batch, hit_slots, None)
-        staged = self._admit(missing, used) if n_miss else 0
+        if not n_miss:
+            self._account(batch, None, None)
+            self.touch(used, needed)
+            return StepPlan(needed, self._zeros_L, self._zeros_L, lead, 0, 0, routes=ex)
+        self._account(batch, self.resident[self._layer_idx, ex], None)
+        staged = self._admit(missing, used)
         self.touch(used, needed)
-        demand = missing.sum(axis=1)
-        if early_mask is not None and lead > 0 and n_miss:
-            early = (missing & early_mask).sum(axis=1)
+        demand = _row_sums(missing)
+        if early_mask is not None and lead > 0:
+            early = _row_sums(missing & early_mask)
             demand = demand - early
         else:
             early = self._zeros_L
@@ -277,22 +348,24 @@ class ExpertPolicy:
         not use, most evictable first. What still does not fit streams through the
         staging buffer and is dropped after use; returns how many did."""
         res = self.resident
-        n_want = missing.sum(axis=1)
-        free = self.capacity - res.sum(axis=1)
+        n_want = _row_sums(missing)
+        free = self.capacity - _row_sums(res)
         short = n_want - free
-        if (short > 0).any():
+        if short.max() > 0:
             evictable = res & ~used
             key = self.evict_key()
-            if key is None:
-                key = np.broadcast_to(np.arange(self.E, dtype=float), res.shape)
-            order = np.argsort(np.where(evictable, key, np.inf), axis=1, kind="stable")
-            rank = np.argsort(order, axis=1)          # position of each expert in eviction order
-            n_out = np.minimum(np.maximum(short, 0), evictable.sum(axis=1))
-            res &= ~(evictable & (rank < n_out[:, None]))
+            order = np.where(evictable, self._expert_ids if key is None else key, np.inf).argsort(
+                axis=1, kind="stable")
+            n_out = np.minimum(np.maximum(short, 0), _row_sums(evictable))
+            first = self._expert_ids < n_out[:, None]      # the first n_out of each layer's order
+            res[self._row_of[first], order[first]] = False
             free = free + n_out
-        take = missing & (np.cumsum(missing, axis=1) <= free[:, None])
+        if (n_want <= free).all():                         # everything fits (the usual case)
+            res |= missing
+            return 0
+        take = missing & (missing.cumsum(axis=1) <= free[:, None])
         res |= take
-        return int(n_want.sum() - take.sum())
+        return int(n_want.sum() - np.count_nonzero(take))
 
     def touch(self, used: np.ndarray, needed: np.ndarray) -> None:
         """Recency/frequency bookkeeping after a step (LRU/LFU override)."""

@@ -2,7 +2,7 @@
 cache of fixed capacity (Mixtral-offloading style)."""
 import numpy as np
 
-from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.base import ExpertPolicy, RunPlan, StepBatch, StepPlan
 
 
 class OnDemandPolicy(ExpertPolicy):
@@ -31,3 +31,33 @@ class OnDemandPolicy(ExpertPolicy):
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         return self.serve(batch)
+
+    # ---- light load: LRU over a lone request's decode steps, vectorised over steps ----
+    @property
+    def plans_decode_runs(self) -> bool:
+        return (self.params["eviction"] == "lru" and self.miss_mode == "fetch"
+                and type(self).plan_step is OnDemandPolicy.plan_step)
+
+    def plan_decode_run(self, experts: np.ndarray, req) -> RunPlan:
+        """LRU with one token per step, without stepping: before any step, the cache holds
+        the `capacity` experts with the latest (last use, id) among those resident now or
+        used since (each miss evicts the least recent unused expert, lower id first on a
+        tie, which is always the least recent resident one as the step's own experts are
+        the most recent). So residency before step t is a ranking, computed for every t."""
+        T, L, E = len(experts), self.L, self.E
+        counts = self._run_counts(experts)
+        used = counts > 0
+        # last step (< t) each expert was used in this run, -1 if not yet: states[t] is before step t
+        step_of = np.where(used, np.arange(T)[:, None, None], -1)
+        states = np.concatenate([np.full((1, L, E), -1), np.maximum.accumulate(step_of, axis=0)])
+        last = np.where(states >= 0, self.clock + 1 + states, np.where(self.resident, self.last_used, -np.inf))
+        key = last * E + np.arange(E)                          # later use first, then higher id
+        above = E - 1 - key.argsort(axis=2).argsort(axis=2)     # experts ranked above each one
+        resident = (key > -np.inf) & (above < self.capacity[:, None])   # (T + 1, L, E)
+        miss = used & ~resident[:-1]
+        self._account_run(experts, counts, miss, req)
+        self.resident[...] = resident[-1]
+        self.last_used = np.where(states[-1] >= 0, self.clock + 1 + states[-1], self.last_used)
+        self.freq += counts.sum(axis=0)
+        self.clock += T
+        return RunPlan(counts, miss.sum(axis=2), resident[1:].sum(axis=(1, 2)))

@@ -1,0 +1,114 @@
+"""Light load: a lone request's decode steps planned at once must match stepping one by one."""
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.engine import Engine
+from sim.models import get_model
+from sim.policies import make_policy
+from sim.policies.base import StepBatch
+from sim.request import Request
+from sim.run import run_scenario
+from sim.scenario import load_scenario
+
+SAMPLE = Path(__file__).parent.parent / "traces" / "samples" / "mixtral-8x7b-mixed.npz"
+
+
+def routing(rng, n, L, E, k):
+    """(n, L, k) distinct experts per token and layer, skewed so the cache sees reuse."""
+    p = rng.dirichlet(np.full(E, 0.3), size=L)
+    return np.stack([np.stack([rng.choice(E, k, replace=False, p=p[l]) for l in range(L)]) for _ in range(n)])
+
+
+def step_by_step(policy, experts, req):
+    demand, resident = [], []
+    for t, ex in enumerate(experts):
+        b = StepBatch(t, ex[None], np.full(ex[None].shape, 1 / ex.shape[-1], dtype=np.float32), None,
+                      np.zeros(1, dtype=np.int64), [req])
+        plan = policy.plan_step(b)
+        assert not plan.early.any() and not plan.ahead and not plan.extra_time_s
+        demand.append(plan.demand)
+        resident.append(int(policy.resident.sum()))
+    return np.array(demand), np.array(resident)
+
+
+@pytest.mark.parametrize("model,capacity", [("mixtral-8x7b", 0.5), ("mixtral-8x7b", 0.75), ("olmoe-1b-7b", 0.3),
+                                            ("olmoe-1b-7b", None)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lru_decode_run_equals_steps_from_any_state(model, capacity, seed):
+    m = get_model(model)
+    rng = np.random.default_rng(seed)
+    spec = {"name": "resident"} if capacity is None else {"name": "on_demand", "capacity": capacity}
+    pol = make_policy(spec, m, None, seed)
+    # An irregular starting state: a few multi-token steps (several experts per layer at once).
+    warm = Request(0, "w", "qa", 8, 8, 0, 0.0, {}, 8.0)
+    for t in range(3):
+        ex = routing(rng, 5, m.n_moe_layers, m.n_experts, m.top_k)
+        pol.plan_step(StepBatch(t, ex, np.full(ex.shape, 1 / m.top_k, dtype=np.float32), None,
+                                np.zeros(5, dtype=np.int64), [warm]))
+    experts = routing(rng, 120, m.n_moe_layers, m.n_experts, m.top_k)
+    ref, req_ref = copy.deepcopy(pol), Request(1, "r", "qa", 8, 200, 0, 0.0, {}, 8.0)
+    demand, resident = step_by_step(ref, experts, req_ref)
+    assert pol.plans_decode_runs
+    req = Request(1, "r", "qa", 8, 200, 0, 0.0, {}, 8.0)
+    run = pol.plan_decode_run(experts, req)
+    np.testing.assert_array_equal(run.demand, demand)
+    np.testing.assert_array_equal(run.resident, resident)
+    assert demand.sum() > 0 or capacity is None
+    np.testing.assert_array_equal(pol.resident, ref.resident)
+    for name in ("hits", "misses", "loads", "routes", "gate_kept", "clock"):
+        assert getattr(pol, name, None) == getattr(ref, name, None), name
+    for name in ("popularity", "last_used", "freq"):
+        if hasattr(ref, name):
+            np.testing.assert_array_equal(getattr(pol, name), getattr(ref, name), err_msg=name)
+    assert pol.sensitive_kept == ref.sensitive_kept
+    assert (req.hits, req.misses, req.routes, req.gate_kept) == (req_ref.hits, req_ref.misses, req_ref.routes,
+                                                                  req_ref.gate_kept)
+
+
+def test_policies_that_prefetch_or_reroute_step_normally():
+    m = get_model("mixtral-8x7b")
+    assert not make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
+    assert not make_policy({"name": "on_demand", "miss": "reroute"}, m).plans_decode_runs
+    assert not make_policy({"name": "pregated"}, m).plans_decode_runs
+    assert not make_policy({"name": "oracle"}, m).plans_decode_runs
+
+
+def scenario(policy, scheduler="fcfs", **limits):
+    return load_scenario(data={
+        "name": "ff", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4},
+        "workload": {"trace": str(SAMPLE), "requests": 40, "arrival": {"process": "poisson", "rate": 0.1},
+                     "slo": {"default": {"ttft_s": 5.0, "e2e_s": 60.0}}},
+        "policy": policy, "scheduler": {"name": scheduler},
+        "limits": {"max_batch_tokens": 1024, "max_running": 8, **limits}})
+
+
+@pytest.mark.parametrize("policy,scheduler,limits", [
+    ({"name": "on_demand", "capacity": 0.6}, "fcfs", {}),
+    ({"name": "on_demand", "capacity": 0.4}, "emoe", {}),
+    ({"name": "resident"}, "sjf", {}),
+    ({"name": "on_demand", "capacity": 0.5}, "fcfs", {"max_steps": 3000}),
+    ({"name": "on_demand", "capacity": 0.5}, "edf", {"max_sim_time_s": 40.0}),
+])
+def test_engine_results_identical_with_and_without_decode_runs(monkeypatch, policy, scheduler, limits):
+    sc = scenario(policy, scheduler, **limits)
+    runs = []
+    real = Engine._decode_run
+
+    def counting(self, now):
+        r = real(self, now)
+        runs.append(r[1] if r else 0)
+        return r
+    monkeypatch.setattr(Engine, "_decode_run", counting)
+    fast = run_scenario(sc)
+    assert sum(runs) >= 100, "the light-load path was not taken"
+    assert any(runs) and max(runs) < max(fast.requests.output_tokens), "runs are never cut by arrivals"
+    monkeypatch.setattr(Engine, "fast_forward", False)
+    slow = run_scenario(sc)
+    pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)
+    pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12)
+    for k, v in slow.summary.items():
+        assert fast.summary[k] == pytest.approx(v, rel=1e-12), k
