@@ -17,9 +17,15 @@ from sim.engine import Engine
 
 
 class ReplayEngine(Engine):
-    def __init__(self, *args, model_rt, **kw):
+    def __init__(self, *args, model_rt, prompt_ids: dict | None = None, **kw):
         super().__init__(*args, **kw)
         self.rt = model_rt
+        # Real weights: prompts are real tokens, each decode step feeds the model's own greedy
+        # token back, and routing is the model's router (recorded per trace row).
+        self.prompt_ids = prompt_ids
+        self.router_routes = None
+        if prompt_ids is not None:
+            self.router_routes = np.full(self.trace.experts.shape, -1, dtype=np.int64)
         self.cuda = model_rt.device.type == "cuda"
         for layer, e in zip(*np.nonzero(self.policy.resident)):   # the policy's starting set
             model_rt.cache.load(int(layer), int(e))
@@ -83,8 +89,6 @@ class ReplayEngine(Engine):
                 load_plan["early_at"].setdefault(max(layer - lead, 0), []).append((layer, e))
             else:
                 load_plan["demand"][layer].append((layer, e))
-        # Token ids do not change time or memory: the trace row stands in for the token.
-        token_ids = torch.as_tensor(work.rows % rt.spec.vocab, dtype=torch.long)
         segments, start = [], 0
         for r in work.decode:
             rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
@@ -93,13 +97,27 @@ class ReplayEngine(Engine):
         for r, c in work.chunks:
             if r.prefilled == 0:
                 rt.kv_free(r.index)       # a recomputed (preempted) request starts over
+                r.extra["generated_ids"] = []
             rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
             segments.append((r.index, start, c, r.prefilled))
             start += c
         sampled = list(range(len(work.decode))) + [s + n - 1 for (rid, s, n, pos), (r, c)
                                                    in zip(segments[len(work.decode):], work.chunks)
                                                    if r.prefilled + c >= r.prompt_tokens]
-        rt.step(token_ids, segments, routes, work.batch.gates, sampled, load_plan)
+        if self.prompt_ids is None:
+            # Token ids do not change time or memory: the trace row stands in for the token.
+            token_ids = torch.as_tensor(work.rows % rt.spec.vocab, dtype=torch.long)
+            rt.step(token_ids, segments, routes, work.batch.gates, sampled, load_plan)
+        else:
+            ids = [r.extra["generated_ids"][-1] for r in work.decode]
+            for r, c in work.chunks:
+                ids.extend(self.prompt_ids[r.index][r.prefilled:r.prefilled + c].tolist())
+            next_ids, taken = rt.step(torch.as_tensor(ids, dtype=torch.long), segments, None, None, sampled,
+                                      load_plan, planned=used)
+            sampled_reqs = work.decode + [r for r, c in work.chunks if r.prefilled + c >= r.prompt_tokens]
+            for r, t in zip(sampled_reqs, next_ids.tolist()):
+                r.extra.setdefault("generated_ids", []).append(int(t))
+            self.router_routes[work.rows] = taken.cpu().numpy()
         if self.cuda:
             torch.cuda.synchronize(rt.device)
             rt.cache.collect_copy_time()
@@ -107,6 +125,18 @@ class ReplayEngine(Engine):
         if plan.extra_time_s:
             time.sleep(plan.extra_time_s)   # the predictor's own time, charged as in the simulator
         return StepTiming(duration, rt.cache.copy_s - copy_before, 0.0)
+
+    def router_summary(self) -> dict:
+        """Real-router replay: how the router's choices met the trace's and the cache."""
+        done = self.router_routes[:, 0, 0] >= 0
+        if not done.any():
+            return {}
+        taken, traced = self.router_routes[done], self.trace.experts[done].astype(np.int64)
+        same = (taken[..., :, None] == traced[..., None, :]).any(axis=-1)
+        st = self.rt.router_stats
+        return dict(router_agreement=float(same.mean()), router_routes=st["routes"],
+                    router_misses=st["misses"], router_reroutes=st["reroutes"],
+                    router_hit_rate=1 - st["misses"] / st["routes"] if st["routes"] else 1.0)
 
     def _advance(self, now: float):
         finished_before = len(self.finished)

@@ -5,7 +5,9 @@ Every routed expert lives in host memory (pinned on CUDA) as one flat tensor
 (w1 | w3 | w2), so a load is one copy. The device holds an ExpertCache: a pool of
 slots the policy's resident experts occupy, plus a staging slot per top-k for
 experts streamed through a full cache. Weights are random unless real ones are
-given: memory and time do not depend on the values.
+loaded (replay/weights.py): memory and time do not depend on the values. Routing
+is forced from the trace, or with real weights decided by the model's own router
+as each layer runs (`step(..., routes=None)`).
 """
 from __future__ import annotations
 
@@ -119,10 +121,14 @@ class ExpertCache:
 
 class ReplayModel:
     def __init__(self, spec, device: str = "cpu", dtype=torch.float32, seed: int = 0, n_slots: int = 0,
-                 host_experts=None):
+                 host_experts=None, rope_theta: float = 1e6, rms_eps: float = 1e-5):
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
+        self.rms_eps = rms_eps
+        hd = spec.hd
+        self.inv_freq = 1.0 / (rope_theta ** (torch.arange(0, hd - hd % 2, 2, dtype=torch.float32) / hd))
+        self.inv_freq = self.inv_freq.to(self.device)
         g = torch.Generator().manual_seed(seed)
         H, hd, nh, nkv = spec.hidden, spec.hd, spec.n_heads, spec.n_kv_heads
         std = 0.02
@@ -139,6 +145,7 @@ class ReplayModel:
             return torch.empty(*shape, dtype=dtype, device=self.device).normal_(0, std)
         self.embed = w(spec.vocab, H)
         self.head = w(spec.vocab, H)
+        self.norm = torch.ones(H, dtype=dtype, device=self.device)
         self.layers = []
         for _ in range(spec.n_moe_layers):
             self.layers.append(dict(wq=w(H, nh * hd), wk=w(H, nkv * hd), wv=w(H, nkv * hd), wo=w(nh * hd, H),
@@ -152,7 +159,9 @@ class ReplayModel:
         self.cache = ExpertCache(self.host_experts, n_slots, self.device, dtype)
         elt = torch.tensor([], dtype=dtype).element_size()
         self.dense_bytes = sum(t.numel() for layer in self.layers for t in layer.values()) * elt \
-            + (self.embed.numel() + self.head.numel()) * elt
+            + (self.embed.numel() + self.head.numel() + self.norm.numel()) * elt
+        self.miss_mode = "fetch"        # router routing: what a router's pick of an absent expert gets
+        self.router_stats = dict(routes=0, misses=0, reroutes=0)
         self.kv: dict[int, list] = {}    # request index -> per layer [k, v] buffers
         self._kv_bytes = 0               # kept as buffers come and go: read every step
 
@@ -182,10 +191,11 @@ class ReplayModel:
         """Pre-norm attention of layer li over the step's tokens, appending to each request's KV."""
         s, layer, dev = self.spec, self.layers[li], self.device
         nh, nkv, hd = s.n_heads, s.n_kv_heads, s.hd
-        h = _rms(x, layer["n1"])
+        h = _rms(x, layer["n1"], self.rms_eps)
         q = (h @ layer["wq"]).view(-1, nh, hd)
         k = (h @ layer["wk"]).view(-1, nkv, hd)
         v = (h @ layer["wv"]).view(-1, nkv, hd)
+        q, k = self._rope(q, segments), self._rope(k, segments)
         att = torch.empty_like(q)
         for rid, start, n, pos in segments:
             kb, vb = self.kv[rid][li]
@@ -199,16 +209,51 @@ class ReplayModel:
                 mask = torch.ones(n, pos + n, dtype=torch.bool, device=dev).tril(diagonal=pos)
             att[start:start + n] = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(0, 1)
         x = x + att.reshape(-1, nh * hd) @ layer["wo"]
-        h = _rms(x, layer["n2"])
-        _ = h @ layer["router"]          # the router runs (its choice is forced by the trace)
-        return x, h
+        h = _rms(x, layer["n2"], self.rms_eps)
+        logits = h @ layer["router"]     # the router always runs (with forced routing its choice is unused)
+        return x, h, logits
+
+    def _rope(self, t, segments):
+        """Rotary position embedding (rotate-half form, as Mixtral/Llama), positions per segment."""
+        pos = torch.cat([torch.arange(p, p + n, device=self.device) for _, _, n, p in segments])
+        ang = pos[:, None].float() * self.inv_freq[None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], dim=-1)[:, None, :].to(t.dtype)
+        sin = torch.cat([ang.sin(), ang.sin()], dim=-1)[:, None, :].to(t.dtype)
+        r = cos.shape[-1]
+        t1, t2 = t[..., : r // 2], t[..., r // 2: r]
+        rotated = torch.cat([t[..., :r] * cos + torch.cat([-t2, t1], dim=-1) * sin, t[..., r:]], dim=-1)
+        return rotated
+
+    def route(self, li: int, logits, planned=None):
+        """The real router's choice (Mixtral: softmax, top-k, renormalised), served from the
+        cache: a pick the policy neither keeps resident nor planned for (planned: (E,) bool)
+        is a miss, fetched (streamed) or, under miss='reroute', replaced by the most
+        probable resident expert."""
+        k = self.spec.top_k
+        probs = torch.softmax(logits.float(), dim=-1)
+        g, r = probs.topk(k, dim=-1)
+        resident = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
+        for (layer, e) in self.cache.slot_of:
+            if layer == li:
+                resident[e] = True
+        available = resident if planned is None or self.miss_mode == "reroute" \
+            else resident | torch.as_tensor(planned, device=probs.device)
+        absent = ~available[r]
+        st = self.router_stats
+        st["routes"] += r.numel()
+        st["misses"] += int(absent.sum())
+        if self.miss_mode == "reroute" and absent.any():
+            st["reroutes"] += int(absent.any(dim=-1).sum())
+            g, r = probs.masked_fill(~resident, -1.0).topk(k, dim=-1)
+        g = g / g.sum(dim=-1, keepdim=True)
+        return r, g.to(self.dtype)
 
     def experts(self, li: int, h, r_l, g_l, after=None):
         """Routed experts of layer li: r_l, g_l (n, k) forced experts and gates."""
         s, cache = self.spec, self.cache
         out = torch.zeros_like(h)
         for e in torch.unique(r_l).tolist():
-            streamed = (li, e) not in cache.slot_of
+            streamed = (li, e) not in cache.slot_of   # (router routing: picked, not predicted)
             if streamed:     # did not fit the cache: through a staging slot, dropped after use
                 cache.load(li, e, after=after)
             tok, slot = (r_l == e).nonzero(as_tuple=True)
@@ -223,35 +268,49 @@ class ReplayModel:
 
     # ---- one engine step -----------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, token_ids, segments, routes, gates, sampled, load_plan) -> None:
+    def step(self, token_ids, segments, routes, gates, sampled, load_plan, planned=None):
         """Run the stack on a step's tokens.
 
         segments: [(request index, start, n, position)] token ranges per request;
-        routes/gates: (n, L, k) forced routing; sampled: token positions that produce
-        logits; load_plan: `ahead` copies issued at step start, `early_at` (layer ->
-        copies issued as it begins), `demand` (per layer, issued once its router ran);
-        experts used but not in the cache stream through a staging slot."""
+        routes/gates: (n, L, k) forced routing, or None for the model's own router;
+        sampled: token positions that produce logits; load_plan: `ahead` copies issued
+        at step start, `early_at` (layer -> copies issued as it begins), `demand` (per
+        layer, issued once its router ran); experts used but not in the cache stream
+        through a staging slot; planned: (L, E) experts the policy served this step (router
+        routing counts picks outside it as misses). Returns (greedy next tokens of the
+        sampled positions, (n, L, k) routes computed)."""
         dev = self.device
         x = self.embed[token_ids.to(dev)]
-        routes_t = torch.as_tensor(routes, device=dev, dtype=torch.long)
-        gates_t = torch.as_tensor(gates.astype("float32"), device=dev).to(self.dtype)
+        forced = routes is not None
+        if forced:
+            routes_t = torch.as_tensor(routes, device=dev, dtype=torch.long)
+            gates_t = torch.as_tensor(gates.astype("float32"), device=dev).to(self.dtype)
+        taken = []
         cache = self.cache
         for layer_e in load_plan["ahead"]:
             cache.load(*layer_e)
         for li in range(len(self.layers)):
             for le in load_plan["early_at"].get(li, ()):
                 cache.load(*le)
-            x, h = self.attention(li, x, segments)
+            x, h, logits = self.attention(li, x, segments)
             after = None
             if cache.cuda and load_plan["demand"][li]:
                 after = torch.cuda.Event()
                 after.record(torch.cuda.current_stream(dev))   # demand copies start once the router ran
             for le in load_plan["demand"][li]:
                 cache.load(*le, after=after)
-            x = x + self.experts(li, h, routes_t[:, li, :], gates_t[:, li, :], after)
+            if forced:
+                r_l, g_l = routes_t[:, li, :], gates_t[:, li, :]
+            else:
+                r_l, g_l = self.route(li, logits, None if planned is None else planned[li])
+                taken.append(r_l)
+            x = x + self.experts(li, h, r_l, g_l, after)
+        next_tokens = None
         if len(sampled):
-            _ = x[sampled] @ self.head.T
+            next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)
+        return next_tokens, (torch.stack(taken, dim=1) if taken else None)
 
 
-def _rms(x, w, eps: float = 1e-6):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+def _rms(x, w, eps: float = 1e-5):
+    xf = x.float()       # in float32, as Hugging Face's RMSNorm
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

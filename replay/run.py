@@ -2,6 +2,7 @@
 the real model and clock; results in the simulator's schema."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,8 +33,10 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | None = None,
-                    progress=None, host_experts: dict | None = None) -> RunResult:
-    """host_experts: a dict kept by the caller to reuse one model's host-side experts across replays."""
+                    progress=None, host_experts: dict | None = None, weights: str | None = None) -> RunResult:
+    """host_experts: a dict kept by the caller to reuse one model's host-side experts across replays.
+    weights: a Hugging Face checkpoint directory: real weights, real prompt tokens, the model's
+    own router and greedy generation (generations.jsonl beside the results)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -44,6 +47,14 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     base = get_model(sc["model"])
     trace = load_workload_trace(sc, base)
     tdt = DTYPES[dtype]
+    cfg = None
+    if weights:
+        from replay import weights as hf
+        if scale != 1:
+            raise hf.WeightsError("--weights runs the checkpoint at its real size; drop --scale")
+        cfg = hf.read_config(weights)
+        hf.check_spec(base, cfg, weights)
+        ids = hf.prompt_ids(weights, trace, range(trace.n_requests))
     spec = scaled_spec(base, scale, torch.tensor([], dtype=tdt).element_size())
     # The resolved scenario names the model actually run, so `emoe run` on it simulates the same thing.
     # ... and the trace it replayed, saved beside the results (requests already selected).
@@ -60,8 +71,14 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         torch.cuda.reset_peak_memory_stats()
     try:
         shared = host_experts.get(spec.name) if host_experts is not None else None
-        rt = ReplayModel(spec, device, tdt, sc["seed"], n_slots, host_experts=shared)
-        if host_experts is not None:
+        if cfg is None:
+            rt = ReplayModel(spec, device, tdt, sc["seed"], n_slots, host_experts=shared)
+        else:
+            rt = ReplayModel(spec, device, tdt, sc["seed"], n_slots, rope_theta=hf.rope_theta(cfg),
+                             rms_eps=float(cfg.get("rms_norm_eps", 1e-5)))
+            hf.load_into(rt, weights, cfg)
+            rt.miss_mode = policy.miss_mode
+        if host_experts is not None and cfg is None:
             host_experts[spec.name] = rt.host_experts
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if not _is_oom(e):
@@ -70,7 +87,8 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         raise ReplayOOM(f"out of memory building {spec.name} with {n_slots} expert slots on {device}; the "
                         f"largest allocation that fitted was {fitted / 1e9:.2f} GB. Use --scale or a smaller "
                         "policy.capacity") from None
-    eng = ReplayEngine(spec, hw, trace, requests, policy, scheduler, sc["limits"], progress, model_rt=rt)
+    eng = ReplayEngine(spec, hw, trace, requests, policy, scheduler, sc["limits"], progress, model_rt=rt,
+                       prompt_ids=ids if cfg is not None else None)
     error = ""
     try:
         eng.run()
@@ -94,12 +112,19 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     if device.startswith("cuda"):
         extra.update(cuda_max_allocated_bytes=float(torch.cuda.max_memory_allocated()),
                      cuda_max_reserved_bytes=float(torch.cuda.max_memory_reserved()))
+    files = {}
+    if cfg is not None:
+        extra.update(eng.router_summary())
+        files["generations.jsonl"] = "".join(
+            json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.extra.get("generated_ids", []))) + "\n"
+            for r in requests)
     if error:
         extra["error"] = error
     summary = summarize(req, policy.counters(), eng.mem.peak_total,
                         {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}, extra=extra)
     meta = dict(engine="replay", device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda")
-                else "cpu", dtype=dtype, scale=scale, torch=torch.__version__, code_version=code_version(),
+                else "cpu", dtype=dtype, scale=scale, weights=str(weights) if weights else None,
+                routing="router" if weights else "trace", torch=torch.__version__, code_version=code_version(),
                 seed=sc["seed"], wall_time_s=wall, stopped_early=eng.stopped_early or error,
                 model=spec.describe(), hardware=hw.__dict__)
-    return RunResult(summary, req, tl, meta, sc, trace=trace)
+    return RunResult(summary, req, tl, meta, sc, trace=trace, files=files)

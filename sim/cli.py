@@ -354,16 +354,14 @@ def cmd_replay(a):
     except ImportError as e:
         raise UserError(f"replay needs torch ({e}); install with: pip install torch==2.13.0 && "
                         "pip install -e '.[replay]'") from None
-    if a.weights:
-        raise UserError("--weights (real Hugging Face weights) is not supported yet: routing follows the "
-                        "trace and weights are random, which does not change time or memory")
     sc = _scenario(a)
     out = Path(a.output) if a.output else Path("runs") / f"{sc['name']}-replay-{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"results directory '{out}' exists and is not empty; choose another -o")
+    from replay.weights import WeightsError
     try:
-        res = replay_scenario(sc, a.device, a.scale, a.dtype)
-    except ReplayOOM as e:
+        res = replay_scenario(sc, a.device, a.scale, a.dtype, weights=a.weights)
+    except (ReplayOOM, WeightsError) as e:
         raise UserError(str(e)) from None
     path = res.write(out)
     print_summary(res.summary, f"replay of {sc['name']} on {res.meta['device_name']} ({res.meta['dtype']}, "
@@ -372,6 +370,10 @@ def cmd_replay(a):
     if s.get("h2d_bytes_per_s"):
         print(f"  host-to-device copies     {s['h2d_copies']} ({s['h2d_bytes'] / 1e9:.3f} GB) at "
               f"{s['h2d_bytes_per_s'] / 1e9:.2f} GB/s")
+    if "router_agreement" in s:
+        print(f"  real router               {s['router_agreement']:.1%} of routes as in the trace; "
+              f"{s['router_misses']} picks the policy had not served, {s['router_reroutes']} rerouted; "
+              f"generations in {path / 'generations.jsonl'}")
     print(f"results in {path}  (simulate the same model: emoe run {path / 'scenario.yaml'})")
     if s.get("error"):
         print(f"emoe: error: {s['error']}; the results up to that point are in {path}", file=sys.stderr)
@@ -551,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=int, default=1, help="divide hidden sizes by this (CPU runs of big models)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default bfloat16 on cuda, float32 on cpu")
-    s.add_argument("--weights", metavar="DIR", help="real Hugging Face weights (not supported yet)")
+    s.add_argument("--weights", metavar="DIR",
+                   help="a Hugging Face checkpoint (Mixtral layout) of the scenario's model: real weights, the "
+                        "trace's prompt text as tokens, the model's own router and greedy generation")
     s.add_argument("-o", "--output")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.set_defaults(func=cmd_replay)

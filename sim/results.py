@@ -100,7 +100,7 @@ def _jsonable(x):
 
 
 def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline: pd.DataFrame, summary: dict,
-                  meta: dict, trace=None) -> Path:
+                  meta: dict, trace=None, files: dict | None = None) -> Path:
     """Write into a temporary sibling, then move into place: a crash leaves no half directory,
     and an existing directory is never overwritten."""
     out = Path(out_dir)
@@ -114,6 +114,8 @@ def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline:
         if trace is not None:
             from traces.format import save_trace
             save_trace(trace, tmp / "trace.npz")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
         requests.to_csv(tmp / "requests.csv", index=False)

@@ -26,10 +26,11 @@ class RunResult:
     meta: dict
     scenario: dict
     trace: object = None     # written beside the results when the scenario points to it
+    files: dict | None = None  # more result files, name -> text (e.g. the replay's generations)
 
     def write(self, out_dir) -> Path:
         return write_results(out_dir, dump(self.scenario), self.requests, self.timeline, self.summary, self.meta,
-                             trace=self.trace)
+                             trace=self.trace, files=self.files)
 
 
 def build(sc: dict, trace=None):
