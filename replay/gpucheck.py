@@ -64,7 +64,7 @@ def main(argv=None):
     ap.add_argument("--calibration-requests", type=int, default=24)
     ap.add_argument("--max-copy-mb", type=int, default=0, help="largest copy profiled (default: 512 on cuda, 64 on cpu)")
     a = ap.parse_args(argv)
-    out = Path(a.output)
+    out = Path(a.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dtype_name = "bfloat16" if a.device.startswith("cuda") else "float32"

@@ -239,9 +239,11 @@ class Engine:
         if n < 2:
             return None
         contexts = contexts[:n]
-        row = req.next_row
-        experts = self.trace.experts[row: row + n]
-        plan = self.policy.plan_decode_run(experts, req)
+        row, t = req.next_row, self.trace
+        run = StepBatch(self.steps, t.experts[row: row + n], t.gates[row: row + n],
+                        None if t.router_probs is None else t.router_probs[row: row + n],
+                        np.zeros(n, dtype=np.int64), [req])
+        plan = self.policy.plan_decode_run(run)
         starts, durations, copies = self.cost.decode_run(now, plan, contexts)
         mem = self.mem
         kv = mem.kv_used + np.arange(1, n + 1) * float(mem.kv_per_token)

@@ -138,8 +138,23 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
     if isinstance(user_w.get("arrival"), dict):   # an arrival process replaces the default whole
         sc["workload"]["arrival"] = {"process": "poisson", **user_w["arrival"]}
     validate(sc, src, base_dir)
+    _absolute_paths(sc, base_dir)
     sc["_base_dir"] = str(base_dir)
     return sc
+
+
+def _absolute_paths(sc: dict, base_dir: Path) -> None:
+    """Files named relative to the scenario file become absolute, so the resolved scenario
+    written into a results directory runs again from there (`emoe run RESULTS/scenario.yaml`)."""
+    def fix(section: dict, key: str):
+        v = section.get(key)
+        if isinstance(v, str) and v and not Path(v).is_absolute():
+            section[key] = str((base_dir / v).resolve())
+    fix(sc["workload"], "trace")
+    if isinstance(sc["hardware"], dict):
+        fix(sc["hardware"], "profile")
+    for key in ("predictor_file", "sensitivity"):
+        fix(sc["policy"], key)
 
 
 def validate(sc: dict, src: str, base_dir: Path) -> None:

@@ -157,11 +157,30 @@ class ExpertPolicy:
         """The most experts one single-token step can load (every routed one missing)."""
         return self.L * self.k
 
-    def plan_decode_run(self, experts: np.ndarray, req) -> RunPlan:
-        """Serve `req`'s next T single-token decode steps (experts: (T, L, k) routing),
-        updating state and counters as T plan_step calls would. Policies that can
-        vectorise their cache over steps override this and plans_decode_runs."""
+    def plan_decode_run(self, run: StepBatch) -> RunPlan:
+        """Serve one request's next T single-token decode steps (run: a batch of T tokens,
+        token t is step t), updating state and counters as T plan_step calls would.
+        Policies that can vectorise their cache over steps override this and
+        plans_decode_runs."""
         raise NotImplementedError
+
+    def _plan_reroute_run(self, run: StepBatch) -> RunPlan:
+        """A decode run under miss='reroute': nothing is loaded, so the resident set is fixed
+        and every step's reroutes can be computed at once (the fallback ranking, when the
+        trace has no router probabilities, is taken as it stands at each step)."""
+        T = len(run.experts)
+        counts = self._run_counts(run.experts)
+        pop = self.popularity + counts.cumsum(axis=0)              # as each step reroutes
+        rank = None if run.probs is not None else self.reroute_rank_from(pop)
+        new, hit, rerouted = self.reroute(run, rank=rank)
+        self.popularity = pop[-1]
+        needed = self._run_counts(new) if rerouted.any() else counts
+        used = needed > 0
+        self.hits += int(np.count_nonzero(used))
+        self._account(run, hit, rerouted)
+        for t in range(T):
+            self.touch(used[t], needed[t])
+        return RunPlan(needed, np.zeros((T, self.L), dtype=np.int64), np.full(T, int(self.resident.sum())))
 
     def _run_counts(self, experts: np.ndarray) -> np.ndarray:
         """(T, L, E) tokens routed to each expert in each single-token step."""
@@ -263,17 +282,17 @@ class ExpertPolicy:
             r.gate_kept += float(per_kept[i])
             r.routes += int(per_routes[i])
             r.reroutes += int(per_rr[i])
-        self.gate_kept += float(kept.sum())
+        self.gate_kept += float(kept.sum(dtype=np.float64))   # float32 terms, summed in double
         self.routes += int(per_routes.sum())
         if rerouted is not None:
             self.reroutes += int(rerouted.sum())
 
-    def reroute(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def reroute(self, batch: StepBatch, rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Send each route whose expert is not resident to its next-ranked resident expert.
 
         Ranking: the full router probabilities when the trace has them, else the
-        experts' popularity seen so far. Returns (experts after reroute, hit
-        slots (n, L, k), rerouted routes (n, L))."""
+        experts' popularity seen so far (or `rank`, (n, L, E) per token). Returns
+        (experts after reroute, hit slots (n, L, k), rerouted routes (n, L))."""
         ex = batch.experts
         hit = self.resident[self._layer_idx, ex]
         miss = ~hit
@@ -285,7 +304,7 @@ class ExpertPolicy:
         if batch.probs is not None:
             score = batch.probs[ti, li].astype(np.float32)
         else:
-            score = self.reroute_rank()[li].astype(np.float32)
+            score = (self.reroute_rank()[li] if rank is None else rank[ti, li]).astype(np.float32)
         score = np.where(self.resident[li], score, -np.inf)
         kept_ex = np.where(sub_miss, -1, sub_ex)
         rows = np.arange(len(ti))[:, None]
@@ -337,7 +356,11 @@ class ExpertPolicy:
 
     def reroute_rank(self) -> np.ndarray:
         """(L, E) preference among resident experts when the trace has no router probabilities."""
-        return self.popularity
+        return self.reroute_rank_from(self.popularity)
+
+    def reroute_rank_from(self, popularity: np.ndarray) -> np.ndarray:
+        """reroute_rank() given the popularity counts ((L, E), or (T, L, E) for a decode run)."""
+        return popularity
 
     def evict_key(self) -> np.ndarray | None:
         """(L, E): smaller is evicted first (LRU: last use). None: lowest expert id first."""

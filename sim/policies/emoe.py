@@ -183,8 +183,23 @@ class EmoePolicy(ExpertPolicy):
             return 0.0
         return self.last_loads * self.copy_s + float(self.params["invoke_s"])
 
-    def reroute_rank(self):
-        return self.demand + 1e-6 * self.popularity / max(self.popularity.max(), 1)
+    def reroute_rank_from(self, popularity):
+        # Predicted demand first; popularity only breaks ties.
+        top = np.maximum(popularity.max(axis=(-2, -1), keepdims=True), 1)
+        return self.demand + 1e-6 * popularity / top
+
+    # Light load: between invocations nothing is loaded, so a lone request's decode steps
+    # can be planned at once (ExpertPolicy._plan_reroute_run).
+    @property
+    def plans_decode_runs(self) -> bool:
+        return self.warm and not self.pending and not self._extra_s and self.miss_mode == "reroute"
+
+    @property
+    def max_decode_loads(self) -> int:
+        return 0
+
+    def plan_decode_run(self, run: StepBatch):
+        return self._plan_reroute_run(run)
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         ahead = 0

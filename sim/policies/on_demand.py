@@ -35,10 +35,19 @@ class OnDemandPolicy(ExpertPolicy):
     # ---- light load: LRU over a lone request's decode steps, vectorised over steps ----
     @property
     def plans_decode_runs(self) -> bool:
-        return (self.params["eviction"] == "lru" and self.miss_mode == "fetch"
-                and type(self).plan_step is OnDemandPolicy.plan_step)
+        return type(self).plan_step is OnDemandPolicy.plan_step and (
+            self.miss_mode == "reroute" or self.params["eviction"] == "lru")
 
-    def plan_decode_run(self, experts: np.ndarray, req) -> RunPlan:
+    @property
+    def max_decode_loads(self) -> int:
+        return 0 if self.miss_mode == "reroute" else self.L * self.k
+
+    def plan_decode_run(self, run: StepBatch) -> RunPlan:
+        if self.miss_mode == "reroute":
+            return self._plan_reroute_run(run)
+        return self._plan_lru_run(run.experts, run.requests[0])
+
+    def _plan_lru_run(self, experts: np.ndarray, req) -> RunPlan:
         """LRU with one token per step, without stepping: before any step, the cache holds
         the `capacity` experts with the latest (last use, id) among those resident now or
         used since (each miss evicts the least recent unused expert, lower id first on a

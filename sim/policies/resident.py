@@ -22,8 +22,8 @@ class ResidentPolicy(ExpertPolicy):
     def max_decode_loads(self) -> int:
         return 0
 
-    def plan_decode_run(self, experts: np.ndarray, req) -> RunPlan:
-        counts = self._run_counts(experts)
-        self._account_run(experts, counts, np.zeros(counts.shape, dtype=bool), req)
-        T = len(experts)
+    def plan_decode_run(self, run: StepBatch) -> RunPlan:
+        counts = self._run_counts(run.experts)
+        self._account_run(run.experts, counts, np.zeros(counts.shape, dtype=bool), run.requests[0])
+        T = len(run.experts)
         return RunPlan(counts, np.zeros((T, self.L), dtype=np.int64), np.full(T, int(self.resident.sum())))
