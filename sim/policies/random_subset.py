@@ -18,3 +18,15 @@ class RandomPolicy(ExpertPolicy):
     def _admit(self, missing, used):
         """miss=fetch: the subset is fixed, so a fetched expert streams through and is dropped."""
         return int(missing.sum())
+
+    # Light load under rerouting: the subset is fixed, so a decode run's reroutes are computed at once.
+    @property
+    def plans_decode_runs(self) -> bool:
+        return self.miss_mode == "reroute"
+
+    @property
+    def max_decode_loads(self) -> int:
+        return 0
+
+    def plan_decode_run(self, run: StepBatch):
+        return self._plan_reroute_run(run)
