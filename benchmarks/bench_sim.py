@@ -32,11 +32,11 @@ def trace_for(n: int):
     return p
 
 
-def scenario(trace_path, arrival, max_running):
+def scenario(trace_path, arrival, max_running, policy=None):
     return load_scenario(data={
         "name": "bench", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4},
         "workload": {"trace": str(trace_path), "arrival": arrival},
-        "policy": {"name": "on_demand", "capacity": 0.6},
+        "policy": policy or {"name": "on_demand", "capacity": 0.6},
         "limits": {"max_batch_tokens": 8192, "max_running": max_running}})
 
 
@@ -78,6 +78,14 @@ def main():
     assert steps1 == steps and res1.summary["e2e_mean_s"] == res.summary["e2e_mean_s"]
     print(f"light, step by step: median {w1:.2f}s wall (runs {[round(x, 2) for x in walls1]}); "
           f"{steps / w1:,.0f} steps/s; decode runs are {w1 / w:.1f}x faster, same results")
+    # The eMoE policy (rerouting between invocations, interval 40) at the same light load.
+    sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32, {"name": "emoe", "capacity": 0.6})
+    w, steps, res, walls = measure(sc, light, a.repeats)
+    Engine.fast_forward = False
+    w1, _, res1, _ = measure(sc, light, a.repeats)
+    Engine.fast_forward = True
+    print(f"light, emoe: {steps / w:,.0f} steps/s with decode runs, {steps / w1:,.0f} step by step "
+          f"({w1 / w:.1f}x)")
 
 
 if __name__ == "__main__":
