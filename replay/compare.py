@@ -1,5 +1,9 @@
-"""Simulated vs replayed metrics, side by side, with the relative error of each."""
+"""Simulated vs replayed metrics, side by side, with the relative error of each; and, for
+two replays with real weights, how far their generated tokens agree."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,3 +46,25 @@ def print_comparison(t: pd.DataFrame, sim_dir, replay_dir) -> None:
         b = fmt(row.replay) if row.replay is not None and not pd.isna(row.replay) else f"{'-':>16s}"
         e = f"{row.rel_error:+9.1%}" if not pd.isna(row.rel_error) else f"{'-':>10s}"
         print(f"{m:28s}{a}{b}{e}")
+
+
+def compare_generations(dir_a, dir_b) -> dict | None:
+    """Two replays with --weights (generations.jsonl): the share of requests whose generated
+    tokens are identical, and the mean share of each generation before the first difference."""
+    pa, pb = Path(dir_a) / "generations.jsonl", Path(dir_b) / "generations.jsonl"
+    if not (pa.exists() and pb.exists()):
+        return None
+    a = {g["request_id"]: g["generated_ids"] for g in map(json.loads, pa.read_text().splitlines())}
+    b = {g["request_id"]: g["generated_ids"] for g in map(json.loads, pb.read_text().splitlines())}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    prefix = []
+    for rid in common:
+        x, y = a[rid], b[rid]
+        n = max(len(x), len(y), 1)
+        same = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        prefix.append(same / n)
+    return dict(requests_compared=len(common),
+                generations_identical=float(np.mean([a[r] == b[r] for r in common])),
+                generation_prefix_agreement=float(np.mean(prefix)))

@@ -424,12 +424,20 @@ def load_calibration(a, sc: dict) -> dict:
 
 
 def cmd_compare(a):
-    from replay.compare import compare, print_comparison
+    from replay.compare import compare, compare_generations, print_comparison
     table = compare(a.sim, a.replay)
+    gens = compare_generations(a.sim, a.replay)
     if a.json:
-        print(table.reset_index().to_json(orient="records", indent=2))
+        records = json.loads(table.reset_index().to_json(orient="records"))
+        if gens:
+            records += [{"metric": k, "value": v} for k, v in gens.items()]
+        print(json.dumps(records, indent=2))
     else:
         print_comparison(table, a.sim, a.replay)
+        if gens:
+            print(f"generated tokens ({gens['requests_compared']} requests): "
+                  f"{gens['generations_identical']:.1%} identical, {gens['generation_prefix_agreement']:.1%} "
+                  "agree before the first difference")
 
 
 # ---- predictors -----------------------------------------------------------------

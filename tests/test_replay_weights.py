@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from replay.compare import compare_generations  # noqa: E402
 from replay.run import replay_scenario  # noqa: E402
 from replay.weights import WeightsError  # noqa: E402
 from sim.cli import main  # noqa: E402
@@ -64,10 +65,18 @@ def test_fetching_policy_keeps_outputs_and_counts_unplanned_picks(resident):
     assert 0 <= s["router_misses"] <= (1 - s["router_agreement"]) * s["router_routes"] + 1
 
 
-def test_rerouting_policy_changes_outputs(resident):
+def test_rerouting_policy_changes_outputs(resident, tmp_path, capsys):
     res = replay({"name": "on_demand", "capacity": 0.25, "miss": "reroute"})
     assert res.summary["router_reroutes"] > 0
     assert generations(res) != generations(resident)
+    a, b = resident.write(tmp_path / "full"), res.write(tmp_path / "reroute")
+    same = compare_generations(a, a)
+    assert same["generations_identical"] == 1.0 and same["generation_prefix_agreement"] == 1.0
+    diff = compare_generations(a, b)
+    assert diff["requests_compared"] == 6 and diff["generations_identical"] < 1.0
+    assert 0.0 <= diff["generation_prefix_agreement"] < 1.0
+    main(["compare", str(a), str(b)])
+    assert "generated tokens (6 requests)" in capsys.readouterr().out
 
 
 def test_weights_errors_name_the_problem(tmp_path):
