@@ -5,7 +5,9 @@ token for each decoding request plus prompt chunks of newly admitted requests,
 up to limits.max_batch_tokens. Per step, the policy serves the batch's routing
 (from the trace) and the cost model turns the plan into time. KV memory grows
 per token; when it runs out, the latest admitted request is preempted and later
-recomputed from scratch (vLLM's recompute preemption).
+recomputed from scratch (vLLM's recompute preemption). At light load, a request
+decoding alone is advanced by *decode runs* (many steps planned at once, one SimPy
+event), with the same results as stepping (see _decode_run).
 """
 from __future__ import annotations
 
