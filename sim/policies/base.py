@@ -202,7 +202,10 @@ class ExpertPolicy:
         for _ in range(T):          # float sums in the same order as step by step
             self.sensitive_kept += s
             self.sensitive_routes += s
-        n_routes = T * self.L
+        self._credit_unrerouted(req, hits, slots, T * self.L)
+
+    def _credit_unrerouted(self, req, hits: int, slots: int, n_routes: int) -> None:
+        """One request's routes, none rerouted: every route keeps its whole gate mass."""
         req.hits += hits
         req.misses += slots - hits
         req.gate_kept += n_routes
@@ -254,12 +257,7 @@ class ExpertPolicy:
             n_routes = len(batch.token_req) * self.L
             slots = n_routes * self.k
             hits = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
-            r.hits += hits
-            r.misses += slots - hits
-            r.gate_kept += n_routes
-            r.routes += n_routes
-            self.gate_kept += n_routes
-            self.routes += n_routes
+            self._credit_unrerouted(r, hits, slots, n_routes)
             return
         if rerouted is None or hit_slots is None:   # every route served by its own experts
             kept = np.full(len(batch.token_req), float(self.L))
