@@ -187,15 +187,17 @@ class ReplayModel:
         return self._kv_bytes
 
     # ---- the parts of a layer (timed separately by `emoe profile`) -------------------------------
-    def attention(self, li: int, x, segments):
-        """Pre-norm attention of layer li over the step's tokens, appending to each request's KV."""
+    def attention(self, li: int, x, segments, rope=None):
+        """Pre-norm attention of layer li over the step's tokens, appending to each request's KV.
+        rope: the step's rotary tables (rope_tables), computed here if not given."""
         s, layer, dev = self.spec, self.layers[li], self.device
         nh, nkv, hd = s.n_heads, s.n_kv_heads, s.hd
         h = _rms(x, layer["n1"], self.rms_eps)
         q = (h @ layer["wq"]).view(-1, nh, hd)
         k = (h @ layer["wk"]).view(-1, nkv, hd)
         v = (h @ layer["wv"]).view(-1, nkv, hd)
-        q, k = self._rope(q, segments), self._rope(k, segments)
+        cos, sin = rope if rope is not None else self.rope_tables(segments)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         att = torch.empty_like(q)
         for rid, start, n, pos in segments:
             kb, vb = self.kv[rid][li]
@@ -213,16 +215,12 @@ class ReplayModel:
         logits = h @ layer["router"]     # the router always runs (with forced routing its choice is unused)
         return x, h, logits
 
-    def _rope(self, t, segments):
-        """Rotary position embedding (rotate-half form, as Mixtral/Llama), positions per segment."""
-        pos = torch.cat([torch.arange(p, p + n, device=self.device) for _, _, n, p in segments])
+    def rope_tables(self, segments):
+        """cos, sin of the rotary embedding at each token's position (once per step, shared by layers)."""
+        pos = torch.cat([torch.arange(p, p + n) for _, _, n, p in segments]).to(self.device)
         ang = pos[:, None].float() * self.inv_freq[None, :]
-        cos = torch.cat([ang.cos(), ang.cos()], dim=-1)[:, None, :].to(t.dtype)
-        sin = torch.cat([ang.sin(), ang.sin()], dim=-1)[:, None, :].to(t.dtype)
-        r = cos.shape[-1]
-        t1, t2 = t[..., : r // 2], t[..., r // 2: r]
-        rotated = torch.cat([t[..., :r] * cos + torch.cat([-t2, t1], dim=-1) * sin, t[..., r:]], dim=-1)
-        return rotated
+        ang = torch.cat([ang, ang], dim=-1)[:, None, :]
+        return ang.cos().to(self.dtype), ang.sin().to(self.dtype)
 
     def route(self, li: int, logits, planned=None):
         """The real router's choice (Mixtral: softmax, top-k, renormalised), served from the
@@ -286,13 +284,14 @@ class ReplayModel:
             routes_t = torch.as_tensor(routes, device=dev, dtype=torch.long)
             gates_t = torch.as_tensor(gates.astype("float32"), device=dev).to(self.dtype)
         taken = []
+        rope = self.rope_tables(segments)
         cache = self.cache
         for layer_e in load_plan["ahead"]:
             cache.load(*layer_e)
         for li in range(len(self.layers)):
             for le in load_plan["early_at"].get(li, ()):
                 cache.load(*le)
-            x, h, logits = self.attention(li, x, segments)
+            x, h, logits = self.attention(li, x, segments, rope)
             after = None
             if cache.cuda and load_plan["demand"][li]:
                 after = torch.cuda.Event()
@@ -309,6 +308,14 @@ class ReplayModel:
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)
         return next_tokens, (torch.stack(taken, dim=1) if taken else None)
+
+
+def _rotate(t, cos, sin):
+    """Rotary position embedding, rotate-half form (Mixtral, Llama), on the first cos.shape[-1] dims."""
+    r = cos.shape[-1]
+    t1, t2 = t[..., : r // 2], t[..., r // 2: r]
+    rotated = t[..., :r] * cos + torch.cat([-t2, t1], dim=-1) * sin
+    return rotated if r == t.shape[-1] else torch.cat([rotated, t[..., r:]], dim=-1)
 
 
 def _rms(x, w, eps: float = 1e-5):
