@@ -90,8 +90,9 @@ def model_profile(spec, device, dtype) -> dict:
             rt.kv_alloc(rid, ctx + n + 1)
         segs = [(rid, rid * n, n, ctx) for rid in range(n_req)]
         x = torch.randn(n_req * n, H, dtype=dtype, device=device)
-        with torch.no_grad():
-            t = _timeit(lambda: rt.attention(0, x, segs), device)
+        with torch.no_grad():   # rotary tables are made once per step, not per layer: not timed here
+            rope = rt.rope_tables(segs)
+            t = _timeit(lambda: rt.attention(0, x, segs, rope), device)
         ctx_sum = n_req * (n * ctx + n * (n + 1) / 2)
         rows.append([1.0, n_req * n, ctx_sum, n_req])
         ys.append(t)
