@@ -133,7 +133,7 @@ class CostModel:
         the same arithmetic in the same order, one element per step. Needs every copy on
         demand and no link backlog at t0 (so no step waits for an earlier one's copies).
         Returns (start times, durations, copy seconds) and leaves the link as step() would."""
-        T, L = run.demand.shape
+        L = run.demand.shape[1]
         attn = self.attention_s(1, contexts.astype(float) + 1, contexts + 1, 1, maximum=np.maximum)
         ffn = self.experts_s(run.counts, 1)                                   # (T, L)
         fixed = self.fixed_s(1, 1) + 0.0

@@ -236,14 +236,15 @@ class Engine:
             return None
         contexts = req.context + np.arange(n)
         horizon = min(self._next_arrival_s, self.max_time or float("inf"))
-        latest_start = now + np.concatenate([[0.0], self.cost.decode_upper_bound(contexts, self.policy.max_decode_loads)[:-1]]).cumsum()
+        longest = self.cost.decode_upper_bound(contexts, self.policy.max_decode_loads)
+        latest_start = now + np.concatenate([[0.0], longest[:-1]]).cumsum()
         n = int(np.searchsorted(latest_start, horizon, side="left"))
         if n < 2:
             return None
         contexts = contexts[:n]
-        row, t = req.next_row, self.trace
-        run = StepBatch(self.steps, t.experts[row: row + n], t.gates[row: row + n],
-                        None if t.router_probs is None else t.router_probs[row: row + n],
+        row, tr = req.next_row, self.trace
+        run = StepBatch(self.steps, tr.experts[row: row + n], tr.gates[row: row + n],
+                        None if tr.router_probs is None else tr.router_probs[row: row + n],
                         np.zeros(n, dtype=np.int64), [req])
         plan = self.policy.plan_decode_run(run)
         starts, durations, copies = self.cost.decode_run(now, plan, contexts)
@@ -259,8 +260,8 @@ class Engine:
                                  parts["dense"].tolist(), parts["experts"].tolist(), parts["kv"].tolist(),
                                  parts["activations"].tolist(), parts["predictor"].tolist(), copies.tolist(),
                                  copies.tolist(), loads.tolist(), active.tolist(), attn_ctx.tolist(), one))
-        for t, d in zip(starts.tolist(), durations.tolist()):
-            self.scheduler.on_step(self.running, d, t)
+        for start, d in zip(starts.tolist(), durations.tolist()):
+            self.scheduler.on_step(self.running, d, start)
         self.steps += n
         return req, n, float(starts[-1] + durations[-1])
 
