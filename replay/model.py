@@ -161,6 +161,8 @@ class ReplayModel:
         self.dense_bytes = sum(t.numel() for layer in self.layers for t in layer.values()) * elt \
             + (self.embed.numel() + self.head.numel() + self.norm.numel()) * elt
         self.miss_mode = "fetch"        # router routing: what a router's pick of an absent expert gets
+        self.norm_topk = True           # router routing: renormalise the top-k weights (Mixtral)
+        self.qk_norm = None             # real weights: RMSNorm of q and k, "full" (OLMoE) or "head" (Qwen3)
         self.router_stats = dict(routes=0, misses=0, reroutes=0)
         self.kv: dict[int, list] = {}    # request index -> per layer [k, v] buffers
         self._kv_bytes = 0               # kept as buffers come and go: read every step
@@ -193,8 +195,12 @@ class ReplayModel:
         s, layer, dev = self.spec, self.layers[li], self.device
         nh, nkv, hd = s.n_heads, s.n_kv_heads, s.hd
         h = _rms(x, layer["n1"], self.rms_eps)
-        q = (h @ layer["wq"]).view(-1, nh, hd)
-        k = (h @ layer["wk"]).view(-1, nkv, hd)
+        q, k = h @ layer["wq"], h @ layer["wk"]
+        if self.qk_norm == "full":
+            q, k = _rms(q, layer["qn"], self.rms_eps), _rms(k, layer["kn"], self.rms_eps)
+        q, k = q.view(-1, nh, hd), k.view(-1, nkv, hd)
+        if self.qk_norm == "head":
+            q, k = _rms(q, layer["qn"], self.rms_eps), _rms(k, layer["kn"], self.rms_eps)
         v = (h @ layer["wv"]).view(-1, nkv, hd)
         cos, sin = rope if rope is not None else self.rope_tables(segments)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -243,7 +249,8 @@ class ReplayModel:
         if self.miss_mode == "reroute" and absent.any():
             st["reroutes"] += int(absent.any(dim=-1).sum())
             g, r = probs.masked_fill(~resident, -1.0).topk(k, dim=-1)
-        g = g / g.sum(dim=-1, keepdim=True)
+        if self.norm_topk:
+            g = g / g.sum(dim=-1, keepdim=True)
         return r, g.to(self.dtype)
 
     def experts(self, li: int, h, r_l, g_l, after=None):

@@ -1,10 +1,13 @@
 """Real Hugging Face weights for the replay model: check they are the scenario's model,
 load them, and tokenize the trace's prompts with the checkpoint's own tokenizer.
 
-Supported layout: Mixtral (MixtralForCausalLM; safetensors with
-model.layers.N.block_sparse_moe.experts.J.w1/w2/w3), which the project's own small
-MoE (traces/models/emoe-small-moe) and Mixtral-8x7B/8x22B use. Other architectures
-get a clear error naming what is supported.
+Supported layouts (every layer an MoE layer, no shared experts):
+- Mixtral (MixtralForCausalLM: block_sparse_moe.experts.J.w1/w3/w2), which the
+  project's own small MoE (traces/models/emoe-small-moe) and Mixtral-8x7B/8x22B use;
+- OLMoE (OlmoeForCausalLM: mlp.experts.J.gate/up/down_proj, QK-norm over the whole
+  projection, top-k weights not renormalised);
+- Qwen3-MoE (Qwen3MoeForCausalLM: the same expert names, QK-norm per head).
+Qwen2-MoE and DeepSeek (shared experts, MLA) get a clear error naming what is supported.
 """
 from __future__ import annotations
 
@@ -14,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SUPPORTED = ("MixtralForCausalLM",)
+# architecture -> (expert prefix, gate name, w1/w3/w2 names, QK-norm: None | "full" | "head")
+LAYOUTS = {
+    "MixtralForCausalLM": ("block_sparse_moe", "gate", ("w1", "w3", "w2"), None),
+    "OlmoeForCausalLM": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "full"),
+    "Qwen3MoeForCausalLM": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "head"),
+}
+SUPPORTED = tuple(LAYOUTS)
 
 
 class WeightsError(ValueError):
@@ -36,14 +45,21 @@ def read_config(weights_dir) -> dict:
     return cfg
 
 
+def checkpoint_spec(cfg: dict, name: str = "checkpoint"):
+    """The ModelSpec of a checkpoint's config.json (the capture code's reading of it)."""
+    from types import SimpleNamespace
+    from traces.capture import spec_from_config
+    return spec_from_config(SimpleNamespace(**cfg), name)
+
+
 def check_spec(spec, cfg: dict, weights_dir) -> None:
     """The scenario's model must be the checkpoint's: same shape, field by field."""
-    want = {"hidden": cfg["hidden_size"], "expert_ffn": cfg["intermediate_size"],
-            "n_moe_layers": cfg["num_hidden_layers"], "n_experts": cfg["num_local_experts"],
-            "top_k": cfg["num_experts_per_tok"], "n_heads": cfg["num_attention_heads"],
-            "n_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            "vocab": cfg["vocab_size"],
-            "hd": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]}
+    ck = checkpoint_spec(cfg)
+    if ck.n_shared_experts or ck.n_moe_layers != ck.n_layers or cfg.get("mlp_only_layers"):
+        raise WeightsError(f"{weights_dir}: shared experts or dense layers are not supported by the replayer's "
+                           "weight loader; replay it with random weights (no --weights)")
+    fields = ("hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k", "n_heads", "n_kv_heads", "vocab", "hd")
+    want = {k: getattr(ck, k) for k in fields}
     bad = [f"{k}: scenario {getattr(spec, k)}, checkpoint {v}" for k, v in want.items() if getattr(spec, k) != v]
     if bad:
         raise WeightsError(f"the scenario's model '{spec.name}' is not the checkpoint in {weights_dir} ("
@@ -79,10 +95,13 @@ def load_into(rt, weights_dir, cfg: dict) -> None:
                                f"{tuple(dst.shape)}")
         dst.copy_(src)
 
+    moe, gate, (n1, n3, n2), qk = LAYOUTS[cfg["architectures"][0]]
     put(rt.embed, get("model.embed_tokens.weight"))
     head = "model.embed_tokens.weight" if cfg.get("tie_word_embeddings") else "lm_head.weight"
     put(rt.head, get(head))
     put(rt.norm, get("model.norm.weight"))
+    rt.qk_norm = qk
+    rt.norm_topk = bool(cfg.get("norm_topk_prob", True)) if qk else True   # Mixtral always renormalises
     for li, layer in enumerate(rt.layers):
         p = f"model.layers.{li}."
         put(layer["wq"], get(p + "self_attn.q_proj.weight").T)
@@ -91,11 +110,15 @@ def load_into(rt, weights_dir, cfg: dict) -> None:
         put(layer["wo"], get(p + "self_attn.o_proj.weight").T)
         put(layer["n1"], get(p + "input_layernorm.weight"))
         put(layer["n2"], get(p + "post_attention_layernorm.weight"))
-        put(layer["router"], get(p + "block_sparse_moe.gate.weight").T)
+        if qk:
+            layer["qn"] = get(p + "self_attn.q_norm.weight").to(rt.device)
+            layer["kn"] = get(p + "self_attn.k_norm.weight").to(rt.device)
+            rt.dense_bytes += (layer["qn"].numel() + layer["kn"].numel()) * layer["qn"].element_size()
+        put(layer["router"], get(p + f"{moe}.{gate}.weight").T)
         for e in range(s.n_experts):
-            q = p + f"block_sparse_moe.experts.{e}."
-            flat = torch.cat([get(q + "w1.weight").T.reshape(-1), get(q + "w3.weight").T.reshape(-1),
-                              get(q + "w2.weight").T.reshape(-1)])
+            q = p + f"{moe}.experts.{e}."
+            flat = torch.cat([get(q + f"{n1}.weight").T.reshape(-1), get(q + f"{n3}.weight").T.reshape(-1),
+                              get(q + f"{n2}.weight").T.reshape(-1)])
             put(rt.host_experts[li][e], flat)
     # Experts already in the device cache were copied from the random host tensors: refresh.
     for (li, e), slot in rt.cache.slot_of.items():
