@@ -1,6 +1,7 @@
 """An MoE decoder stack in PyTorch at a scenario's dimensions, with experts offloaded.
 
-Dense weights (embeddings, attention, norms, routers, LM head) live on the device.
+Dense weights (embeddings, attention, norms, routers, shared experts, LM head) live on
+the device. (Not modelled: DeepSeek's dense first layers and MLA attention.)
 Every routed expert lives in host memory (pinned on CUDA) as one flat tensor
 (w1 | w3 | w2), so a load is one copy. The device holds an ExpertCache: a pool of
 slots the policy's resident experts occupy, plus a staging slot per top-k for
@@ -147,11 +148,16 @@ class ReplayModel:
         self.head = w(spec.vocab, H)
         self.norm = torch.ones(H, dtype=dtype, device=self.device)
         self.layers = []
+        # Shared experts (Qwen-MoE, DeepSeek) serve every token: one dense FFN on the device.
+        S = spec.n_shared_experts * (spec.shared_ffn or spec.expert_ffn)
         for _ in range(spec.n_moe_layers):
-            self.layers.append(dict(wq=w(H, nh * hd), wk=w(H, nkv * hd), wv=w(H, nkv * hd), wo=w(nh * hd, H),
-                                    router=w(H, spec.n_experts),
-                                    n1=torch.ones(H, dtype=dtype, device=self.device),
-                                    n2=torch.ones(H, dtype=dtype, device=self.device)))
+            layer = dict(wq=w(H, nh * hd), wk=w(H, nkv * hd), wv=w(H, nkv * hd), wo=w(nh * hd, H),
+                         router=w(H, spec.n_experts),
+                         n1=torch.ones(H, dtype=dtype, device=self.device),
+                         n2=torch.ones(H, dtype=dtype, device=self.device))
+            if S:
+                layer.update(s1=w(H, S), s3=w(H, S), s2=w(S, H))
+            self.layers.append(layer)
         numel = 3 * H * spec.expert_ffn
         # Host experts can be shared between replays of one model (pinning 90 GB takes a while).
         self.host_experts = host_experts or [[w(numel, host=True) for _ in range(spec.n_experts)]
@@ -253,6 +259,13 @@ class ReplayModel:
             g = g / g.sum(dim=-1, keepdim=True)
         return r, g.to(self.dtype)
 
+    def shared(self, li: int, h):
+        """Layer li's shared experts (every token), or 0 where the model has none."""
+        layer = self.layers[li]
+        if "s1" not in layer:
+            return 0
+        return (F.silu(h @ layer["s1"]) * (h @ layer["s3"])) @ layer["s2"]
+
     def experts(self, li: int, h, r_l, g_l, after=None):
         """Routed experts of layer li: r_l, g_l (n, k) forced experts and gates."""
         s, cache = self.spec, self.cache
@@ -310,7 +323,7 @@ class ReplayModel:
             else:
                 r_l, g_l = self.route(li, logits, None if planned is None else planned[li])
                 taken.append(r_l)
-            x = x + self.experts(li, h, r_l, g_l, after)
+            x = x + self.experts(li, h, r_l, g_l, after) + self.shared(li, h)
         next_tokens = None
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)

@@ -81,6 +81,12 @@ def model_profile(spec, device, dtype) -> dict:
         ex_y.append(_timeit(lambda: rt.experts(0, h, r[:, :1], g[:, :1]), device))
     b, a = np.polyfit(ex_x, ex_y, 1)
     expert = dict(a=max(float(a), 0.0), b=max(float(b), 0.0))
+    shared = None
+    if spec.n_shared_experts:   # shared experts by tokens (every token, every MoE layer)
+        sh_y = [_timeit(lambda: rt.shared(0, torch.randn(t, H, dtype=dtype, device=device)), device)
+                for t in ex_x]
+        b, a = np.polyfit(ex_x, sh_y, 1)
+        shared = dict(a=max(float(a), 0.0), b=max(float(b), 0.0))
     # One layer's attention block by tokens, context and requests.
     rows, ys = [], []
     for n_req, n, ctx in [(1, 1, 16), (1, 1, 256), (1, 1, 1024), (4, 1, 256), (8, 1, 256), (16, 1, 128),
@@ -100,8 +106,11 @@ def model_profile(spec, device, dtype) -> dict:
     coef = np.maximum(coef, 0.0)
     attention = dict(a=float(coef[0]), b=float(coef[1]), c=float(coef[2]), d=float(coef[3]))
     shape = {f: getattr(spec, f) for f in ("name", "hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k",
-                                           "n_heads", "n_kv_heads", "dtype_bytes")}
-    return dict(model=shape, expert_s=expert, attention_s=attention)
+                                           "n_heads", "n_kv_heads", "dtype_bytes", "n_shared_experts")}
+    out = dict(model=shape, expert_s=expert, attention_s=attention)
+    if shared:
+        out["shared_s"] = shared
+    return out
 
 
 def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
@@ -114,6 +123,8 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
     layers = n_layers * (a["a"] + a["b"] * timeline.tokens + a["c"] * timeline.attn_ctx
                          + a["d"] * timeline.batch_requests) + e["a"] * timeline.active_experts \
         + e["b"] * timeline.tokens * measured["model"]["top_k"]
+    if "shared_s" in measured:
+        layers = layers + n_layers * (measured["shared_s"]["a"] + measured["shared_s"]["b"] * timeline.tokens)
     # Wall time from one step's start to the next covers the engine's own work too.
     wall = timeline.t_s.diff().shift(-1).fillna(timeline.step_s)
     resid = (wall - layers).to_numpy()

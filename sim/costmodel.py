@@ -39,6 +39,8 @@ def measured_for(hw, model) -> dict | None:
     keys = ("hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k", "n_heads", "n_kv_heads")
     if any(shape.get(k) != getattr(model, k) for k in keys):
         return None
+    if shape.get("n_shared_experts", 0) != model.n_shared_experts:   # older profiles lack the key
+        return None
     return m
 
 
@@ -80,7 +82,9 @@ class CostModel:
         active = counts > 0
         if self.measured:
             e = self.measured["expert_s"]
-            return (active * e["a"] + counts * e["b"]).sum(axis=-1)
+            per_layer = (active * e["a"] + counts * e["b"]).sum(axis=-1)
+            sh = self.measured.get("shared_s")
+            return per_layer + (sh["a"] + sh["b"] * n_tokens) if sh else per_layer
         t = np.maximum(counts * (self.expert_flops_per_token / self.flops), active * (self.expert_bytes / self.bw))
         per_layer = t.sum(axis=-1)
         if self.shared_bytes:

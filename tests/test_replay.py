@@ -101,3 +101,25 @@ def test_profile_writes_a_usable_hardware_profile(tiny_trace_path, tmp_path):
     hw = get_hardware({"profile": str(tmp_path / "p.yaml")})
     assert CostModel(replace(get_model("tiny"), dtype_bytes=4), hw).measured is not None
     assert CostModel(get_model("mixtral-8x7b"), hw).measured is None
+
+
+def test_shared_experts_are_replayed_and_profiled(tiny_trace_path, tmp_path):
+    """Qwen-MoE / DeepSeek-style shared experts: computed for every token on the device,
+    counted in the dense weights like the simulator does, and timed by the profile."""
+    shared_tiny = {"preset": "tiny", "name": "tiny-shared", "n_shared_experts": 1, "shared_ffn": 256}
+    data = scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5}, requests=6)
+    data["model"] = shared_tiny
+    rp = replay_scenario(data, "cpu")
+    plain = replay_scenario(scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5}, requests=6), "cpu")
+    H = 64
+    assert rp.summary["weights_plus_cache_bytes"] - plain.summary["weights_plus_cache_bytes"] == 4 * 4 * 3 * H * 256
+    sim = run_scenario(load_scenario(rp.write(tmp_path / "rp") / "scenario.yaml"))
+    assert rp.summary["weights_plus_cache_bytes"] == pytest.approx(
+        sim.summary["peak_dense_bytes"] + sim.summary["peak_experts_bytes"], rel=0.02)
+    from dataclasses import replace
+
+    from replay.profile import model_profile
+    from sim.models import get_model
+    spec = replace(get_model(shared_tiny), dtype_bytes=4)
+    measured = model_profile(spec, torch.device("cpu"), torch.float32)
+    assert measured["shared_s"]["b"] > 0 and measured["model"]["n_shared_experts"] == 1
