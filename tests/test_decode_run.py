@@ -131,3 +131,9 @@ def test_engine_results_identical_with_and_without_decode_runs(monkeypatch, poli
     pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12)
     for k, v in slow.summary.items():
         assert fast.summary[k] == pytest.approx(v, rel=1e-12), k
+
+
+def test_lru_runs_only_where_they_pay():
+    assert make_policy({"name": "on_demand"}, get_model("olmoe-1b-7b")).plans_decode_runs        # 64 experts
+    assert not make_policy({"name": "on_demand"}, get_model("qwen3-30b-a3b")).plans_decode_runs  # 128 experts
+    assert make_policy({"name": "on_demand", "miss": "reroute"}, get_model("qwen3-30b-a3b")).plans_decode_runs
