@@ -4,7 +4,7 @@
 
 - saturated: every request present at t=0, at most 32 running (16-32 in flight);
 - light: one request at a time (arrivals far apart), so every step is one token; measured
-  with decode runs (the default) and step by step (Engine.fast_forward = False) in one run.
+  with decode runs (the default) and step by step (limits.decode_runs: false) in one run.
 Prints medians over the repeats; README 'Benchmarks' holds the figures. Runs on one core.
 """
 import argparse
@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-from sim.engine import Engine
 from sim.run import run_scenario
 from sim.scenario import load_scenario
 from traces.format import load_trace, save_trace
@@ -32,12 +31,12 @@ def trace_for(n: int):
     return p
 
 
-def scenario(trace_path, arrival, max_running, policy=None):
+def scenario(trace_path, arrival, max_running, policy=None, decode_runs=True):
     return load_scenario(data={
         "name": "bench", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4},
         "workload": {"trace": str(trace_path), "arrival": arrival},
         "policy": policy or {"name": "on_demand", "capacity": 0.6},
-        "limits": {"max_batch_tokens": 8192, "max_running": max_running}})
+        "limits": {"max_batch_tokens": 8192, "max_running": max_running, "decode_runs": decode_runs}})
 
 
 def measure(sc, trace, repeats):
@@ -72,18 +71,17 @@ def main():
           f"{steps / w:,.0f} steps/s, {a.light / w:,.1f} requests/s; mean running "
           f"{res.timeline.batch_requests.mean():.2f}")
     # The same run stepping one SimPy step at a time (no decode runs): same results, for the ratio.
-    Engine.fast_forward = False
+    sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32, decode_runs=False)
     w1, steps1, res1, walls1 = measure(sc, light, a.repeats)
-    Engine.fast_forward = True
     assert steps1 == steps and res1.summary["e2e_mean_s"] == res.summary["e2e_mean_s"]
     print(f"light, step by step: median {w1:.2f}s wall (runs {[round(x, 2) for x in walls1]}); "
           f"{steps / w1:,.0f} steps/s; decode runs are {w1 / w:.1f}x faster, same results")
     # The eMoE policy (rerouting between invocations, interval 40) at the same light load.
-    sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32, {"name": "emoe", "capacity": 0.6})
+    emoe = {"name": "emoe", "capacity": 0.6}
+    sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32, emoe)
     w, steps, res, walls = measure(sc, light, a.repeats)
-    Engine.fast_forward = False
+    sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32, emoe, decode_runs=False)
     w1, _, res1, _ = measure(sc, light, a.repeats)
-    Engine.fast_forward = True
     print(f"light, emoe: {steps / w:,.0f} steps/s with decode runs, {steps / w1:,.0f} step by step "
           f"({w1 / w:.1f}x)")
 

@@ -46,6 +46,7 @@ class Engine:
         self.max_running = int(limits["max_running"])
         self.max_steps = int(limits.get("max_steps") or 0)
         self.max_time = float(limits.get("max_sim_time_s") or 0.0)
+        self.fast_forward = self.fast_forward and bool(limits.get("decode_runs", True))
         self.cost = CostModel(model, hw)
         policy.copy_s = self.cost.copy_s
         self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
@@ -214,7 +215,7 @@ class Engine:
         return StepWork(decode, chunks, rows, batch, n_new, len(rows), n_sampled, attn_ctx, kv_read)
 
     # ---- light load: a lone request's decode steps at once ----------------------------------
-    fast_forward = True     # False: always step by step (the decode run is exact, this is for checking it)
+    fast_forward = True     # False (or limits.decode_runs: false): step by step, same results, for checking
     MAX_RUN = 512           # steps per decode run (bounds the (T, L, E) arrays)
 
     def _decode_run(self, now: float):

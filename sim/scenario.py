@@ -16,7 +16,8 @@ unknown or ill-typed one fails with the file, the key path and what is allowed.
       slo: {default: {ttft_s: 5, e2e_s: 120}, qa: {ttft_s: 1, tpot_s: 0.2}}
     policy: {name: on_demand, capacity: 0.6, eviction: lru, miss: fetch}
     scheduler: {name: fcfs}
-    limits: {max_batch_tokens: 8192, max_running: 64, memory_utilization: 0.9, max_steps: 0}
+    limits: {max_batch_tokens: 8192, max_running: 64, memory_utilization: 0.9, max_steps: 0,
+             max_sim_time_s: 0, decode_runs: true}
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ DEFAULTS = {
     "policy": {"name": "resident"},
     "scheduler": {"name": "fcfs"},
     "limits": {"max_batch_tokens": 8192, "max_running": 64, "memory_utilization": 0.9,
-               "max_steps": 0, "max_sim_time_s": 0.0},
+               "max_steps": 0, "max_sim_time_s": 0.0, "decode_runs": True},
 }
 ARRIVALS = {"poisson": {"process", "rate"}, "trace": {"process", "time_scale"}, "batch": {"process"}}
 SLO_KEYS = {"ttft_s", "tpot_s", "e2e_s"}
@@ -232,6 +233,9 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
         raise ScenarioError(f"{src}: limits.memory_utilization must be in (0, 1], got {lim['memory_utilization']}")
     if lim["max_batch_tokens"] < 1 or lim["max_running"] < 1:
         raise ScenarioError(f"{src}: limits.max_batch_tokens and limits.max_running must be at least 1")
+    if not isinstance(lim["decode_runs"], bool):
+        raise ScenarioError(f"{src}: limits.decode_runs must be true or false (false: step one by one, "
+                            f"same results, slower at light load), got {lim['decode_runs']!r}")
 
 
 def public(sc: dict) -> dict:

@@ -62,6 +62,7 @@ def test_set_overrides_and_shorthand(scen_dir):
     (GOOD + "limits: {max_running: 0}\n", "max_running must be at least 1"),
     (GOOD.replace("a100-40gb", "tpu-v9"), "unknown hardware preset 'tpu-v9'"),
     (GOOD + "scheduler: {name: fcfs, quantum: 3}\n", "scheduler 'fcfs': unknown parameter(s) ['quantum']"),
+    (GOOD + "limits: {decode_runs: maybe}\n", "limits.decode_runs must be true or false"),
 ])
 def test_bad_scenarios(scen_dir, text, msg):
     p = _write(scen_dir, text)
