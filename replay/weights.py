@@ -78,16 +78,19 @@ def load_into(rt, weights_dir, cfg: dict) -> None:
     """Copy the checkpoint's tensors into a ReplayModel built at the same shape."""
     from safetensors import safe_open
     s = rt.spec
-    tensors = {}
+    # Read tensor by tensor from the memory-mapped shards: a real checkpoint is as large as
+    # the host experts it fills, so it is never held in memory twice.
+    where = {}
     for f in sorted(Path(weights_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+        sf = safe_open(str(f), framework="pt")
+        for k in sf.keys():
+            where[k] = sf
 
     def get(name):
-        if name not in tensors:
-            raise WeightsError(f"{weights_dir}: tensor '{name}' missing; is this a complete Mixtral checkpoint?")
-        return tensors[name].to(rt.dtype)
+        if name not in where:
+            raise WeightsError(f"{weights_dir}: tensor '{name}' missing; is this a complete "
+                               f"{cfg['architectures'][0]} checkpoint?")
+        return where[name].get_tensor(name).to(rt.dtype)
 
     def put(dst, src):
         if tuple(dst.shape) != tuple(src.shape):
