@@ -243,9 +243,7 @@ class ReplayModel:
         probs = torch.softmax(logits.float(), dim=-1)
         g, r = probs.topk(k, dim=-1)
         resident = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
-        for (layer, e) in self.cache.slot_of:
-            if layer == li:
-                resident[e] = True
+        resident[[e for (layer, e) in self.cache.slot_of if layer == li]] = True
         available = resident if planned is None or self.miss_mode == "reroute" \
             else resident | torch.as_tensor(planned, device=probs.device)
         absent = ~available[r]

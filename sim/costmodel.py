@@ -140,12 +140,12 @@ class CostModel:
         L = run.demand.shape[1]
         attn = self.attention_s(1, contexts.astype(float) + 1, contexts + 1, 1, maximum=np.maximum)
         ffn = self.experts_s(run.counts, 1)                                   # (T, L)
-        fixed = self.fixed_s(1, 1) + 0.0
+        fixed = self.fixed_s(1, 1)
         n_copies = run.demand.sum(axis=1)
         copies = n_copies.astype(float) * self.copy_s
         ffn_before = ffn.cumsum(axis=1)
         no_copy = fixed + (L * attn + ffn.sum(axis=1))
-        with_copy = fixed + L * attn + ffn_before[:, -1] + copies + 0.0
+        with_copy = fixed + L * attn + ffn_before[:, -1] + copies
         durations = np.where(n_copies > 0, with_copy, no_copy)
         starts = np.concatenate([[t0], durations[:-1]]).cumsum()              # t0 + d0 + d1 ... in order
         j = np.flatnonzero(n_copies)
@@ -154,7 +154,7 @@ class CostModel:
             dem = run.demand[j]
             last = int(np.flatnonzero(dem)[-1])
             before = ffn_before[j, last - 1] if last else 0.0
-            self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + float(before)
+            self.link_free_at = (float(starts[j]) + fixed + (last + 1) * float(attn[j]) + float(before)
                                  + float(dem[:last + 1].sum()) * self.copy_s)
         return starts, durations, copies
 
