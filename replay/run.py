@@ -121,7 +121,8 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     if error:
         extra["error"] = error
     summary = summarize(req, policy.counters(), eng.mem.peak_total,
-                        {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}, extra=extra)
+                        {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}, extra=extra,
+                        model=spec.name)
     meta = dict(engine="replay", device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda")
                 else "cpu", dtype=dtype, scale=scale, weights=str(weights) if weights else None,
                 routing="router" if weights else "trace", torch=torch.__version__, code_version=code_version(),

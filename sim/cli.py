@@ -231,7 +231,7 @@ def cmd_plot(a):
         raise UserError(f"{unknown[0]}: neither a sweep directory (table.csv) nor a results directory "
                         "(summary.json)")
     import pandas as pd
-    kinds = {"memory": plots.memory_vs_experts, "fidelity": plots.fidelity_vs_memory, "rate": plots.vs_rate,
+    kinds = {"memory": plots.memory_vs_experts, "quality": plots.quality_vs_memory, "rate": plots.vs_rate,
              "interval": plots.vs_interval, "pareto": plots.pareto}
     for p in tables:
         t = pd.read_csv(p if p.suffix == ".csv" else p / "table.csv")
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plot", help="standard figures from sweep tables or results directories")
     s.add_argument("inputs", nargs="+", help="sweep directories (table.csv) and/or results directories")
-    s.add_argument("--kind", default="auto", choices=["auto", "memory", "fidelity", "rate", "interval", "pareto"])
+    s.add_argument("--kind", default="auto", choices=["auto", "memory", "quality", "rate", "interval", "pareto"])
     s.add_argument("-o", "--output", default="plots", help="directory for PNG and SVG files")
     s.set_defaults(func=cmd_plot)
 

@@ -61,16 +61,36 @@ def memory_vs_experts(t: pd.DataFrame):
     return fig
 
 
-def fidelity_vs_memory(t: pd.DataFrame):
+def quality_column(t: pd.DataFrame) -> tuple[str, str]:
+    """The quality figure a ranking shows: the calibrated estimate when the table has one
+    (with its provenance), else routing fidelity, labelled as what it is."""
+    if "estimated_quality" in t and t.estimated_quality.notna().any():
+        src = ""
+        if "estimated_quality_source" in t and t.estimated_quality_source.notna().any():
+            src = str(t.estimated_quality_source.dropna().iloc[0])
+        return "estimated_quality", f"est. quality (%)\n{_wrap(src)}" if src else "est. quality (%)"
+    return "routing_fidelity", "routing fidelity (% of gate mass served; no quality calibration)"
+
+
+def _wrap(text: str, width: int = 60) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def quality_vs_memory(t: pd.DataFrame):
+    """Estimated quality (solid) and routing fidelity (dotted) vs peak memory, per policy."""
     plt = _plt()
     t = _done(t)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    col, qlabel = quality_column(t)
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
     for label, g in _by_label(t):
         g = g.sort_values("peak_memory_bytes")
-        ax.plot(g.peak_memory_bytes / GB, g.routing_fidelity * 100, marker="o", label=label)
+        line, = ax.plot(g.peak_memory_bytes / GB, g[col] * 100, marker="o", label=label)
+        if col != "routing_fidelity":
+            ax.plot(g.peak_memory_bytes / GB, g.routing_fidelity * 100, ls=":", color=line.get_color())
     ax.set_xlabel("peak GPU memory (GB)")
-    ax.set_ylabel("routing fidelity (% of gate mass served)")
-    ax.set_title("Routing fidelity vs memory")
+    ax.set_ylabel(qlabel if col == "routing_fidelity" else "%; dotted: routing fidelity")
+    ax.set_title("Quality vs memory" + ("" if col == "routing_fidelity" else f"\n{qlabel}"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -98,8 +118,10 @@ def vs_rate(t: pd.DataFrame):
     plt = _plt()
     t = _done(t)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    col, qlabel = quality_column(t)
     for label, g in _by_label(t):
         g = g.groupby("arrival_rate", as_index=False).mean(numeric_only=True).sort_values("arrival_rate")
+        label = f"{label} (q {g[col].mean():.0%})"   # quality beside latency in the legend
         line, = axes[0].plot(g.arrival_rate, g.e2e_mean_s, marker="o", label=f"{label} mean")
         axes[0].plot(g.arrival_rate, g.e2e_p99_s, ls="--", color=line.get_color(), label=f"{label} p99")
         axes[1].plot(g.arrival_rate, g.slo_attainment * 100, marker="o", label=label)
@@ -114,6 +136,7 @@ def vs_rate(t: pd.DataFrame):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.text(0.01, -0.02, f"q: {qlabel.replace(chr(10), ' ')}", fontsize=7)
     return fig
 
 
@@ -125,9 +148,13 @@ def vs_interval(t: pd.DataFrame):
     if col not in t:
         raise ValueError("the table has no 'policy.interval' column: sweep policy.interval")
     g = t.groupby(col, as_index=False).mean(numeric_only=True).sort_values(col)
+    qcol, qlabel = quality_column(t)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(g[col], g.routing_fidelity * 100, marker="o")
-    axes[0].set_ylabel("routing fidelity (%)")
+    axes[0].plot(g[col], g[qcol] * 100, marker="o")
+    if qcol != "routing_fidelity":
+        axes[0].plot(g[col], g.routing_fidelity * 100, ls=":", marker=".", label="routing fidelity")
+        axes[0].legend(fontsize=7)
+    axes[0].set_ylabel(qlabel, fontsize=7)
     axes[1].plot(g[col], g.e2e_mean_s, marker="o")
     axes[1].set_ylabel("mean end-to-end latency (s)")
     axes[2].plot(g[col], g.bytes_loaded / GB, marker="o")
@@ -150,23 +177,27 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
 
 
 def pareto(t: pd.DataFrame):
-    """Memory vs latency, colour = routing fidelity; the Pareto-optimal points ringed."""
+    """Memory vs latency, colour = estimated quality (or fidelity); the Pareto-optimal points
+    on (memory, latency, quality) ringed."""
     plt = _plt()
     t = _done(t).reset_index(drop=True)
-    pts = np.stack([t.peak_memory_bytes, t.e2e_mean_s, -t.routing_fidelity], axis=1)
+    col, qlabel = quality_column(t)
+    pts = np.stack([t.peak_memory_bytes, t.e2e_mean_s, -t[col]], axis=1)
     front = pareto_mask(pts)
     fig, ax = plt.subplots(figsize=(6.8, 4.5))
-    sc = ax.scatter(t.peak_memory_bytes / GB, t.e2e_mean_s, c=t.routing_fidelity * 100, cmap="viridis", s=36)
+    sc = ax.scatter(t.peak_memory_bytes / GB, t.e2e_mean_s, c=t[col] * 100, cmap="viridis", s=36)
+    name = "quality" if col != "routing_fidelity" else "fidelity"
     ax.scatter(t.peak_memory_bytes[front] / GB, t.e2e_mean_s[front], s=140, facecolors="none",
-               edgecolors="red", label="Pareto front (memory, latency, fidelity)")
+               edgecolors="red", label=f"Pareto front (memory, latency, {name})")
     for i in np.flatnonzero(front):
         ax.annotate(t.label[i], (t.peak_memory_bytes[i] / GB, t.e2e_mean_s[i]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
-    fig.colorbar(sc, label="routing fidelity (%)")
+    cb = fig.colorbar(sc)
+    cb.set_label(qlabel, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("peak GPU memory (GB)")
     ax.set_ylabel("mean end-to-end latency (s)")
-    ax.set_title("Memory / latency / fidelity trade-off")
+    ax.set_title(f"Memory / latency / {name} trade-off")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
@@ -195,7 +226,7 @@ def auto(table: pd.DataFrame, out_dir) -> list[Path]:
     varied = {c for c in ("policy_capacity", "arrival_rate", "policy.interval") if c in t and t[c].nunique() > 1}
     if "policy_capacity" in varied:
         written += save(memory_vs_experts(t), out_dir, "memory_vs_experts")
-        written += save(fidelity_vs_memory(t), out_dir, "fidelity_vs_memory")
+        written += save(quality_vs_memory(t), out_dir, "quality_vs_memory")
     if "arrival_rate" in varied:
         written += save(vs_rate(t), out_dir, "latency_vs_rate")
     if "policy.interval" in varied:

@@ -65,17 +65,31 @@ def estimate(calib: dict, task: str, fidelity: float) -> float:
     return float(np.interp(fidelity, x, y))
 
 
-def summarize(calib: dict | None, requests) -> dict:
-    """Per-task and overall estimated agreement for a run's per-request gate mass kept."""
+def provenance(calib: dict, model: str | None = None) -> str:
+    """Where an estimate comes from, and whether it speaks for the simulated model."""
+    src = f"estimate from {calib['model']} ({calib['metric']})"
+    if model and model.split("/")[0] != calib["model"]:   # "name/s32": the same model, scaled
+        src += f"; calibrated on {calib['model']}, not {model}: indicative of direction, not of level"
+    return src
+
+
+def summarize(calib: dict | None, requests, model: str | None = None) -> dict:
+    """Per-task and overall estimated agreement for a run's per-request gate mass kept.
+
+    Quality stands beside latency in every summary: a run that reroutes nothing keeps
+    every route's gate mass (fidelity 1) and so estimates 1.0 exactly, and a run that
+    reroutes is charged by the calibration curve of the named model."""
     if calib is None or requests.empty or "gate_mass_kept" not in requests:
         return {}
+    done = requests[requests.completed]
     per = {}
-    for task, g in requests[requests.completed].groupby("task"):
+    for task, g in done.groupby("task"):
         per[task] = estimate(calib, task, float(g.gate_mass_kept.mean()))
-    weights = requests[requests.completed].groupby("task").output_tokens.sum()
-    overall = float(sum(per[t] * weights[t] for t in per) / max(weights.sum(), 1))
+    weights = done.groupby("task").output_tokens.sum()
+    overall = float(sum(per[t] * weights[t] for t in per) / max(weights.sum(), 1)) if per else float("nan")
     return {"estimated_quality": overall, "estimated_quality_per_task": per,
-            "estimated_quality_source": f"estimate from {calib['model']} ({calib['metric']})"}
+            "estimated_quality_source": provenance(calib, model),
+            "estimated_quality_model": calib["model"]}
 
 
 def write(calib: dict, path) -> Path:

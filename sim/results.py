@@ -68,7 +68,10 @@ def request_table(requests) -> pd.DataFrame:
 
 
 def summarize(req: pd.DataFrame, policy_counters: dict, peak_total: float, peak_parts: dict,
-              extra: dict | None = None) -> dict:
+              extra: dict | None = None, model: str | None = None) -> dict:
+    """The headline metrics of a run, simulated or replayed alike, with the estimated output
+    quality beside the latency (sim/quality.py; `model` names the model the run served, so the
+    estimate says when it was calibrated on another one)."""
     done = req[req.completed]
     span = (done.finish_s.max() - req.arrival_s.min()) if len(done) else np.nan
 
@@ -88,6 +91,8 @@ def summarize(req: pd.DataFrame, policy_counters: dict, peak_total: float, peak_
     s.update({f"peak_{k}_bytes": float(v) for k, v in peak_parts.items()})
     if extra:
         s.update(extra)
+    from sim import quality
+    s.update(quality.summarize(quality.load(), req, model))
     return s
 
 

@@ -26,7 +26,7 @@ def test_plot_command_on_a_sweep_and_results(tmp_path, tiny_trace_path):
     t = pd.read_csv(tmp_path / "out" / "table.csv")
     assert {"label", "policy_capacity", "arrival_rate"} <= set(t.columns)
     assert main(["plot", str(tmp_path / "out"), "-o", str(tmp_path / "fig")]) == 0
-    for name in ("memory_vs_experts", "fidelity_vs_memory", "latency_vs_rate", "pareto"):
+    for name in ("memory_vs_experts", "quality_vs_memory", "latency_vs_rate", "pareto"):
         assert (tmp_path / "fig" / f"{name}.png").stat().st_size > 5000
         assert (tmp_path / "fig" / f"{name}.svg").exists()
     pts = sorted((tmp_path / "out" / "points").iterdir())[:2]
