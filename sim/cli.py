@@ -145,8 +145,15 @@ def print_summary(s: dict, title: str = ""):
 
 
 def _scenario(a):
+    """A scenario YAML, or a directory holding one (a sweep point, a results directory)."""
     from sim.scenario import load_scenario
-    return load_scenario(a.scenario, a.set or [])
+    path = Path(a.scenario)
+    if path.is_dir():
+        if not (path / "scenario.yaml").exists():
+            raise UserError(f"'{path}' is a directory without scenario.yaml; give a scenario YAML, a sweep "
+                            "point directory (SWEEP/points/HASH) or a results directory")
+        path = path / "scenario.yaml"
+    return load_scenario(path, a.set or [])
 
 
 def cmd_run(a):
@@ -344,6 +351,42 @@ def cmd_sensitivity(a):
         print(f"{task:15s} agreement with layers 0..m-1 randomised: " + " ".join(f"{x:.2f}" for x in curve)
               + f"   s = {res['tasks'][task]}")
     print(f"wrote {a.output} (use it as policy.sensitivity)")
+
+
+def cmd_choose(a):
+    import pandas as pd
+
+    from sim import choose as ch
+    from sim import plots
+    objective = a.maximise or a.minimise or "memory"
+    if a.output and Path(a.output).exists() and not a.force:
+        raise UserError(f"'{a.output}' exists; choose another -o or add --force (nothing was overwritten)")
+    c = ch.choose(a.sweep_dir, a.slo_attainment, a.min_quality, a.max_memory_gb, objective)
+    n_feasible = int(c.pooled.feasible.sum())
+    print(f"{len(c.pooled)} configurations, {n_feasible} meet SLO attainment >= {a.slo_attainment:.0%} and "
+          f"estimated quality >= {a.min_quality:.0%}; Pareto set (memory, latency, quality), best by {objective}:")
+    if c.chosen is None:
+        best = c.pooled.sort_values("slo_attainment", ascending=False).iloc[0]
+        raise UserError(f"no configuration of {a.sweep_dir} meets the constraints (best SLO attainment "
+                        f"{best.slo_attainment:.1%} by {best.label}); relax --slo-attainment/--min-quality or "
+                        "sweep more capacity")
+    print(ch.format_table(c.pareto))
+    q = c.pooled.get("estimated_quality")
+    table = ch.load_table(a.sweep_dir)
+    if "estimated_quality_source" in table and table.estimated_quality_source.notna().any():
+        print(f"(quality: {table.estimated_quality_source.dropna().iloc[0]})")
+    elif q is None or q.isna().all():
+        print("(no quality calibration: quality not constrained)")
+    print(f"chosen: {c.chosen['label']} capacity {c.chosen['policy_capacity']:g}, point {c.chosen['hash']}")
+    if a.output:
+        path = ch.write_chosen(a.sweep_dir, c.chosen, a.output, c.constraints)
+        print(f"wrote {path}  (replay it: emoe replay {path} --device cuda)")
+    if a.plot:
+        # One point per configuration (seeds pooled, with their 95% intervals), as chosen from.
+        pooled = c.pooled.assign(estimated_quality_source=table.get("estimated_quality_source", pd.Series()).iloc[0]
+                                 if "estimated_quality_source" in table else None)
+        written = plots.save(plots.pareto(pooled, a.slo_attainment, a.min_quality), a.plot, "pareto")
+        print(f"wrote {written[0]}")
 
 
 # ---- replay ---------------------------------------------------------------------
@@ -556,7 +599,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("replay", help="run a scenario on real hardware (PyTorch) with the same policy objects")
-    s.add_argument("scenario")
+    s = sub.add_parser("choose", help="the SLO- and quality-feasible Pareto set of a sweep; write the chosen scenario")
+    s.add_argument("sweep_dir", help="a sweep directory (table.csv, points/)")
+    s.add_argument("--slo-attainment", type=float, default=0.0, metavar="SHARE",
+                   help="least SLO attainment, e.g. 0.95")
+    s.add_argument("--min-quality", type=float, default=0.0, metavar="SHARE",
+                   help="least estimated quality, e.g. 0.95")
+    s.add_argument("--max-memory-gb", type=float, help="most peak GPU memory")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--minimise", choices=["memory", "latency", "p99"], help="objective (default: memory)")
+    g.add_argument("--maximise", choices=["throughput", "quality"], help="objective")
+    s.add_argument("-o", "--output", metavar="CHOSEN.yaml", help="write the chosen point's resolved scenario")
+    s.add_argument("--force", action="store_true", help="overwrite -o if it exists")
+    s.add_argument("--plot", metavar="DIR", help="write the Pareto plot with the feasible set marked")
+    s.set_defaults(func=cmd_choose)
+
+    s.add_argument("scenario", help="scenario YAML, a sweep point directory, or the file `emoe choose -o` wrote")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--scale", type=int, default=1, help="divide hidden sizes by this (CPU runs of big models)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],

@@ -176,21 +176,41 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     return keep
 
 
-def pareto(t: pd.DataFrame):
-    """Memory vs latency, colour = estimated quality (or fidelity); the Pareto-optimal points
-    on (memory, latency, quality) ringed."""
+def pareto(t: pd.DataFrame, slo_attainment: float | None = None, min_quality: float | None = None):
+    """Memory vs latency, colour = estimated quality (or fidelity). Points that miss the SLO
+    attainment or quality floor (when given) are grey crosses; the Pareto-optimal feasible points
+    on (memory, latency, quality) are ringed and labelled with policy, capacity and point hash."""
     plt = _plt()
     t = _done(t).reset_index(drop=True)
     col, qlabel = quality_column(t)
+    feasible = np.ones(len(t), dtype=bool)
+    if slo_attainment is not None:
+        feasible &= (t.slo_attainment >= slo_attainment).to_numpy()
+    if min_quality is not None:
+        feasible &= (t[col].fillna(1.0) >= min_quality).to_numpy()
     pts = np.stack([t.peak_memory_bytes, t.e2e_mean_s, -t[col]], axis=1)
-    front = pareto_mask(pts)
-    fig, ax = plt.subplots(figsize=(6.8, 4.5))
-    sc = ax.scatter(t.peak_memory_bytes / GB, t.e2e_mean_s, c=t[col] * 100, cmap="viridis", s=36)
+    front = np.zeros(len(t), dtype=bool)
+    front[np.flatnonzero(feasible)[pareto_mask(pts[feasible])]] = True
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    f = feasible
+    sc = ax.scatter(t.peak_memory_bytes[f] / GB, t.e2e_mean_s[f], c=t[col][f] * 100, cmap="viridis", s=36,
+                    vmin=float(t[col].min() * 100), vmax=float(t[col].max() * 100))
+    if (~f).any():
+        floors = [f"SLO >= {slo_attainment:.0%}" if slo_attainment is not None else "",
+                  f"quality >= {min_quality:.0%}" if min_quality is not None else ""]
+        ax.scatter(t.peak_memory_bytes[~f] / GB, t.e2e_mean_s[~f], marker="x", color="0.6", s=30,
+                   label="infeasible (" + ", ".join(x for x in floors if x) + ")")
+    if "e2e_mean_s_ci" in t and t.e2e_mean_s_ci.notna().any():   # seeds pooled: 95% intervals
+        ax.errorbar(t.peak_memory_bytes / GB, t.e2e_mean_s, yerr=t.e2e_mean_s_ci.fillna(0), fmt="none",
+                    ecolor="0.5", elinewidth=0.8, capsize=2, label="95% interval over seeds")
     name = "quality" if col != "routing_fidelity" else "fidelity"
     ax.scatter(t.peak_memory_bytes[front] / GB, t.e2e_mean_s[front], s=140, facecolors="none",
                edgecolors="red", label=f"Pareto front (memory, latency, {name})")
     for i in np.flatnonzero(front):
-        ax.annotate(t.label[i], (t.peak_memory_bytes[i] / GB, t.e2e_mean_s[i]), fontsize=6,
+        cap = t.policy_capacity[i] if "policy_capacity" in t else np.nan
+        text = t.label[i] + (f" cap={cap:g}" if pd.notna(cap) else "")
+        text += f" #{str(t.hash[i])[:6]}" if "hash" in t else ""
+        ax.annotate(text, (t.peak_memory_bytes[i] / GB, t.e2e_mean_s[i]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     cb = fig.colorbar(sc)
     cb.set_label(qlabel, fontsize=7)
@@ -199,7 +219,7 @@ def pareto(t: pd.DataFrame):
     ax.set_ylabel("mean end-to-end latency (s)")
     ax.set_title(f"Memory / latency / {name} trade-off")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return fig
 
 
