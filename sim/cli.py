@@ -508,7 +508,8 @@ def cmd_predictor_eval(a):
     if (tr.n_layers, tr.n_experts) != (pred.L, pred.E):
         raise UserError(f"predictor is for {pred.L} layers x {pred.E} experts, trace has "
                         f"{tr.n_layers} x {tr.n_experts}")
-    held = np.flatnonzero(~np.isin(tr.request_id, pred.train_ids))
+    from sim.predictors.overlap import seen_requests
+    held = np.setdiff1d(np.arange(tr.n_requests), seen_requests(tr, pred.train_ids, pred.train_digests))
     if not len(held):
         raise UserError("every request of this trace was used to train the predictor; evaluate on another trace")
     df = evaluate(pred, tr, held, a.top)

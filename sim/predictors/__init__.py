@@ -28,6 +28,7 @@ def load_predictor(path) -> ExpertPredictor:
         raise ValueError(f"{path}: unknown predictor kind {meta.get('kind')!r}")
     p = PREDICTORS[meta["kind"]](meta["n_layers"], meta["n_experts"], **meta.get("params", {}))
     p.model, p.train_ids = meta.get("model", ""), meta.get("train_ids", [])
+    p.train_digests = meta.get("train_digests", [])
     p.prior = {k[len("prior__"):]: v for k, v in arrays.items() if k.startswith("prior__")}
     p.global_prior = arrays["global_prior"]
     p.load_arrays(arrays)

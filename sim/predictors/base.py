@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.predictors.overlap import request_digests
 from traces.stats import request_counts, token_mask
 
 
@@ -38,7 +39,8 @@ class ExpertPredictor:
         self.params = params
         self.prior: dict[str, np.ndarray] = {}     # task -> (L, E) training frequencies
         self.global_prior: np.ndarray | None = None
-        self.train_ids: list[str] = []
+        self.train_ids: list[str] = []          # the training requests' ids in their trace
+        self.train_digests: list[str] = []      # and their routing digests (overlap.request_digests)
         self.model = ""
 
     # ---- fitting -----------------------------------------------------------------
@@ -46,6 +48,7 @@ class ExpertPredictor:
         train_idx = np.asarray(train_idx, dtype=np.int64)
         self.L, self.E, self.model = trace.n_layers, trace.n_experts, trace.model
         self.train_ids = trace.request_id[train_idx].tolist()
+        self.train_digests = request_digests(trace, train_idx)
         shares = request_shares(trace.subset(train_idx))
         tasks = trace.task[train_idx]
         for task in sorted(set(tasks.tolist())):
@@ -77,7 +80,7 @@ class ExpertPredictor:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(kind=self.kind, n_layers=self.L, n_experts=self.E, model=self.model, params=self.params,
-                    tasks=sorted(self.prior), train_ids=self.train_ids)
+                    tasks=sorted(self.prior), train_ids=self.train_ids, train_digests=self.train_digests)
         arrays = {f"prior__{t}": p for t, p in self.prior.items()}
         arrays["global_prior"] = self.global_prior
         arrays.update(self.arrays())

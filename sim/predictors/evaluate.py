@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from sim.predictors.base import request_shares
+from sim.predictors.overlap import seen_requests
 
 
 def split_requests(trace, holdout: float = 0.2, seed: int = 0):
@@ -27,10 +28,10 @@ def split_requests(trace, holdout: float = 0.2, seed: int = 0):
 
 
 def evaluate(pred, trace, eval_idx, m: int | None = None) -> pd.DataFrame:
-    overlap = set(pred.train_ids) & set(trace.request_id[eval_idx].tolist())
-    if overlap:
-        raise ValueError(f"{len(overlap)} evaluated request(s) were used to train the predictor "
-                         f"(e.g. '{sorted(overlap)[0]}'); evaluate on held-out requests only")
+    seen = np.intersect1d(seen_requests(trace, pred.train_ids, pred.train_digests), eval_idx)
+    if len(seen):
+        raise ValueError(f"{len(seen)} evaluated request(s) were used to train the predictor "
+                         f"(e.g. '{trace.request_id[seen[0]]}'); evaluate on held-out requests only")
     shares = request_shares(trace)
     L, E = trace.n_layers, trace.n_experts
     m = m or max(E // 2, 1)
