@@ -154,7 +154,7 @@ def _absolute_paths(sc: dict, base_dir: Path) -> None:
     fix(sc["workload"], "trace")
     if isinstance(sc["hardware"], dict):
         fix(sc["hardware"], "profile")
-    for key in ("predictor_file", "sensitivity"):
+    for key in ("predictor_file", "sensitivity", "warm_trace"):
         fix(sc["policy"], key)
 
 

@@ -96,7 +96,8 @@ def test_perfect_predictor_p1_loads_the_oracle_set(tiny_trace_path):
 
 
 def test_expected_tokens_order_on_a_hand_made_case():
-    pol = make_policy({"name": "emoe", "capacity": 0.25, "skip": False}, TINY, None, 0)
+    # p = 3 prompts: the window is exactly the three arrivals, so N is their expected tokens.
+    pol = make_policy({"name": "emoe", "capacity": 0.25, "skip": False, "interval": 3}, TINY, None, 0)
     f = {"qa": np.tile([0.5, 0.3, 0.2, 0, 0, 0, 0, 0], (4, 1)),
          "code": np.tile([0, 0, 0.1, 0.9, 0, 0, 0, 0], (4, 1))}
     pol.predictor.prior = f

@@ -4,15 +4,16 @@
   optional mis-identification rate).
 - Every `interval` prompts (p; p = 1 is eMoE-E) the predictor gives each task's
   expected expert shares f per layer, and the policy loads, per layer, the
-  experts with the largest expected token counts
+  experts with the largest expected tokens of the coming p prompts
+  (`sim.demand.coming_demand`, the same definition `emoe accuracy` uses):
 
-      N_i = sum over tasks of (sum_j W_j + T * W_o) * s * f_i
+      N_i = p / n * sum over tasks of (sum_j W_j + T * W_o) * s * f_i
 
-  over the T requests of the task that are waiting or running (W_j their prompt
+  over the T prompts of the task among the last n <= p arrivals (W_j their prompt
   tokens, W_o the task's expected output); s is the task's sensitivity at that
-  layer (skip rule: insensitive tasks do not drive loading). Unpredicted experts
-  are evicted; the copies go over the link as prefetches, and the prediction's
-  own time is charged to the next step.
+  layer (skip rule: insensitive tasks do not drive loading). The set is held for
+  p prompts. Unpredicted experts are evicted; the copies go over the link as
+  prefetches, and the prediction's own time is charged to the next step.
 - L experts per layer: `capacity` of each layer (uniform), or `per_layer:
   adaptive`, which spends the same total on the (layer, expert) pairs with the
   largest share of their layer's demand (at least top_k per layer).
@@ -20,18 +21,33 @@
   its next-ranked resident one (router probabilities if the trace has them, else
   the policy's own N ranking), or is fetched with miss: fetch.
 
-The predictor is a file from `emoe predictor train` (`predictor_file`), or a kind
-learnt online from the routing of the requests this server has finished
-(`predictor: emoe_a | frequency`). Until it knows anything, misses are fetched
-(the paper's "the first prompt loads all experts", within the memory budget).
+The predictor is a file from `emoe predictor train` (`predictor_file`: its fitted
+parameters and per-task priors), or a kind learnt online (`predictor: emoe_a |
+frequency`). Either way it predicts from the history this server observes: the
+routing of the requests it has finished, per identified task (emoe_a, emoe_l and
+mlp read the task's previous prompt). Online learning only sets the priors of
+tasks a file has none for; a file's fitted priors stay.
+
+Warm start (`warm_start`): `none` (default) knows nothing of the workload until the
+first request finishes and fetches misses until then (the paper's "the first
+prompt loads all experts", within the memory budget); `predictor` predicts from
+the file's priors from the first arrival; `trace` first learns from the requests
+of `warm_trace` as if this server had served them. A file's training requests and
+a warm trace's requests must be disjoint from the simulated ones (refused
+otherwise, unless `allow_overlap: true`).
 """
 from __future__ import annotations
 
+from collections import deque
+from pathlib import Path
+
 import numpy as np
 
+from sim.demand import Arrival, coming_demand, invocation_due
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
 from sim.predictors import load_predictor, make_predictor
 from sim.predictors.base import normalise
+from sim.predictors.overlap import check_disjoint, request_digests
 from sim.sensitivity import load_sensitivity
 from sim.taskid import TaskIdentifier
 
@@ -41,7 +57,10 @@ class EmoePolicy(ExpertPolicy):
     PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "reroute", "interval": 40,
               "predictor": "emoe_a", "predictor_file": None, "alpha": 0.5, "skip": True,
               "sensitivity": None, "task_aware": True, "per_layer": "uniform", "task_id": "label",
-              "misid_rate": 0.0, "invoke_s": 0.1, "predictor_memory_share": 0.005}
+              "misid_rate": 0.0, "invoke_s": 0.1, "predictor_memory_share": 0.005,
+              "warm_start": "none", "warm_trace": None, "allow_overlap": False}
+    WARM_STARTS = ("none", "predictor", "trace")
+    HISTORY_PRIOR = 64     # online priors: mean of the task's last 64 finished requests
 
     @classmethod
     def check_params(cls, params):
@@ -59,6 +78,30 @@ class EmoePolicy(ExpertPolicy):
         for k in ("invoke_s", "predictor_memory_share", "misid_rate", "alpha"):
             if not isinstance(p[k], (int, float)) or p[k] < 0:
                 raise ValueError(f"{k} must be a non-negative number, got {p[k]!r}")
+        cls._check_warm(p)
+
+    @classmethod
+    def _check_warm(cls, p):
+        if p["warm_start"] not in cls.WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {', '.join(cls.WARM_STARTS)}, got {p['warm_start']!r}")
+        if p["warm_start"] == "predictor" and not p["predictor_file"]:
+            raise ValueError("warm_start: predictor needs predictor_file (from `emoe predictor train`); "
+                             "or use warm_start: trace with warm_trace")
+        if (p["warm_start"] == "trace") != (p["warm_trace"] is not None):
+            raise ValueError("warm_start: trace and warm_trace go together: warm_trace is a trace file (or "
+                             "{synthetic: {tasks: [...], requests: N, seed: S}}) of requests served before this run")
+        wt = p["warm_trace"]
+        if isinstance(wt, dict):
+            from sim.scenario import SYNTH_KEYS
+            spec = wt.get("synthetic")
+            if set(wt) != {"synthetic"} or not isinstance(spec, dict) or not {"tasks", "requests"} <= set(spec) \
+                    or set(spec) - SYNTH_KEYS:
+                raise ValueError(f"warm_trace must be a trace path or {{synthetic: {{tasks, requests, ...}}}} with "
+                                 f"keys among {', '.join(sorted(SYNTH_KEYS))}, got {wt!r}")
+        elif wt is not None and not isinstance(wt, str):
+            raise ValueError(f"warm_trace must be a trace path or {{synthetic: {{...}}}}, got {wt!r}")
+        if not isinstance(p["allow_overlap"], bool):
+            raise ValueError(f"allow_overlap must be true or false, got {p['allow_overlap']!r}")
 
     def __init__(self, model, params, trace=None, seed=0, base_dir=None):
         super().__init__(model, params, trace, seed, base_dir)
@@ -67,14 +110,17 @@ class EmoePolicy(ExpertPolicy):
         self.truth_sens = self.sens   # fidelity in sensitive layers is judged by the same table
         tasks = trace.tasks if trace is not None else []
         self.taskid = TaskIdentifier(tasks, p["task_id"], p["misid_rate"], seed)
+        self.file_tasks: set = set()           # tasks whose prior a predictor file fitted
         if p["predictor_file"]:
-            path = p["predictor_file"]
-            if base_dir is not None and not str(path).startswith("/"):
-                path = base_dir / path
+            path = self._path(p["predictor_file"])
             self.predictor = load_predictor(path)
             if (self.predictor.L, self.predictor.E) != (self.L, self.E):
                 raise ValueError(f"predictor file is for {self.predictor.L} layers x {self.predictor.E} experts, "
                                  f"the model has {self.L} x {self.E}")
+            if trace is not None:
+                check_disjoint(f"predictor file '{path}'", trace, self.predictor.train_ids,
+                               self.predictor.train_digests, p["allow_overlap"])
+            self.file_tasks = set(self.predictor.prior)
             self.online = False
         else:
             kind = p["predictor"]
@@ -84,13 +130,16 @@ class EmoePolicy(ExpertPolicy):
                 self.predictor.alpha = float(p["alpha"])
             self.online = kind != "perfect"
         self.predictor_bytes = int(p["predictor_memory_share"] * (model.dense_bytes + model.expert_bytes_total))
-        self.history: dict[str, list] = {}     # task -> finished requests' (L, E) counts
-        self.active: dict[int, object] = {}    # arrived, not finished
+        self.history: dict[str, list] = {}     # task -> finished requests' (L, E) counts, oldest first
+        self.recent: deque = deque(maxlen=p["interval"])   # the last p arrivals: the task mix
         self.arrivals = 0
         self.invocations = 0
         self.pending = False                   # an invocation is due at the next step
         self.demand = np.zeros((self.L, self.E))
-        self.warm = not self.online or p["predictor"] == "perfect"
+        # Warm: something is known, so predict from the first arrival on (the oracle always is).
+        self.warm = p["warm_start"] != "none" or (not p["predictor_file"] and p["predictor"] == "perfect")
+        if p["warm_start"] == "trace":
+            self._learn_from_trace(p["warm_trace"])
         self._extra_s = 0.0
         self.last_loads = 0
         self.copy_s = 0.0      # set by the engine from its cost model
@@ -102,43 +151,69 @@ class EmoePolicy(ExpertPolicy):
         if self.params["task_id"] == "keywords":
             pt = self.trace.prompt_text if self.trace is not None else None
             text = None if pt is None else str(pt[req.index])
-        req.extra["task_id"] = self.taskid.identify(label, text)
-        self.active[req.index] = req
+        task = req.extra["task_id"] = self.taskid.identify(label, text)
+        self.recent.append(Arrival(task, req.prompt_tokens, req.expected_output, req.index))
         self.arrivals += 1
-        if (self.arrivals - 1) % self.params["interval"] == 0:
+        if invocation_due(self.arrivals, self.params["interval"]):
             self.pending = True
 
     def on_finish(self, req, now):
-        self.active.pop(req.index, None)
-        if not self.online:
-            return
         rows = slice(req.row0, req.row0 + req.prompt_tokens + req.output_tokens)
         counts = self._needed(self.trace.experts[rows]).astype(float)
-        task = req.extra.get("task_id", req.task)
-        self.history.setdefault(task, []).append(counts)
-        hist = self.history[task]
-        self.predictor.prior[task] = normalise(np.mean([normalise(h) for h in hist[-64:]], axis=0))
-        self.predictor.global_prior = normalise(np.mean(list(self.predictor.prior.values()), axis=0))
+        self._learn(req.extra.get("task_id", req.task), counts)
         if not self.warm:
             self.warm = True
             self.pending = True    # first knowledge: predict now rather than wait p prompts
 
+    # ---- what the predictor learns ------------------------------------------------------
+    def _path(self, path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() or self.base_dir is None else Path(self.base_dir) / path
+
+    def _learn(self, task: str, counts: np.ndarray) -> None:
+        """A finished request's routing: the task's history, and its online prior unless a file fitted one."""
+        hist = self.history.setdefault(task, [])
+        hist.append(counts)
+        if task in self.file_tasks:
+            return
+        self.predictor.prior[task] = normalise(np.mean([normalise(h) for h in hist[-self.HISTORY_PRIOR:]], axis=0))
+        if self.online:     # a file's global prior (for tasks it never saw) stays too
+            self.predictor.global_prior = normalise(np.mean(list(self.predictor.prior.values()), axis=0))
+
+    def _learn_from_trace(self, spec) -> None:
+        """Warm start: the requests of `spec` (a trace path or {synthetic: ...}) as if served before."""
+        from traces.format import check_matches_model, load_trace
+        from traces.stats import request_counts, token_mask
+        if isinstance(spec, dict):
+            from traces.synth import synthesize
+            s = dict(spec["synthetic"])
+            warm = synthesize(self.model, s.pop("tasks"), s.pop("requests"), seed=s.pop("seed", 0), **s)
+            where = f"warm_trace (synthetic, seed {spec['synthetic'].get('seed', 0)})"
+        else:
+            path = self._path(spec)
+            if not path.exists():
+                raise FileNotFoundError(f"warm_trace '{path}' does not exist; give a trace of requests served "
+                                        "before this run (`emoe trace synth ... --seed S`, a seed the workload "
+                                        "does not use)")
+            warm = load_trace(path)
+            check_matches_model(warm, self.model, str(path))
+            where = f"warm_trace '{path}'"
+        if self.trace is not None:
+            check_disjoint(where, self.trace, warm.request_id.tolist(), request_digests(warm),
+                           self.params["allow_overlap"])
+        counts = request_counts(warm, token_mask(warm, "all")).astype(float)
+        for i in range(warm.n_requests):
+            self._learn(str(warm.task[i]), counts[i])
+
     # ---- the eMoE decisions -----------------------------------------------------------
     def expected_tokens(self) -> np.ndarray:
-        """(L, E) N_i over the waiting and running requests, by identified task."""
-        by_task: dict[str, list] = {}
-        for r in self.active.values():
-            by_task.setdefault(r.extra.get("task_id", r.task), []).append(r)
-        N = np.zeros((self.L, self.E))
-        for task, reqs in by_task.items():
-            f = self.predictor.predict(task, self.history.get(task, []), upcoming=[r.index for r in reqs])
-            if self.params["task_aware"]:
-                weight = sum(r.prompt_tokens for r in reqs) + len(reqs) * reqs[0].expected_output
-            else:
-                weight = len(reqs)
-            s = self.sens.row(task) if self.params["skip"] else np.ones(self.L)
-            N += weight * s[:, None] * f
-        return N
+        """(L, E) expected tokens per expert of the coming p prompts (sim.demand), by identified task."""
+        def shares(task, arrivals):
+            return self.predictor.predict(task, self.history.get(task, []), upcoming=[a.index for a in arrivals])
+
+        sens = (lambda task: self.sens.row(task)) if self.params["skip"] else None
+        return coming_demand(self.recent, self.params["interval"], (self.L, self.E), shares, sens,
+                             self.params["task_aware"])
 
     def choose(self, N: np.ndarray) -> np.ndarray:
         """(L, E) the experts to keep resident, from expected tokens N."""
