@@ -9,8 +9,11 @@ so that routing is random (for sensitivity profiling).
   agreement with the unrestricted model, with the experts a policy would keep:
   `random` (a fixed random subset), `frequency` (the most used experts over all
   earlier prompts), or `emoe` (every p prompts, the experts with the largest
-  expected tokens N_i for the next p prompts' tasks, from the routing of earlier
-  prompts of each task; the first prompt runs with every expert).
+  expected tokens N_i of the coming p prompts, `sim.demand.coming_demand`: the task
+  mix of the last p prompts that have arrived, each task's routing frequencies over
+  its earlier prompts (all earlier prompts' for a task not seen yet) and expected
+  lengths; the set is held for p prompts. As in the simulator, the first prompt runs
+  with every expert and the first prompt after it predicts at once).
 - `sensitivity`: per task, routing randomised in layers 0..m-1 (from the input side)
   for m = 0..L; a layer is insensitive (s = 0) while agreement stays at or above
   the threshold. The table is the one the eMoE policy's skip rule reads.
@@ -22,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from sim.demand import Arrival, coming_demand, invocation_due
 from traces.capture import moe_modules, moe_shape, select
 
 
@@ -106,9 +110,11 @@ def _top_per_layer(score: np.ndarray, n: int) -> np.ndarray:
     return allowed
 
 
-def accuracy(model, tok, examples: list[dict], policy: str = "emoe", capacity: float = 0.5, interval: int = 1,
-             seed: int = 0) -> dict:
-    """Per-task quality with the policy's experts vs the unrestricted model."""
+def prompt_records(model, tok, examples: list[dict], policy: str = "emoe", capacity: float = 0.5,
+                   interval: int = 1, seed: int = 0):
+    """Per prompt, in order: its task, NLLs and top-1 agreement with and without the policy's
+    experts, and the routing fidelity of the restriction. The experts for prompt j are chosen
+    from prompts 0..j only (the routing of 0..j-1, the task and length of j)."""
     if policy not in ("random", "frequency", "emoe", "all"):
         raise ValueError(f"policy must be random, frequency, emoe or all, got '{policy}'")
     model.eval()
@@ -118,41 +124,56 @@ def accuracy(model, tok, examples: list[dict], policy: str = "emoe", capacity: f
     fixed_random = np.zeros((ctrl.L, ctrl.E), dtype=bool)
     for li in range(ctrl.L):
         fixed_random[li, rng.choice(ctrl.E, n_keep, replace=False)] = True
-    hist: dict[str, np.ndarray] = {}
+    hist: dict[str, np.ndarray] = {}          # task -> routing counts of its earlier prompts
+    out_len: dict[str, list] = {}             # task -> reference lengths of its earlier prompts
     total = np.zeros((ctrl.L, ctrl.E))
-    per = {}
+    recent: list[Arrival] = []
     allowed = None
+
+    def shares(task, arrivals):               # the task's frequencies; all prompts' for a new task
+        c = hist.get(task, total)
+        return c / c.sum(axis=1, keepdims=True) if c.sum() else None
+
     with ctrl:
         for j, ex in enumerate(examples):
             ids, n_p, n_r = _encode(tok, ex)
             ctrl.allowed = None
             ref_top, ref_nll = _score(model, ids, n_p, n_r)
             counts = _routing_counts(ctrl, ids.shape[1])
-            # Which experts the policy has loaded for this prompt (decided before seeing it).
+            # Which experts the policy has loaded for this prompt (decided before seeing its routing).
             if policy == "all":
                 allowed = None
             elif policy == "random":
                 allowed = fixed_random
             elif policy == "frequency":
                 allowed = _top_per_layer(total, n_keep) if total.sum() else None
-            elif j % interval == 0:
-                demand = np.zeros((ctrl.L, ctrl.E))
-                for nxt in examples[j:j + interval]:      # N_i over the next p prompts' tasks
-                    f = hist.get(nxt["task"])
-                    if f is not None:
-                        shares = f / np.maximum(f.sum(axis=1, keepdims=True), 1)
-                        demand += (len(tok(nxt["prompt"])["input_ids"]) + 32) * shares
-                allowed = _top_per_layer(demand, n_keep) if demand.sum() else None   # first prompt: all experts
+            else:
+                lens = out_len.get(ex["task"]) or [x for v in out_len.values() for x in v] or [0]
+                recent.append(Arrival(ex["task"], n_p, float(np.mean(lens)), j))
+                if invocation_due(j + 1, interval) or (allowed is None and total.sum()):
+                    demand = coming_demand(recent, interval, (ctrl.L, ctrl.E), shares)
+                    allowed = _top_per_layer(demand, n_keep) if demand.sum() else None   # nothing known: all
             ctrl.allowed = allowed
             top, nll = _score(model, ids, n_p, n_r)
             kept = 1.0 if allowed is None else float((counts * allowed).sum() / counts.sum())
-            d = per.setdefault(ex["task"], dict(nll=[], agree=[], ref_nll=[], fidelity=[]))
-            d["nll"] += nll.tolist()
-            d["ref_nll"] += ref_nll.tolist()
-            d["agree"] += (top == ref_top).tolist()
-            d["fidelity"].append(kept)
+            yield dict(task=ex["task"], nll=nll.tolist(), ref_nll=ref_nll.tolist(),
+                       agree=(top == ref_top).tolist(), fidelity=kept,
+                       allowed=None if allowed is None else allowed.copy())
             hist[ex["task"]] = hist.get(ex["task"], 0) + counts
+            out_len.setdefault(ex["task"], []).append(n_r)
             total += counts
+
+
+def accuracy(model, tok, examples: list[dict], policy: str = "emoe", capacity: float = 0.5, interval: int = 1,
+             seed: int = 0) -> dict:
+    """Per-task quality with the policy's experts vs the unrestricted model."""
+    per = {}
+    for rec in prompt_records(model, tok, examples, policy, capacity, interval, seed):
+        d = per.setdefault(rec["task"], dict(nll=[], agree=[], ref_nll=[], fidelity=[]))
+        d["nll"] += rec["nll"]
+        d["ref_nll"] += rec["ref_nll"]
+        d["agree"] += rec["agree"]
+        d["fidelity"].append(rec["fidelity"])
     return {task: dict(perplexity=math.exp(np.mean(d["nll"])), perplexity_all_experts=math.exp(np.mean(d["ref_nll"])),
                        agreement=float(np.mean(d["agree"])), routing_fidelity=float(np.mean(d["fidelity"])),
                        prompts=len(d["fidelity"]))

@@ -79,3 +79,27 @@ def test_prompts_need_references(tmp_path, tiny):
 def test_isotonic_fit():
     y = quality.isotonic(np.array([0.1, 0.5, 0.3, 0.4, 0.9]))
     assert np.all(np.diff(y) >= 0) and y.tolist() == pytest.approx([0.1, 0.4, 0.4, 0.4, 0.9])
+
+
+def test_emoe_accuracy_never_uses_prompts_that_have_not_arrived(tiny):
+    """Two prompt streams that agree up to prompt 2 give prompts 0..2 the same experts: the
+    set chosen at an invocation comes from prompts that have arrived, never from later ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replay.quality import accuracy, prompt_records
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    math0, math1, qa0, qa1, code0, _ = PROMPTS
+    a = [math0, qa0, math1, code0]
+    b = [math0, qa0, math1, qa1]
+    for p in (1, 2, 40):
+        ra = list(prompt_records(model, tok, a, "emoe", 0.5, p))
+        rb = list(prompt_records(model, tok, b, "emoe", 0.5, p))
+        for x, y in zip(ra[:3], rb[:3]):
+            assert (x["allowed"] is None) == (y["allowed"] is None)
+            if x["allowed"] is not None:
+                assert (x["allowed"] == y["allowed"]).all()
+            assert x["fidelity"] == y["fidelity"] and x["agree"] == y["agree"]
+        assert accuracy(model, tok, a, "emoe", 0.5, p)["math"] == accuracy(model, tok, b, "emoe", 0.5, p)["math"]
+        # Only the first prompt runs unrestricted; the next predicts at once, whatever p.
+        assert ra[0]["allowed"] is None and all(r["allowed"] is not None for r in ra[1:])
