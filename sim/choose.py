@@ -24,6 +24,8 @@ import pandas as pd
 import yaml
 
 from sim.plots import pareto_mask
+from traces.errors import UserError
+from traces.errors import UserError
 
 # objective name -> (column, sign): smaller sign * value is better
 OBJECTIVES = {"memory": ("peak_memory_bytes", 1), "latency": ("e2e_mean_s", 1), "p99": ("e2e_p99_s", 1),
@@ -38,7 +40,7 @@ METRICS = [c for c, _, _ in SHOWN[5:]]
 NOT_CONFIG = {"point", "hash", "seed", "seed_used", "status", "error"}
 
 
-class ChooseError(ValueError):
+class ChooseError(UserError):
     """A user's mistake: a directory that is no sweep, no finished point, nothing feasible."""
 
 
