@@ -136,6 +136,7 @@ class EmoePolicy(ExpertPolicy):
         self.invocations = 0
         self.pending = False                   # an invocation is due at the next step
         self.demand = np.zeros((self.L, self.E))
+        self._output_mean = None               # the oracle's W_o per task (from the trace)
         # Warm: something is known, so predict from the first arrival on (the oracle always is).
         self.warm = p["warm_start"] != "none" or (not p["predictor_file"] and p["predictor"] == "perfect")
         if p["warm_start"] == "trace":
@@ -200,7 +201,7 @@ class EmoePolicy(ExpertPolicy):
             where = f"warm_trace '{path}'"
         if self.trace is not None:
             check_disjoint(where, self.trace, warm.request_id.tolist(), request_digests(warm),
-                           self.params["allow_overlap"])
+                           self.params["allow_overlap"], saw="holds")
         counts = request_counts(warm, token_mask(warm, "all")).astype(float)
         for i in range(warm.n_requests):
             self._learn(str(warm.task[i]), counts[i])
@@ -212,8 +213,21 @@ class EmoePolicy(ExpertPolicy):
             return self.predictor.predict(task, self.history.get(task, []), upcoming=[a.index for a in arrivals])
 
         sens = (lambda task: self.sens.row(task)) if self.params["skip"] else None
-        return coming_demand(self.recent, self.params["interval"], (self.L, self.E), shares, sens,
+        window = self._oracle_window() if self.predictor.kind == "perfect" else self.recent
+        return coming_demand(window, self.params["interval"], (self.L, self.E), shares, sens,
                              self.params["task_aware"])
+
+    def _oracle_window(self) -> list:
+        """The perfect predictor's window: the p prompts from the latest arrival on, with their
+        true tasks and routing (an upper bound: it sees prompts that have not arrived)."""
+        t = self.trace
+        if not self.recent or t is None:
+            return list(self.recent)
+        if self._output_mean is None:
+            self._output_mean = {task: float(t.output_tokens[t.task == task].mean()) for task in t.tasks}
+        j0 = self.recent[-1].index
+        return [Arrival(str(t.task[j]), int(t.prompt_tokens[j]), self._output_mean[str(t.task[j])], j)
+                for j in range(j0, min(j0 + self.params["interval"], t.n_requests))]
 
     def choose(self, N: np.ndarray) -> np.ndarray:
         """(L, E) the experts to keep resident, from expected tokens N."""

@@ -33,12 +33,13 @@ def seen_requests(trace, train_ids, train_digests=None) -> np.ndarray:
     return np.flatnonzero(np.isin(trace.request_id, list(train_ids)))
 
 
-def check_disjoint(source: str, trace, train_ids, train_digests=None, allow: bool = False) -> int:
+def check_disjoint(source: str, trace, train_ids, train_digests=None, allow: bool = False,
+                   saw: str = "was trained on") -> int:
     """Refuse (ValueError) when `source`'s training requests are among the trace's; returns the overlap."""
     seen = seen_requests(trace, train_ids, train_digests)
     if len(seen) and not allow:
         ids = ", ".join(trace.request_id[seen[:3]].tolist())
-        raise ValueError(f"{source} was trained on {len(seen)} of the {trace.n_requests} simulated requests "
+        raise ValueError(f"{source} {saw} {len(seen)} of the {trace.n_requests} simulated requests "
                          f"(e.g. {ids}), so its predictions would be optimistic; simulate requests it never saw "
                          "(another trace or seed, or train on a disjoint part) or set policy.allow_overlap: true")
     return len(seen)
