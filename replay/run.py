@@ -118,6 +118,7 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         files["generations.jsonl"] = "".join(
             json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.extra.get("generated_ids", []))) + "\n"
             for r in requests)
+    extra.update(scheduler.metrics())   # e.g. the eMoE scheduler's admission estimate error
     if error:
         extra["error"] = error
     summary = summarize(req, policy.counters(), eng.mem.peak_total,

@@ -41,13 +41,13 @@ class Engine:
         self.model, self.hw, self.trace = model, hw, trace
         self.requests = requests
         self.policy, self.scheduler = policy, scheduler
-        scheduler.attach(policy)
         self.max_tokens = int(limits["max_batch_tokens"])
         self.max_running = int(limits["max_running"])
         self.max_steps = int(limits.get("max_steps") or 0)
         self.max_time = float(limits.get("max_sim_time_s") or 0.0)
         self.fast_forward = self.fast_forward and bool(limits.get("decode_runs", True))
         self.cost = CostModel(model, hw)
+        scheduler.attach(policy, self.cost, self.max_tokens)
         policy.copy_s = self.cost.copy_s
         self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
         self.waiting: list = []

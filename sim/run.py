@@ -57,7 +57,8 @@ def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:
     summary = summarize(req, policy.counters(), eng.mem.peak_total, eng.mem.peak,
                         extra=dict(engine_steps=eng.steps, preemptions=eng.preemptions,
                                    budget_bytes=eng.mem.budget, kv_budget_bytes=eng.mem.kv_budget,
-                                   simulated_time_s=float(eng.env.now)), model=model.name)
+                                   simulated_time_s=float(eng.env.now), **scheduler.metrics()),
+                        model=model.name)
     meta = dict(engine="sim", code_version=code_version(), seed=sc["seed"], wall_time_s=wall,
                 engine_steps_per_s=eng.steps / wall if wall else None, stopped_early=eng.stopped_early,
                 model=model.describe(), hardware=hw.__dict__)

@@ -42,6 +42,11 @@ class Scheduler:
         return admitted
 
     # Hooks for schedulers that keep their own estimates (the eMoE scheduler).
-    def attach(self, policy) -> None: ...
+    def attach(self, policy, cost=None, max_batch_tokens: int | None = None) -> None:
+        """The engine's policy, cost model (sim/costmodel.py) and prefill chunk limit."""
     def on_step(self, running: list, step_s: float, now: float) -> None: ...
     def on_finish(self, req, now: float) -> None: ...
+
+    def metrics(self) -> dict:
+        """Extra summary keys (e.g. how good the scheduler's estimates were); none by default."""
+        return {}
