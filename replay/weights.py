@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from traces.errors import UserError
+
 # architecture -> (expert prefix, gate name, w1/w3/w2 names, QK-norm: None | "full" | "head")
 LAYOUTS = {
     "MixtralForCausalLM": ("block_sparse_moe", "gate", ("w1", "w3", "w2"), None),
@@ -26,7 +28,7 @@ LAYOUTS = {
 SUPPORTED = tuple(LAYOUTS)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """The weights directory cannot be used for this scenario."""
 
 

@@ -6,6 +6,7 @@ A profile written by `emoe profile` (YAML with the same keys) replaces a preset.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def get_hardware(spec, base_dir: Path | None = None) -> HardwareSpec:
     base.update(d)
     for f in HW_FIELDS - {"name", "source", "measured"}:
         v = base[f]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"hardware.{f} must be a non-negative number, got {v!r}")
     for f in ("memory_bytes", "hbm_bytes_per_s", "flops_per_s", "h2d_bytes_per_s", "count"):
         if not base[f] > 0:

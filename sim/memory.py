@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from traces.errors import UserError
 
-class MemoryBudgetError(ValueError):
+
+class MemoryBudgetError(UserError):
     """The fixed parts alone do not fit the GPU memory."""
 
 

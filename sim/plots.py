@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from traces.errors import UserError
+
 GB = 1e9
 
 
@@ -36,7 +38,7 @@ def save(fig, out_dir, name: str) -> list[Path]:
 def _done(t: pd.DataFrame) -> pd.DataFrame:
     t = t[t.status == "done"] if "status" in t else t
     if "label" not in t:
-        raise ValueError("the table has no 'label' column; make it with `emoe sweep`")
+        raise UserError("the table has no 'label' column; make it with `emoe sweep`")
     return t
 
 
@@ -146,7 +148,7 @@ def vs_interval(t: pd.DataFrame):
     t = _done(t)
     col = "policy.interval"
     if col not in t:
-        raise ValueError("the table has no 'policy.interval' column: sweep policy.interval")
+        raise UserError("the table has no 'policy.interval' column: sweep policy.interval")
     g = t.groupby(col, as_index=False).mean(numeric_only=True).sort_values(col)
     qcol, qlabel = quality_column(t)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

@@ -38,12 +38,13 @@ import pandas as pd
 import yaml
 
 from sim.scenario import ScenarioError, load_scenario, public
+from traces.errors import UserError
 
 SWEEP_KEYS = {"base", "set", "grid", "zip", "seeds", "output", "name"}
 
 
-class SweepError(ValueError):
-    pass
+class SweepError(UserError):
+    """A sweep file that cannot run; the message names the file, the key and the fix."""
 
 
 def load_sweep(path) -> dict:
@@ -75,6 +76,9 @@ def load_sweep(path) -> dict:
     seeds = spec.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
         raise SweepError(f"{p}: seeds must be a list of integers")
+    if not (isinstance(spec["base"], str) and (p.resolve().parent / spec["base"]).is_file()):
+        raise SweepError(f"{p}: base '{spec['base']}' not found (looked at "
+                         f"{p.resolve().parent / str(spec['base'])}); it is relative to the sweep file")
     spec["_dir"] = p.resolve().parent
     spec.setdefault("name", p.stem)
     return spec
@@ -161,7 +165,10 @@ def run_sweep(spec: dict, jobs: int = 1, dask: str | None = None, output=None, p
     out = Path(output or spec.get("output") or Path("runs") / f"sweep-{spec['name']}")
     if not out.is_absolute() and output is None and spec.get("output"):
         out = spec["_dir"] / out
-    (out / "points").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "points").mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SweepError(f"sweep output '{out}': a file is in the way; choose another -o") from None
     for stale in (out / "points").glob(".*.tmp-*"):   # half-written points of a killed run
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     points = resolve_points(spec)

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from sim.request import Request
+from sim.scenario import ScenarioError
+from traces.errors import message
 from traces.format import Trace, check_matches_model, load_trace
 
 
@@ -20,11 +22,14 @@ def load_workload_trace(sc: dict, model) -> Trace:
     else:
         from traces.synth import synthesize
         s = dict(w["synthetic"])
-        trace = synthesize(model, s.pop("tasks"), s.pop("requests"), seed=s.pop("seed", sc["seed"]), **s)
+        try:
+            trace = synthesize(model, s.pop("tasks"), s.pop("requests"), seed=s.pop("seed", sc["seed"]), **s)
+        except (KeyError, ValueError) as e:   # synthesize's checks of the section's values
+            raise ScenarioError(f"workload.synthetic: {message(e)}") from None
     if w["tasks"] is not None:
         unknown = sorted(set(w["tasks"]) - set(trace.tasks))
         if unknown:
-            raise ValueError(f"workload.tasks {unknown} not in the trace (it has {trace.tasks})")
+            raise ScenarioError(f"workload.tasks {unknown} not in the trace (it has {trace.tasks})")
         trace = trace.subset(np.flatnonzero(np.isin(trace.task, w["tasks"])))
     if w["requests"] is not None and w["requests"] < trace.n_requests:
         trace = trace.subset(np.arange(w["requests"]))
@@ -38,7 +43,7 @@ def arrival_times(sc: dict, trace: Trace) -> np.ndarray:
         return np.zeros(n)
     if arr["process"] == "trace":
         if trace.arrival_s is None or np.isnan(trace.arrival_s).any():
-            raise ValueError("workload.arrival.process is 'trace' but the trace has no arrival times; "
+            raise ScenarioError("workload.arrival.process is 'trace' but the trace has no arrival times; "
                              "use {process: poisson, rate: R} or synthesise with --rate")
         t = (trace.arrival_s - trace.arrival_s.min()) * float(arr.get("time_scale", 1.0))
         return t

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from traces.errors import UserError
+
 FORMAT_NAME = "emoe-trace"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -37,7 +39,7 @@ REQUIRED_ARRAYS = ("request_id", "task", "prompt_tokens", "output_tokens", "expe
 OPTIONAL_ARRAYS = ("arrival_s", "prompt_text", "router_probs")
 
 
-class TraceError(ValueError):
+class TraceError(UserError):
     """A trace that cannot be used; the message names the problem and the fix."""
 
 
