@@ -21,6 +21,8 @@ import pandas as pd
 
 import yaml
 
+from traces.errors import UserError
+
 SUMMARY_KEYS = ("requests_completed", "requests_rejected", "peak_memory_bytes", "ttft_mean_s", "ttft_p99_s",
                 "tpot_mean_s", "e2e_mean_s", "e2e_p99_s", "throughput_tokens_per_s", "slo_attainment",
                 "expert_hit_rate", "bytes_loaded", "routing_fidelity")
@@ -68,10 +70,11 @@ def request_table(requests) -> pd.DataFrame:
 
 
 def summarize(req: pd.DataFrame, policy_counters: dict, peak_total: float, peak_parts: dict,
-              extra: dict | None = None, model: str | None = None) -> dict:
+              extra: dict | None = None, model: str | None = None, calibration: str | None = None) -> dict:
     """The headline metrics of a run, simulated or replayed alike, with the estimated output
     quality beside the latency (sim/quality.py; `model` names the model the run served, so the
-    estimate says when it was calibrated on another one)."""
+    estimate says when it was calibrated on another one; `calibration` is the scenario's
+    quality.calibration file, None for the package's default)."""
     done = req[req.completed]
     span = (done.finish_s.max() - req.arrival_s.min()) if len(done) else np.nan
 
@@ -92,7 +95,7 @@ def summarize(req: pd.DataFrame, policy_counters: dict, peak_total: float, peak_
     if extra:
         s.update(extra)
     from sim import quality
-    s.update(quality.summarize(quality.load(), req, model))
+    s.update(quality.summarize(quality.load(calibration), req, model, calibration))
     return s
 
 
@@ -142,7 +145,8 @@ def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline:
 def load_results(path) -> dict:
     p = Path(path)
     if not (p / "summary.json").exists():
-        raise FileNotFoundError(f"'{p}' is not a results directory (no summary.json)")
+        raise UserError(f"'{p}' is not a results directory (no summary.json); give a directory `emoe run` "
+                        "or `emoe replay` wrote")
     return dict(summary=json.loads((p / "summary.json").read_text()),
                 requests=pd.read_csv(p / "requests.csv"),
                 timeline=pd.read_csv(p / "timeline.csv"),

@@ -18,16 +18,21 @@ unknown or ill-typed one fails with the file, the key path and what is allowed.
     scheduler: {name: fcfs}
     limits: {max_batch_tokens: 8192, max_running: 64, memory_utilization: 0.9, max_steps: 0,
              max_sim_time_s: 0, decode_runs: true}
+    quality: {calibration: MY-CALIBRATION.yaml}   # optional; else $EMOE_QUALITY_CALIBRATION, else the package's
 """
 from __future__ import annotations
 
 import copy
+import math
+import os
 from pathlib import Path
 
 import yaml
 
+from traces.errors import UserError, message
 
-class ScenarioError(ValueError):
+
+class ScenarioError(UserError):
     """A scenario that cannot run; the message names file, key and the fix."""
 
 
@@ -52,6 +57,9 @@ DEFAULTS = {
 ARRIVALS = {"poisson": {"process", "rate"}, "trace": {"process", "time_scale"}, "batch": {"process"}}
 SLO_KEYS = {"ttft_s", "tpot_s", "e2e_s"}
 SYNTH_KEYS = {"tasks", "requests", "profile", "seed", "prompt_mean", "output_mean", "task_weights"}
+QUALITY_KEYS = {"calibration"}
+TOP_KEYS = set(DEFAULTS) | {"quality"}   # `quality` only when named: default runs keep their sweep hashes
+POLICY_FILES = ("predictor_file", "sensitivity", "warm_trace")   # policy keys that may name a file
 LIMIT_TYPES = {"max_batch_tokens": int, "max_running": int, "memory_utilization": float, "max_steps": int,
                "max_sim_time_s": float}
 
@@ -126,7 +134,7 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
     for ov in overrides:
         key, value = parse_override(ov) if isinstance(ov, str) else ov
         _set_path(data, key, copy.deepcopy(value))   # later overrides must not mutate the caller's values
-    _check_keys("", data, DEFAULTS, src)
+    _check_keys("", data, TOP_KEYS, src)
     # Shorthand: `policy: resident` == `policy: {name: resident}`.
     for section in ("policy", "scheduler"):
         if isinstance(data.get(section), str):
@@ -138,6 +146,7 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
     user_w = data.get("workload") if isinstance(data.get("workload"), dict) else {}
     if isinstance(user_w.get("arrival"), dict):   # an arrival process replaces the default whole
         sc["workload"]["arrival"] = {"process": "poisson", **user_w["arrival"]}
+    _calibration_from_environment(sc)
     validate(sc, src, base_dir)
     _absolute_paths(sc, base_dir)
     sc["_base_dir"] = str(base_dir)
@@ -156,6 +165,21 @@ def _absolute_paths(sc: dict, base_dir: Path) -> None:
         fix(sc["hardware"], "profile")
     for key in ("predictor_file", "sensitivity", "warm_trace"):
         fix(sc["policy"], key)
+    if sc.get("quality"):
+        fix(sc["quality"], "calibration")
+
+
+def _calibration_from_environment(sc: dict) -> None:
+    """$EMOE_QUALITY_CALIBRATION stands for `quality.calibration` where the scenario names none;
+    written into the resolved scenario, so the results say which file estimated their quality."""
+    from sim.quality import ENV
+    path = os.environ.get(ENV)
+    if path and "quality" not in sc:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ScenarioError(f"{ENV}='{path}' does not exist; unset it or point it at a file from "
+                                "`emoe calibrate-quality`")
+        sc["quality"] = {"calibration": str(p.resolve())}
 
 
 def validate(sc: dict, src: str, base_dir: Path) -> None:
@@ -169,11 +193,11 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
     try:
         get_model(sc["model"])
     except (KeyError, ValueError, TypeError) as e:
-        raise ScenarioError(f"{src}: model: {e.args[0] if e.args else e}") from None
+        raise ScenarioError(f"{src}: model: {message(e)}") from None
     try:
         get_hardware(sc["hardware"], base_dir)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        raise ScenarioError(f"{src}: hardware: {e.args[0] if e.args else e}") from None
+    except (KeyError, ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as e:
+        raise ScenarioError(f"{src}: hardware: {message(e)}") from None
     if not isinstance(sc["seed"], int):
         raise ScenarioError(f"{src}: seed must be an integer, got {sc['seed']!r}")
 
@@ -183,21 +207,22 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
         raise ScenarioError(f"{src}: workload needs exactly one of 'trace' (a .npz path) or 'synthetic' "
                             "({tasks: [...], requests: N})")
     if w["trace"] is not None:
+        if not (isinstance(w["trace"], str) and w["trace"]):
+            raise ScenarioError(f"{src}: workload.trace must be the path of a trace (.npz), got {w['trace']!r}")
         tp = Path(w["trace"])
         tp = tp if tp.is_absolute() else base_dir / tp
-        if not tp.exists():
+        if not tp.is_file():
             raise ScenarioError(f"{src}: workload.trace '{w['trace']}' not found (looked at {tp}); "
                                 "paths are relative to the scenario file")
     if w["synthetic"] is not None:
-        _check_keys("workload.synthetic", w["synthetic"], SYNTH_KEYS, src)
-        if "tasks" not in w["synthetic"] or "requests" not in w["synthetic"]:
-            raise ScenarioError(f"{src}: workload.synthetic needs 'tasks' and 'requests'")
+        _check_synthetic(w["synthetic"], src)
     if w["requests"] is not None and (not isinstance(w["requests"], int) or w["requests"] < 1):
         raise ScenarioError(f"{src}: workload.requests must be a positive integer, got {w['requests']!r}")
-    if w["tasks"] is not None and not (isinstance(w["tasks"], list) and w["tasks"]):
+    if w["tasks"] is not None and not (isinstance(w["tasks"], list) and w["tasks"]
+                                       and all(isinstance(t, str) for t in w["tasks"])):
         raise ScenarioError(f"{src}: workload.tasks must be a non-empty list of task names")
     arr = w["arrival"]
-    if not isinstance(arr, dict) or arr.get("process") not in ARRIVALS:
+    if not isinstance(arr, dict) or not isinstance(arr.get("process"), str) or arr["process"] not in ARRIVALS:
         raise ScenarioError(f"{src}: workload.arrival.process must be one of {', '.join(ARRIVALS)}")
     _check_keys("workload.arrival", arr, ARRIVALS[arr["process"]], src)
     if arr["process"] == "poisson" and not (isinstance(arr.get("rate"), (int, float)) and arr["rate"] > 0):
@@ -215,19 +240,21 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
         spec = sc[section]
         if not isinstance(spec, dict) or "name" not in spec:
             raise ScenarioError(f"{src}: '{section}' needs a 'name' (one of {', '.join(registry)})")
-        if spec["name"] not in registry:
+        if not isinstance(spec["name"], str) or spec["name"] not in registry:
             raise ScenarioError(f"{src}: {section}.name '{spec['name']}' is unknown; "
                                 f"choose one of {', '.join(registry)}")
         try:
             registry[spec["name"]].check_params({k: v for k, v in spec.items() if k != "name"})
         except (KeyError, ValueError, TypeError) as e:
-            raise ScenarioError(f"{src}: {section} '{spec['name']}': {e.args[0] if e.args else e}") from None
+            raise ScenarioError(f"{src}: {section} '{spec['name']}': {message(e)}") from None
+        if section == "policy":
+            _check_policy_files(spec, src, base_dir)
 
     lim = sc["limits"]
     _check_keys("limits", lim, DEFAULTS["limits"], src)
     for k, typ in LIMIT_TYPES.items():
         v = lim[k]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or (typ is int and int(v) != v) or v < 0:
+        if not _is_number(v) or not math.isfinite(v) or (typ is int and int(v) != v) or v < 0:
             raise ScenarioError(f"{src}: limits.{k} must be a non-negative {typ.__name__}, got {v!r}")
     if not 0 < lim["memory_utilization"] <= 1:
         raise ScenarioError(f"{src}: limits.memory_utilization must be in (0, 1], got {lim['memory_utilization']}")
@@ -236,6 +263,67 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
     if not isinstance(lim["decode_runs"], bool):
         raise ScenarioError(f"{src}: limits.decode_runs must be true or false (false: step one by one, "
                             f"same results, slower at light load), got {lim['decode_runs']!r}")
+    _check_quality(sc.get("quality"), src, base_dir)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_synthetic(syn, src: str) -> None:
+    _check_keys("workload.synthetic", syn, SYNTH_KEYS, src)
+    if "tasks" not in syn or "requests" not in syn:
+        raise ScenarioError(f"{src}: workload.synthetic needs 'tasks' and 'requests'")
+    tasks = syn["tasks"]
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
+        raise ScenarioError(f"{src}: workload.synthetic.tasks must be a non-empty list of task names, got {tasks!r}")
+    if not (isinstance(syn["requests"], int) and not isinstance(syn["requests"], bool) and syn["requests"] >= 1):
+        raise ScenarioError(f"{src}: workload.synthetic.requests must be a positive integer, got {syn['requests']!r}")
+    if "seed" in syn and not (isinstance(syn["seed"], int) and not isinstance(syn["seed"], bool)):
+        raise ScenarioError(f"{src}: workload.synthetic.seed must be an integer, got {syn['seed']!r}")
+    if "profile" in syn and not isinstance(syn["profile"], str):
+        raise ScenarioError(f"{src}: workload.synthetic.profile must be a profile name (real, paper), "
+                            f"got {syn['profile']!r}")
+    for k in ("prompt_mean", "output_mean"):
+        if syn.get(k) is not None and not (_is_number(syn[k]) and syn[k] > 0):
+            raise ScenarioError(f"{src}: workload.synthetic.{k} must be a positive number of tokens, got {syn[k]!r}")
+    tw = syn.get("task_weights")
+    if tw is not None and not (isinstance(tw, list) and len(tw) == len(tasks) and all(_is_number(x) and x >= 0
+                                                                                      for x in tw) and sum(tw) > 0):
+        raise ScenarioError(f"{src}: workload.synthetic.task_weights must be one non-negative number per task "
+                            f"(not all zero), got {tw!r}")
+
+
+def _check_policy_files(spec: dict, src: str, base_dir: Path) -> None:
+    """Files the policy section names exist (their contents are checked as the policy reads them)."""
+    for key in POLICY_FILES:
+        v = spec.get(key)
+        if isinstance(v, str):
+            p = Path(v).expanduser()
+            p = p if p.is_absolute() else base_dir / p
+            if not p.is_file():
+                raise ScenarioError(f"{src}: policy.{key} '{v}' not found (looked at {p}); "
+                                    "paths are relative to the scenario file")
+
+
+def _check_quality(q, src: str, base_dir: Path) -> None:
+    if q is None:
+        return
+    _check_keys("quality", q, QUALITY_KEYS, src)
+    cal = q.get("calibration")
+    if not (isinstance(cal, str) and cal):
+        raise ScenarioError(f"{src}: quality.calibration must name a file from `emoe calibrate-quality`, "
+                            f"got {cal!r}")
+    p = Path(cal).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if not p.is_file():
+        raise ScenarioError(f"{src}: quality.calibration '{cal}' not found (looked at {p}); "
+                            "paths are relative to the scenario file")
+    from sim import quality
+    try:
+        quality.load(p)
+    except UserError as e:
+        raise ScenarioError(f"{src}: quality.calibration: {e}") from None
 
 
 def public(sc: dict) -> dict:
