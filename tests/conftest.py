@@ -27,3 +27,9 @@ def tiny_trace_path(tmp_path_factory):
     from traces.synth import synthesize
     t = synthesize("tiny", ["qa", "code", "math"], 40, seed=4, router_probs=True)
     return save_trace(t, tmp_path_factory.mktemp("traces") / "tiny.npz")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_quality_calibration(monkeypatch):
+    """A developer's EMOE_QUALITY_CALIBRATION must not change what the tests see."""
+    monkeypatch.delenv("EMOE_QUALITY_CALIBRATION", raising=False)
