@@ -35,5 +35,7 @@ for p in ("random", "frequency", "emoe"):
     rows += json.load(open(f"runs/small-moe/accuracy-{p}.json"))
 json.dump(rows, open("runs/small-moe/accuracy-all.json", "w"), indent=1)
 PY
-emoe calibrate-quality "$OUT/accuracy-all.json" --model-name emoe-small-moe -o sim/presets/quality-calibration.yaml
+emoe calibrate-quality "$OUT/accuracy-all.json" --model-name emoe-small-moe -o "$OUT/quality-calibration.yaml"
+# Shipping it as the package default is a maintainer's step: emoe itself never writes into the package.
+cp "$OUT/quality-calibration.yaml" sim/presets/quality-calibration.yaml
 emoe sensitivity --model "$MODEL" --prompts "$OUT/prompts-all.jsonl" -o traces/models/emoe-small-moe-sensitivity.yaml
