@@ -78,17 +78,18 @@ class ReplayEngine(Engine):
         used = np.zeros(self.policy.resident.shape, dtype=bool)
         L = used.shape[0]
         used[np.arange(L)[None, :, None], routes] = True
-        lead = max(plan.lead, 1)
-        load_plan = {"ahead": [], "early_at": {}, "demand": [[] for _ in range(L)]}
-        early_left = plan.early.copy()
-        for layer, e in loads:
+        # The plan's prefetches at their issue points; the other loads are the step's demand copies.
+        loading = set(loads)
+        load_plan = {"at": {}, "demand": [[] for _ in range(L)]}
+        for at, layer, e in plan.prefetch:
+            if (layer, e) in loading:
+                loading.discard((layer, e))
+                load_plan["at"].setdefault(at, []).append((layer, e))
+        for layer, e in sorted(loading):
             if not used[layer, e]:
-                load_plan["ahead"].append((layer, e))
-            elif early_left[layer] > 0:
-                early_left[layer] -= 1
-                load_plan["early_at"].setdefault(max(layer - lead, 0), []).append((layer, e))
-            else:
-                load_plan["demand"][layer].append((layer, e))
+                raise RuntimeError(f"policy '{self.policy.name}' made expert {e} of layer {layer} resident "
+                                   "without a copy in its plan (neither used on demand nor prefetched)")
+            load_plan["demand"][layer].append((layer, e))
         segments, start = [], 0
         for r in work.decode:
             rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)

@@ -289,12 +289,12 @@ class ReplayModel:
 
         segments: [(request index, start, n, position)] token ranges per request;
         routes/gates: (n, L, k) forced routing, or None for the model's own router;
-        sampled: token positions that produce logits; load_plan: `ahead` copies issued
-        at step start, `early_at` (layer -> copies issued as it begins), `demand` (per
-        layer, issued once its router ran); experts used but not in the cache stream
-        through a staging slot; planned: (L, E) experts the policy served this step (router
-        routing counts picks outside it as misses). Returns (greedy next tokens of the
-        sampled positions, (n, L, k) routes computed)."""
+        sampled: token positions that produce logits; load_plan: `at` (issue point ->
+        prefetch copies, sim.policies.base), `demand` (per layer, issued once its router
+        ran); experts used but not in the cache stream through a staging slot; planned:
+        (L, E) experts the policy served this step (router routing counts picks outside it
+        as misses). Returns (greedy next tokens of the sampled positions, (n, L, k) routes
+        computed)."""
         dev = self.device
         x = self.embed[token_ids.to(dev)]
         forced = routes is not None
@@ -304,17 +304,20 @@ class ReplayModel:
         taken = []
         rope = self.rope_tables(segments)
         cache = self.cache
-        for layer_e in load_plan["ahead"]:
-            cache.load(*layer_e)
+        at = load_plan["at"]
+        for le in at.get(-1, ()):
+            cache.load(*le)
         for li in range(len(self.layers)):
-            for le in load_plan["early_at"].get(li, ()):
+            for le in at.get(2 * li, ()):
                 cache.load(*le)
             x, h, logits = self.attention(li, x, segments, rope)
             after = None
-            if cache.cuda and load_plan["demand"][li]:
+            if cache.cuda and (load_plan["demand"][li] or at.get(2 * li + 1)):
                 after = torch.cuda.Event()
                 after.record(torch.cuda.current_stream(dev))   # demand copies start once the router ran
             for le in load_plan["demand"][li]:
+                cache.load(*le, after=after)
+            for le in at.get(2 * li + 1, ()):
                 cache.load(*le, after=after)
             if forced:
                 r_l, g_l = routes_t[:, li, :], gates_t[:, li, :]

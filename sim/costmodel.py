@@ -8,12 +8,20 @@ Compute (per transformer layer, roofline: max(flops / rate, bytes / bandwidth)):
   2 * t * params flops; a shared expert / dense FFN serves every token;
 - the LM head for each request that samples a token, and fixed overheads.
 
-Copies: one link, one expert at a time (latency + bytes / bandwidth). Within a
-step, layer l's router runs after its attention; demand loads for l start then,
-behind the copy in flight but ahead of queued prefetches; layer l's experts
-compute once its loads (demand and prefetched) have arrived. Prefetches are
-issued `lead` layers early (or at step start for later steps) and run whenever
-the link is free. The link's backlog carries over to the next step.
+The copy rule (the same for every policy, and the replayer's, replay/model.py):
+- one link, one expert per copy (latency + bytes / bandwidth), never preempted;
+- a layer's experts compute only once every one of them has arrived, whoever
+  issued its copy: a demand copy, a prefetch of this step, or a prefetch of an
+  earlier step still in flight or queued;
+- demand copies (experts a layer uses that are not resident) are issued once
+  the layer's router has run and go before every queued prefetch, behind the
+  copy in flight only;
+- prefetch copies (StepPlan.prefetch) are queued in issue order and start when
+  the link is free; one that a layer needs before it has started is promoted to
+  demand; one whose expert the policy evicts before it starts is dropped.
+The link's state (when the copy in flight ends, the queue, when each started
+prefetch lands) carries from step to step. It is advanced lazily, as far as the
+next demand needs, which gives the same times as an event per copy.
 """
 from __future__ import annotations
 
@@ -60,7 +68,13 @@ class CostModel:
         self.dense_ffn_params = 3 * model.hidden * model.dense_ffn
         self.head_params = model.vocab * model.hidden
         self.copy_s = hw.copy_time(model.bytes_per_expert)
-        self.link_free_at = 0.0   # absolute time the link finishes its committed copies
+        # The link: when the last started copy ends; prefetch copies not started yet
+        # ([issue time, layer, expert], in issue order); layer -> {expert: landing time} of
+        # started prefetch copies that may not have landed.
+        self.link_free_at = 0.0
+        self.queued: deque = deque()
+        self.landing: dict[int, dict[int, float]] = {}
+        self._busy = 0.0
         self.measured = measured_for(hw, model)
 
     # ---- compute ------------------------------------------------------------
@@ -105,23 +119,51 @@ class CostModel:
 
     # ---- a whole step ----------------------------------------------------------
     def step(self, t0: float, plan, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: int,
-             n_requests: int = 1) -> StepTiming:
+             n_requests: int = 1, held: np.ndarray | None = None) -> StepTiming:
+        """held: (L, E) the experts the policy holds after planning; queued prefetches of
+        experts it no longer holds are dropped."""
         attn = self.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests)
         ffn = self.experts_s(plan.counts, n_tokens)
         fixed = self.fixed_s(n_tokens, n_sampled) + plan.extra_time_s
-        L = len(ffn)
-        n_copies = int(plan.demand.sum() + plan.early.sum()) + plan.ahead
-        if n_copies == 0:
-            compute = L * attn + float(ffn.sum())
-            return StepTiming(fixed + compute, 0.0, 0.0)
-        if not plan.early.any() and not plan.ahead:
-            return self._step_demand_only(t0, plan.demand, attn, ffn, fixed)
-        return self._step_with_copies(t0, plan, attn, ffn, fixed)
+        if self.queued or plan.prefetch or (self.landing and self._uses_landing(t0, plan.counts)):
+            self._busy = 0.0
+            if held is not None and self.queued:
+                self._drop_unheld(t0, held)
+            return self._step_with_copies(t0, plan, attn, ffn, fixed)
+        if not plan.demand.any():
+            return StepTiming(fixed + len(ffn) * attn + float(ffn.sum()), 0.0, 0.0)
+        return self._step_demand_only(t0, plan.demand, attn, ffn, fixed)
+
+    def link_idle(self, t: float) -> bool:
+        """Nothing in flight or queued on the link at time t."""
+        return not self.queued and self.link_free_at <= t
+
+    def _uses_landing(self, t0: float, counts: np.ndarray) -> bool:
+        """Whether the step uses an expert whose prefetch copy lands after t0 (forgetting the landed)."""
+        if self.link_free_at <= t0:
+            self.landing.clear()
+            return False
+        uses = False
+        for layer in list(self.landing):
+            d = self.landing[layer]
+            for e in [e for e, end in d.items() if end <= t0]:
+                del d[e]
+            if not d:
+                del self.landing[layer]
+            elif any(counts[layer, e] for e in d):
+                uses = True
+        return uses
+
+    def _drop_unheld(self, t0: float, held: np.ndarray) -> None:
+        """Queued prefetch copies of experts the policy evicted before they started: dropped."""
+        self._run_queued(t0)
+        if any(not held[layer, e] for _, layer, e in self.queued):
+            self.queued = deque(q for q in self.queued if held[q[1], q[2]])
 
     def _step_demand_only(self, t0, demand, attn, ffn, fixed) -> StepTiming:
-        """Closed form of _step_with_copies when every copy is on demand: each layer's
-        copies finish before the next layer's router runs, so only the first layer
-        with copies can wait for a backlog left by an earlier step."""
+        """Closed form of _step_with_copies when every copy is on demand and no layer waits for
+        a prefetch: each layer's copies finish before the next layer's router runs, so only the
+        first layer with copies can wait for a copy in flight from an earlier step."""
         c = self.copy_s
         layers = np.flatnonzero(demand)
         first, last = int(layers[0]), int(layers[-1])
@@ -135,7 +177,7 @@ class CostModel:
     def decode_run(self, t0: float, run, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """step() for T consecutive single-token decode steps of one request, all at once:
         the same arithmetic in the same order, one element per step. Needs every copy on
-        demand and no link backlog at t0 (so no step waits for an earlier one's copies).
+        demand and an idle link at t0 (link_idle: so no step waits for an earlier one's copies).
         Returns (start times, durations, copy seconds) and leaves the link as step() would."""
         L = run.demand.shape[1]
         attn = self.attention_s(1, contexts.astype(float) + 1, contexts + 1, 1, maximum=np.maximum)
@@ -167,54 +209,66 @@ class CostModel:
         ffn = float(self.experts_s(np.ones((L, k), dtype=np.int64), 1).sum())
         return (self.fixed_s(1, 1) + L * attn + ffn + max_loads * self.copy_s) * (1 + 1e-9)
 
+    # ---- the link, copy by copy ---------------------------------------------------
+    def _run_queued(self, limit: float) -> None:
+        """Start, in order, the queued prefetch copies that start before `limit` (no demand
+        copy is issued before then, so the free link takes them)."""
+        queued, c = self.queued, self.copy_s
+        while queued:
+            issue, layer, e = queued[0]
+            start = issue if issue > self.link_free_at else self.link_free_at
+            if start >= limit:
+                return
+            queued.popleft()
+            self.link_free_at = start + c
+            self._busy += c
+            self.landing.setdefault(layer, {})[e] = start + c
+
+    def _issue(self, copies, t: float) -> None:
+        """Queue prefetch copies issued at t; re-issuing a queued expert moves it to the back."""
+        queued = self.queued
+        for layer, e in copies:
+            if queued:
+                for q in queued:
+                    if q[1] == layer and q[2] == e:
+                        queued.remove(q)
+                        break
+            queued.append([t, layer, e])
+
     def _step_with_copies(self, t0, plan, attn, ffn, fixed) -> StepTiming:
+        """Walk the layers, copy by copy (the copy rule above)."""
         c = self.copy_s
-        L = len(ffn)
-        free = max(self.link_free_at, t0)
-        busy = 0.0
+        counts = plan.counts
+        at_point: dict[int, list] = {}
+        for at, layer, e in plan.prefetch:
+            at_point.setdefault(at, []).append((layer, e))
         stall = 0.0
-        pending = deque()                  # prefetch items [issue time, copies, layer or -1]
-        arrived = {}
+        self._issue(at_point.get(-1, ()), t0)
         t = t0 + fixed                     # overheads (host work, LM head) placed first
-        if plan.ahead:
-            pending.append([t0, plan.ahead, -1])
-
-        def run_pending(limit):
-            nonlocal free, busy
-            while pending and max(pending[0][0], free) < limit:
-                issue, n, layer = pending.popleft()
-                start = max(issue, free)
-                free = start + n * c
-                busy += n * c
-                if layer >= 0:
-                    arrived[layer] = free
-
-        early = plan.early
-        lead = max(plan.lead, 1)
-        for layer in range(L):
-            # Prefetches for layer + lead are issued as this layer starts (those for the
-            # first `lead` layers at step start, i.e. also now when layer == 0).
-            targets = range(0, min(lead + 1, L)) if layer == 0 else (layer + lead,)
-            for target in targets:
-                if target < L and early[target]:
-                    pending.append([t, int(early[target]), target])
+        for layer in range(len(ffn)):
+            if at_point:
+                self._issue(at_point.get(2 * layer, ()), t)
             router_done = t + attn
-            run_pending(router_done)
+            self._run_queued(router_done)
             n_dem = int(plan.demand[layer])
-            for item in list(pending):     # a prefetch for this layer not started yet: now demand
-                if item[2] == layer:
-                    pending.remove(item)
-                    n_dem += item[1]
+            if self.queued:                # queued prefetches this layer needs now: promoted to demand
+                promoted = [q for q in self.queued if q[1] == layer and counts[layer, q[2]]]
+                for q in promoted:
+                    self.queued.remove(q)
+                n_dem += len(promoted)
             ready = router_done
             if n_dem:
-                start = max(router_done, free)
-                free = start + n_dem * c
-                busy += n_dem * c
-                ready = free
-            if layer in arrived:
-                ready = max(ready, arrived[layer])
+                start = router_done if router_done > self.link_free_at else self.link_free_at
+                self.link_free_at = ready = start + n_dem * c
+                self._busy += n_dem * c
+            landing = self.landing.get(layer)
+            if landing:                    # started prefetches of its experts: wait until they land
+                for e, end in landing.items():
+                    if end > ready and counts[layer, e]:
+                        ready = end
+            if at_point:
+                self._issue(at_point.get(2 * layer + 1, ()), router_done)
             stall += ready - router_done
             t = ready + ffn[layer]
-        run_pending(float("inf"))          # what is left (prefetch for later steps) runs on
-        self.link_free_at = free
-        return StepTiming(t - t0, busy, stall)
+        self._run_queued(t)                # prefetch copies that start before the step ends
+        return StepTiming(t - t0, self._busy, stall)

@@ -184,7 +184,7 @@ class Engine:
                               len(self.waiting), len(work.decode), work.n_tokens - len(work.decode),
                               parts["dense"], parts["experts"], parts["kv"], parts["activations"],
                               parts["predictor"], timing.link_busy_s, timing.stall_s,
-                              int(plan.demand.sum() + plan.early.sum()) + plan.ahead,
+                              plan.copies,
                               int((plan.counts > 0).sum()), work.attn_ctx, work.n_sampled))
         self._chunks = work.chunks
         self._decode = work.decode
@@ -228,7 +228,7 @@ class Engine:
         if not self.fast_forward or len(self.running) != 1 or self.waiting or not self.policy.plans_decode_runs:
             return None
         req = self.running[0]
-        if req.in_prefill or self.cost.link_free_at > now:
+        if req.in_prefill or not self.cost.link_idle(now):
             return None
         n = min(req.output_tokens - req.generated, self.MAX_RUN)
         if self.max_steps:
@@ -276,7 +276,7 @@ class Engine:
     def execute(self, now: float, work: "StepWork", plan) -> StepTiming:
         """The step's time: the cost model here, real execution in the replayer."""
         return self.cost.step(now, plan, work.n_tokens, work.n_sampled, work.attn_ctx, work.kv_read,
-                              len(work.batch.requests))
+                              len(work.batch.requests), held=self.policy.resident)
 
     def memory_parts(self, plan, work: "StepWork") -> dict:
         """The step's memory by part: the ledger here, measured bytes in the replayer."""

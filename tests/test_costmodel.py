@@ -5,18 +5,29 @@ import pytest
 from sim.costmodel import CostModel
 from sim.hardware import get_hardware
 from sim.models import get_model
-from sim.policies.base import StepPlan
+from sim.policies.base import STEP_START, StepPlan, after_router, as_layer_starts
 
 M = get_model("mixtral-8x7b")
 HW = get_hardware("a100-80gb")
 L = M.n_moe_layers
 
 
-def plan(demand=None, early=None, lead=0, ahead=0):
-    counts = np.zeros((L, M.n_experts), dtype=np.int64)
-    counts[:, :2] = 1
+def plan(demand=None, prefetch=(), counts=None):
+    if counts is None:
+        counts = np.zeros((L, M.n_experts), dtype=np.int64)
+        counts[:, :2] = 1
     z = np.zeros(L, dtype=np.int64)
-    return StepPlan(counts, z if demand is None else demand, z.copy() if early is None else early, lead, ahead, 0)
+    return StepPlan(counts, z if demand is None else demand, list(prefetch), 0)
+
+
+def one_layer_ahead(layers, expert=0):
+    """Prefetch `expert` of each layer as the layer before starts (layer 0's at its own start)."""
+    return [(as_layer_starts(max(layer - 1, 0)), layer, expert) for layer in layers]
+
+
+def for_later(n):
+    """n prefetch copies at step start of experts the step does not use (counts use 0 and 1)."""
+    return [(STEP_START, i % L, 2 + i // L) for i in range(n)]
 
 
 def step(cm, p, t0=0.0):
@@ -48,7 +59,7 @@ def test_demand_copies_serialise_on_the_link():
 def test_prefetch_one_layer_ahead_hides_part_of_the_copy():
     ones = np.ones(L, dtype=np.int64)
     demand = step(CostModel(M, HW), plan(demand=ones)).duration_s
-    early = step(CostModel(M, HW), plan(early=ones, lead=1)).duration_s
+    early = step(CostModel(M, HW), plan(prefetch=one_layer_ahead(range(L)))).duration_s
     base = step(CostModel(M, HW), plan()).duration_s
     assert base < early < demand
     # Copies dominate (a copy is far longer than a layer), so the link bounds the step.
@@ -57,13 +68,68 @@ def test_prefetch_one_layer_ahead_hides_part_of_the_copy():
 
 def test_link_backlog_carries_to_the_next_step():
     cm = CostModel(M, HW)
-    s1 = step(cm, plan(ahead=20))          # prefetch for later steps: nobody waits this step
+    s1 = step(cm, plan(prefetch=for_later(20)))   # prefetch for later steps: nobody waits this step
     assert s1.stall_s == 0
-    assert cm.link_free_at == pytest.approx(20 * cm.copy_s)
+    assert not cm.link_idle(s1.duration_s)        # the copies go on after the step
     d = np.zeros(L, dtype=np.int64)
     d[0] = 1
-    s2 = step(cm, plan(demand=d), t0=s1.duration_s)   # demand queues behind the in-flight backlog
-    assert s2.stall_s > 0
+    s2 = step(cm, plan(demand=d), t0=s1.duration_s)   # demand queues behind the copy in flight
+    assert s2.stall_s > cm.copy_s
+
+
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_a_demand_copy_waits_for_the_copy_in_flight_not_for_queued_prefetches(n):
+    """One demand copy behind n queued prefetches (issued at step start, for later steps)
+    waits for its own copy plus at most the one in flight, whatever n."""
+    d = np.zeros(L, dtype=np.int64)
+    d[3] = 1
+    alone = step(CostModel(M, HW), plan(demand=d))
+    cm = CostModel(M, HW)
+    behind = step(cm, plan(demand=d, prefetch=for_later(n)))
+    c = cm.copy_s
+    assert alone.stall_s == pytest.approx(c)
+    assert c < behind.stall_s <= 2 * c + 1e-12
+    assert behind.duration_s - alone.duration_s <= c + 1e-12
+    # The link never idles: n + 1 copies back to back from t0 (the queue drains after the step).
+    assert cm.link_free_at + len(cm.queued) * c == pytest.approx((n + 1) * c)
+
+
+def test_a_layer_waits_for_a_prefetch_of_an_earlier_step_still_in_flight():
+    """Prefetches for later steps: a later step that uses one before it lands waits for it;
+    one still queued when a layer needs it is promoted ahead of the other queued copies."""
+    cm = CostModel(M, HW)
+    c = cm.copy_s
+    counts = np.zeros((L, M.n_experts), dtype=np.int64)
+    counts[:, :2] = 1
+    first = step(cm, plan(prefetch=[(STEP_START, 0, 5), (STEP_START, 1, 5)] + for_later(30)))
+    assert first.stall_s == 0
+    use = counts.copy()
+    use[0, 5] = use[1, 5] = 1                  # the next step uses the first two prefetched experts
+    nxt = step(cm, plan(counts=use), t0=first.duration_s)
+    # (0, 5) and (1, 5) started first, so they have landed or are in flight: the step waits
+    # no longer than their remaining copy time, not for the 30 queued behind them.
+    assert 0 < nxt.stall_s <= 2 * c - first.duration_s + 1e-12
+    cm2 = CostModel(M, HW)
+    step(cm2, plan(prefetch=for_later(30) + [(STEP_START, 0, 5)]))
+    late = step(cm2, plan(counts=use), t0=first.duration_s)
+    # (0, 5) is 31st in the queue: promoted to demand, it waits for the copy in flight and its own.
+    assert c < late.stall_s <= 2 * c + 1e-12
+
+
+def test_prefetch_issue_points_are_respected():
+    """A copy issued after layer j's router cannot start before it; one issued at step start can."""
+    cm = CostModel(M, HW)
+    fixed = cm.fixed_s(1, 1)
+    attn = cm.attention_s(1, 100, 100)
+    step(cm, plan(prefetch=[(after_router(4), 20, 7)]))
+    assert not cm.queued
+    start = cm.link_free_at - cm.copy_s
+    ffn = cm.experts_s(plan().counts, 1)
+    router4 = fixed + 5 * attn + ffn[:4].sum()
+    assert start == pytest.approx(router4)
+    cm = CostModel(M, HW)
+    step(cm, plan(prefetch=[(STEP_START, 20, 7)]))
+    assert cm.link_free_at == pytest.approx(cm.copy_s)
 
 
 def test_more_gpus_more_links():
@@ -91,9 +157,8 @@ def test_one_layer_ahead_prefetch_overlaps_the_previous_layer():
     """A copy issued one layer early overlaps that layer's compute: with copies shorter
     than a layer, prefetching every layer hides them all."""
     slow = get_hardware({"preset": "a100-80gb", "h2d_bytes_per_s": 1e15, "h2d_latency_s": 1e-4})
-    ones = np.ones(L, dtype=np.int64)
     base = step(CostModel(M, slow), plan()).duration_s
-    early = step(CostModel(M, slow), plan(early=ones, lead=1))
+    early = step(CostModel(M, slow), plan(prefetch=one_layer_ahead(range(L))))
     # Only layer 0's copy (issued at step start, with nothing before it) can stall.
     assert early.stall_s <= CostModel(M, slow).copy_s + 1e-9
     assert early.duration_s <= base + CostModel(M, slow).copy_s + 1e-9

@@ -32,7 +32,7 @@ def step_by_step(policy, experts, req, probs=None):
     demand, resident, counts = [], [], []
     for t in range(len(experts)):
         plan = policy.plan_step(token_batch(experts[t:t + 1], req, None if probs is None else probs[t:t + 1]))
-        assert not plan.early.any() and not plan.ahead and not plan.extra_time_s
+        assert not plan.prefetch and not plan.extra_time_s
         demand.append(plan.demand)
         counts.append(plan.counts)
         resident.append(int(policy.resident.sum()))

@@ -72,14 +72,18 @@ def test_kv_stays_within_its_budget_with_preemption(tiny_trace_path):
     assert r.summary["preemptions"] > 0 and r.timeline.waiting.max() > 0
 
 
-def test_bytes_loaded_equal_misses_times_expert_bytes_under_fetch(runs):
+def test_bytes_loaded_count_every_copy_once_under_fetch(runs):
+    """Every copy is a miss (an expert the step used, copied during it) or a prefetch of an
+    expert its step did not use; policies without such prefetches load only their misses."""
     bpe = get_model("tiny").bytes_per_expert
-    for name in ("on_demand", "on_demand-lfu", "pregated", "oracle"):
+    for name in ("on_demand", "on_demand-lfu", "pregated", "oracle", "moe_infinity"):
         s = runs[name].summary
-        assert s["bytes_loaded"] == s["misses"] * bpe, name
+        assert s["bytes_loaded"] == (s["misses"] + s["prefetches_ahead"]) * bpe, name
         assert s["misses"] > 0
-    s = runs["moe_infinity"].summary   # prefetches for later steps load without a miss
-    assert s["bytes_loaded"] == (s["misses"] + s["prefetches_ahead"]) * bpe
+        copies = runs[name].timeline.expert_loads.sum()
+        assert copies == s["misses"] + s["prefetches_ahead"], name
+    for name in ("on_demand", "on_demand-lfu", "oracle"):
+        assert runs[name].summary["prefetches_ahead"] == 0, name
 
 
 def test_resident_has_no_misses(runs):

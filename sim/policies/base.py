@@ -5,12 +5,21 @@ real-GPU replayer) hands it each step's routing and it answers which experts are
 used, which must be loaded (on demand or prefetched) and which were rerouted.
 Time is the engine's business; decisions are the policy's.
 
+Copies, the same for every policy: a plan names its copies and says when they are
+issued; the engine decides who waits for them (the copy rule, in sim/costmodel.py
+for the simulator and replay/model.py for the replayer): a layer computes once its
+experts have arrived, whoever issued the copy; a demand copy waits at most for the
+copy in flight, never for queued prefetches. Demand copies are the experts a
+layer uses that are not resident (issued once its router has run); prefetch
+copies are explicit (issue point, layer, expert) entries, issued at step start,
+as a layer starts, or once a layer's router has run, and queued in issue order.
+
 Counting, the same for every policy:
 - an *access* is one (step, layer, expert) the batch needs; it is a *hit* if
-  the expert was resident when the step began, else a *miss* (it had to be
-  loaded during the step, on demand or by an in-step prefetch);
-- bytes_loaded = every expert copied to the device (misses under fetch, plus
-  prefetches for later steps);
+  the expert was resident when the step began and not copied during it, else a
+  *miss* (it was copied during the step: on demand or by one of its prefetches);
+- expert_loads = every copy issued: misses under fetch, plus the step's prefetches
+  of experts it did not use (`prefetches_ahead`: for later steps, or wrong guesses);
 - reroutes and gate mass kept are per (token, layer) route: a rerouted route
   lost the gate mass of the experts it could not use.
 """
@@ -39,16 +48,35 @@ class StepBatch:
     requests: list           # the Request objects in this step
 
 
+# Issue points of prefetch copies (StepPlan.prefetch), increasing in time within a step.
+STEP_START = -1
+
+
+def as_layer_starts(layer: int) -> int:
+    """Issued as `layer` starts (before its attention)."""
+    return 2 * layer
+
+
+def after_router(layer: int) -> int:
+    """Issued once `layer`'s router has run, behind that layer's demand copies."""
+    return 2 * layer + 1
+
+
+NO_COPIES = ()
+
+
 @dataclass
 class StepPlan:
     counts: np.ndarray       # (L, E) tokens each expert computes (after reroutes)
-    demand: np.ndarray       # (L,) experts loaded when layer l's router has run (layer waits)
-    early: np.ndarray        # (L,) experts loaded in-step ahead of need (issued `lead` layers before)
-    lead: int                # how many layers ahead `early` loads are issued
-    ahead: int               # experts prefetched for later steps (issued at step start, nobody waits)
-    staged: int              # of the loads, experts streamed through the staging buffer (cache full)
+    demand: np.ndarray       # (L,) experts copied on demand once layer l's router has run (layer waits)
+    prefetch: tuple | list   # [(issue point, layer, expert)] copies issued ahead of need, in issue order
+    staged: int              # of the demand copies, experts streamed through the staging buffer (cache full)
     extra_time_s: float = 0.0  # policy work charged to the step (e.g. predictor invocation)
     routes: np.ndarray | None = None  # (n, L, k) experts each token is computed with (after reroutes)
+
+    @property
+    def copies(self) -> int:
+        return int(self.demand.sum()) + len(self.prefetch)
 
 
 @dataclass
@@ -67,6 +95,24 @@ class ExpertPolicy:
     # Parameter name -> default. check_params rejects anything else.
     PARAMS: dict = {"capacity": 1.0, "capacity_bytes": None, "miss": "fetch"}
     uses_cache = True          # False: the expert set is fixed by the policy alone
+
+    # Light load (sim/engine.py decode runs): a class declares `decode_runs = True` when its
+    # plan_decode_run gives exactly what stepping gives (whenever decode_run_ready() holds).
+    # The declaration vouches for the hooks below as that class defines them, so a subclass
+    # that overrides any of them without declaring again is stepped (decided once, here).
+    decode_runs = False
+    DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "_admit", "admit_prefetch", "reroute",
+                        "reroute_rank", "reroute_rank_from", "_needed", "_account", "_account_run",
+                        "_credit_unrerouted", "_run_counts", "_plan_reroute_run", "plan_decode_run",
+                        "max_decode_loads", "decode_run_ready")
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "plans_decode_runs" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: declare `decode_runs = True` (and decode_run_ready() for when) "
+                            "instead of overriding plans_decode_runs")
+        if "decode_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
+            cls.decode_runs = False
 
     def __init__(self, model, params: dict, trace=None, seed: int = 0, base_dir=None):
         self.model = model
@@ -149,8 +195,12 @@ class ExpertPolicy:
     # ---- light load: a lone request's decode steps in one call -------------
     @property
     def plans_decode_runs(self) -> bool:
-        """True if plan_decode_run gives exactly what plan_step would, step by step."""
-        return False
+        """True if plan_decode_run gives exactly what plan_step would, step by step, now."""
+        return self.decode_runs and self.decode_run_ready()
+
+    def decode_run_ready(self) -> bool:
+        """For a class that declares decode_runs: whether its state allows a run now."""
+        return True
 
     @property
     def max_decode_loads(self) -> int:
@@ -314,43 +364,91 @@ class ExpertPolicy:
         new[ti, li] = np.where(sub_miss, fill, sub_ex)
         return new, hit, rerouted
 
-    def serve(self, batch: StepBatch, lead: int = 0, early_mask=None) -> StepPlan:
+    def serve(self, batch: StepBatch, prefetch=NO_COPIES, fresh: np.ndarray | None = None) -> StepPlan:
         """Serve a step from the cache: reroute or fetch misses, evicting by evict_key().
 
-        early_mask (L, E): misses that were predicted and so load `lead` layers early."""
+        prefetch: this step's prefetch copies, already made resident by admit_prefetch, and
+        fresh the (L, E) experts they bring. Its layers compute with them (and wait for them,
+        by the copy rule); where the step uses them they are misses, where it does not,
+        prefetches ahead."""
         ex = batch.experts
         needed = self._needed(ex)
         self.popularity += needed
+        n_fresh = 0
         if self.miss_mode == "reroute":
             new, hit, rerouted = self.reroute(batch)
             if rerouted.any():
                 needed = self._needed(new)
             used = needed > 0
-            self.hits += int(used.sum())
+            if fresh is not None:
+                n_fresh = int(np.count_nonzero(used & fresh))
+                self._count_prefetch(len(prefetch), n_fresh)
+            self.hits += int(used.sum()) - n_fresh
             self._account(batch, hit, rerouted)
             self.touch(used, needed)
-            zero = np.zeros(self.L, dtype=np.int64)
-            return StepPlan(needed, zero, zero.copy(), 0, 0, 0, routes=new)
+            return StepPlan(needed, self._zeros_L, prefetch, 0, routes=new)
         used = needed > 0
         missing = used & ~self.resident
         n_miss = int(np.count_nonzero(missing))
-        self.hits += int(np.count_nonzero(used)) - n_miss
+        if fresh is not None:
+            n_fresh = int(np.count_nonzero(used & fresh))
+            self._count_prefetch(len(prefetch), n_fresh)
+        self.hits += int(np.count_nonzero(used)) - n_miss - n_fresh
         self.misses += n_miss
         self.loads += n_miss
-        if not n_miss:
+        if not n_miss and not n_fresh:
             self._account(batch, None, None)
             self.touch(used, needed)
-            return StepPlan(needed, self._zeros_L, self._zeros_L, lead, 0, 0, routes=ex)
-        self._account(batch, self.resident[self._layer_idx, ex], None)
-        staged = self._admit(missing, used)
+            return StepPlan(needed, self._zeros_L, prefetch, 0, routes=ex)
+        held = self.resident if fresh is None else self.resident & ~fresh    # resident and not copied now
+        self._account(batch, held[self._layer_idx, ex], None)
+        staged = self._admit(missing, used) if n_miss else 0
         self.touch(used, needed)
-        demand = _row_sums(missing)
-        if early_mask is not None and lead > 0:
-            early = _row_sums(missing & early_mask)
-            demand = demand - early
-        else:
-            early = self._zeros_L
-        return StepPlan(needed, demand, early, lead, 0, staged, routes=ex)
+        return StepPlan(needed, _row_sums(missing), prefetch, staged, routes=ex)
+
+    def _count_prefetch(self, n_copies: int, n_used: int) -> None:
+        """A step's prefetch copies: those its layers use are misses, the rest prefetches ahead."""
+        self.misses += n_used
+        self.loads += n_used
+        self.ahead_loads += n_copies - n_used
+
+    def admit_prefetch(self, wanted, protect: np.ndarray | None = None, only_if_better: bool = False):
+        """Make each wanted (issue point, layer, expert) resident, in order, for prefetching.
+
+        A full layer evicts its most evictable expert (evict_key) outside `protect` ((L, E):
+        what the policy expects the step to use) and this step's own prefetches; with
+        only_if_better, only an expert whose key is below the wanted one's. Wanted experts
+        already resident, and those with nothing to evict, are skipped. Returns (the copies
+        issued, in order; the (L, E) experts they bring, or None if none)."""
+        copies = []
+        fresh = None
+        key = None
+        res = self.resident
+        for at, layer, e in wanted:
+            if res[layer, e]:
+                continue
+            if fresh is None:
+                fresh = np.zeros_like(res)
+            if int(np.count_nonzero(res[layer])) >= self.capacity[layer]:
+                cand = res[layer] & ~fresh[layer]
+                if protect is not None:
+                    cand &= ~protect[layer]
+                if not cand.any():
+                    continue
+                if key is None:
+                    key = self.evict_key()
+                    key = self._expert_ids if key is None else key
+                row = np.where(cand, key[layer], np.inf)
+                victim = int(row.argmin())
+                if only_if_better and row[victim] >= key[layer, e]:
+                    continue
+                res[layer, victim] = False
+            res[layer, e] = True
+            fresh[layer, e] = True
+            copies.append((at, layer, e))
+        if not copies:
+            return NO_COPIES, None
+        return copies, fresh
 
     def reroute_rank(self) -> np.ndarray:
         """(L, E) preference among resident experts when the trace has no router probabilities."""

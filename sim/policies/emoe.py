@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.demand import Arrival, coming_demand, invocation_due
-from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.base import NO_COPIES, ExpertPolicy, StepBatch, StepPlan, as_layer_starts
 from sim.predictors import load_predictor, make_predictor
 from sim.predictors.base import normalise
 from sim.predictors.overlap import check_disjoint, request_digests
@@ -255,12 +255,20 @@ class EmoePolicy(ExpertPolicy):
         return target
 
     def invoke(self) -> int:
-        """Run the predictor, swap the expert set; returns experts copied."""
+        """Run the predictor, swap the expert set; returns experts copied. The swap-in copies
+        (self.swap_in) are prefetches issued once the prediction is done (as the step's first
+        layer starts), nearest layer first and, within a layer, most expected tokens first:
+        the step's layers that use them wait for them (the copy rule)."""
         self.pending = False
         self.invocations += 1
         self.demand = self.expected_tokens()
         target = self.choose(self.demand)
-        loads = int((target & ~self.resident).sum())
+        new = target & ~self.resident
+        layers, experts = np.nonzero(new)
+        order = np.lexsort((-self.demand[layers, experts], layers))
+        self.swap_in = [(as_layer_starts(0), int(layers[i]), int(experts[i])) for i in order]
+        self.swap_fresh = new
+        loads = len(self.swap_in)
         self.last_loads = loads
         self.resident = target
         self._extra_s += float(self.params["invoke_s"])
@@ -279,8 +287,9 @@ class EmoePolicy(ExpertPolicy):
 
     # Light load: between invocations nothing is loaded, so a lone request's decode steps
     # can be planned at once (ExpertPolicy._plan_reroute_run).
-    @property
-    def plans_decode_runs(self) -> bool:
+    decode_runs = True
+
+    def decode_run_ready(self) -> bool:
         return self.warm and not self.pending and not self._extra_s and self.miss_mode == "reroute"
 
     @property
@@ -291,17 +300,16 @@ class EmoePolicy(ExpertPolicy):
         return self._plan_reroute_run(run)
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
-        ahead = 0
-        if self.pending and self.warm:
-            ahead = self.invoke()
+        if self.pending and self.warm and self.invoke():
+            copies, fresh = self.swap_in, self.swap_fresh
+        else:
+            copies, fresh = NO_COPIES, None
         if not self.warm:           # nothing known yet: fetch what the router asks for
             mode, self.miss_mode = self.miss_mode, "fetch"
             plan = self.serve(batch)
             self.miss_mode = mode
         else:
-            plan = self.serve(batch)
-        plan.ahead += ahead
-        self.ahead_loads += ahead
+            plan = self.serve(batch, copies, fresh)
         plan.extra_time_s += self._extra_s
         self._extra_s = 0.0
         return plan

@@ -8,7 +8,7 @@ is evicted first, and the highest-ranked missing ones are prefetched for the
 next steps while the current one computes."""
 import numpy as np
 
-from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.base import STEP_START, ExpertPolicy, StepBatch, StepPlan
 
 
 class MoEInfinityPolicy(ExpertPolicy):
@@ -71,28 +71,28 @@ class MoEInfinityPolicy(ExpertPolicy):
                     != seen // self.params["rematch_every"]:
                 self._update_prediction(r)
         plan = self.serve(batch)
-        plan.ahead = self._prefetch(plan.counts > 0)
-        self.ahead_loads += plan.ahead
+        plan.prefetch = self._prefetch(plan.counts > 0)
+        self.ahead_loads += len(plan.prefetch)
         return plan
 
     def touch(self, used, needed):
         self.clock += 1
         self.last_used[used] = self.clock
 
-    def _prefetch(self, used: np.ndarray) -> int:
+    def _prefetch(self, used: np.ndarray) -> list:
         """Swap in the best-ranked missing experts for the next steps, within a per-step budget."""
         budget = int(self.params["prefetch_per_step"])
         if budget <= 0 or self.score.max() <= 0:
-            return 0
+            return []
         missing = ~self.resident & (self.score > 0)
         if not missing.any():
-            return 0
+            return []
         # Most promising (layer, expert) pairs first.
         ls, es = np.nonzero(missing)
         order = np.argsort(-self.score[ls, es], kind="stable")
-        loaded = 0
+        loaded = []
         for li, ei in zip(ls[order], es[order]):
-            if loaded >= budget:
+            if len(loaded) >= budget:
                 break
             res = self.resident[li]
             if res.sum() >= self.capacity[li]:
@@ -104,5 +104,5 @@ class MoEInfinityPolicy(ExpertPolicy):
                     continue   # the resident one is predicted to be as useful
                 res[victim] = False
             res[ei] = True
-            loaded += 1
+            loaded.append((STEP_START, int(li), int(ei)))
         return loaded

@@ -37,11 +37,10 @@ class OnDemandPolicy(ExpertPolicy):
     # this VM, runs are 4x faster than stepping at 8 experts, 2.4x at 64 and 0.9x at 128.
     LRU_RUN_MAX_EXPERTS = 64
 
-    @property
-    def plans_decode_runs(self) -> bool:
-        return type(self).plan_step is OnDemandPolicy.plan_step and (
-            self.miss_mode == "reroute"
-            or (self.params["eviction"] == "lru" and self.E <= self.LRU_RUN_MAX_EXPERTS))
+    decode_runs = True
+
+    def decode_run_ready(self) -> bool:
+        return self.miss_mode == "reroute" or (self.params["eviction"] == "lru" and self.E <= self.LRU_RUN_MAX_EXPERTS)
 
     @property
     def max_decode_loads(self) -> int:

@@ -3,7 +3,7 @@ the running requests is farthest away) and perfect one-layer-ahead prefetch: the
 bound no cache of the same capacity beats on misses."""
 import numpy as np
 
-from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.base import ExpertPolicy, StepBatch, StepPlan, as_layer_starts
 
 
 class OraclePolicy(ExpertPolicy):
@@ -12,8 +12,14 @@ class OraclePolicy(ExpertPolicy):
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         self._batch = batch
-        everything = np.ones((self.L, self.E), dtype=bool)
-        return self.serve(batch, lead=1, early_mask=everything)
+        used = self._needed(batch.experts) > 0
+        layers, experts = np.nonzero(used & ~self.resident)
+        if len(layers):   # where a layer cannot hold them all, those used again soonest stay cached
+            order = np.lexsort((-self.evict_key()[layers, experts], layers))
+            layers, experts = layers[order], experts[order]
+        wanted = [(as_layer_starts(max(int(l) - 1, 0)), int(l), int(e)) for l, e in zip(layers, experts)]
+        copies, fresh = self.admit_prefetch(wanted, protect=used)
+        return self.serve(batch, copies, fresh)
 
     def evict_key(self):
         """Minus the number of steps until the running requests next use each expert."""

@@ -2,7 +2,9 @@
 and prefetch them (one layer ahead); a prediction misses each needed expert with
 probability 1 - recall, and those are fetched on demand when the router asks.
 The cache is small (default: a quarter of the experts, LRU)."""
-from sim.policies.base import StepBatch, StepPlan
+import numpy as np
+
+from sim.policies.base import StepBatch, StepPlan, as_layer_starts
 from sim.policies.on_demand import OnDemandPolicy
 
 
@@ -19,4 +21,8 @@ class PregatedPolicy(OnDemandPolicy):
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         predicted = self.rng.random((self.L, self.E)) < self.params["recall"]
-        return self.serve(batch, lead=1, early_mask=predicted)
+        used = self._needed(batch.experts) > 0
+        layers, experts = np.nonzero(used & ~self.resident & predicted)
+        wanted = [(as_layer_starts(max(int(l) - 1, 0)), int(l), int(e)) for l, e in zip(layers, experts)]
+        copies, fresh = self.admit_prefetch(wanted, protect=used)
+        return self.serve(batch, copies, fresh)

@@ -20,8 +20,9 @@ class RandomPolicy(ExpertPolicy):
         return int(missing.sum())
 
     # Light load under rerouting: the subset is fixed, so a decode run's reroutes are computed at once.
-    @property
-    def plans_decode_runs(self) -> bool:
+    decode_runs = True
+
+    def decode_run_ready(self) -> bool:
         return self.miss_mode == "reroute"
 
     @property

@@ -14,9 +14,7 @@ class ResidentPolicy(ExpertPolicy):
     def plan_step(self, batch: StepBatch) -> StepPlan:
         return self.serve(batch)
 
-    @property
-    def plans_decode_runs(self) -> bool:
-        return True
+    decode_runs = True
 
     @property
     def max_decode_loads(self) -> int:
