@@ -302,7 +302,7 @@ def _check_policy_files(spec: dict, src: str, base_dir: Path) -> None:
             p = Path(v).expanduser()
             p = p if p.is_absolute() else base_dir / p
             if not p.is_file():
-                raise ScenarioError(f"{src}: policy.{key} '{v}' not found (looked at {p}); "
+                raise ScenarioError(f"{src}: policy.{key} '{v}' does not exist (looked at {p}); "
                                     "paths are relative to the scenario file")
 
 
@@ -317,7 +317,7 @@ def _check_quality(q, src: str, base_dir: Path) -> None:
     p = Path(cal).expanduser()
     p = p if p.is_absolute() else base_dir / p
     if not p.is_file():
-        raise ScenarioError(f"{src}: quality.calibration '{cal}' not found (looked at {p}); "
+        raise ScenarioError(f"{src}: quality.calibration '{cal}' does not exist (looked at {p}); "
                             "paths are relative to the scenario file")
     from sim import quality
     try:
