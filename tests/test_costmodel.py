@@ -162,3 +162,42 @@ def test_one_layer_ahead_prefetch_overlaps_the_previous_layer():
     # Only layer 0's copy (issued at step start, with nothing before it) can stall.
     assert early.stall_s <= CostModel(M, slow).copy_s + 1e-9
     assert early.duration_s <= base + CostModel(M, slow).copy_s + 1e-9
+
+
+def test_emoe_swap_ins_delay_the_layers_that_use_them():
+    """An eMoE invocation swaps in the experts its step uses: each layer waits until its own
+    swap-ins land (issued once the prediction is done, as layer 0 starts, nearest layer
+    first), which the cost model used to ignore (the copies went out as prefetches nobody
+    waited for). Same routing with the experts already resident: no copy, no wait."""
+    from sim.policies import make_policy
+    from sim.policies.base import StepBatch
+    from sim.request import Request
+    from simhelpers import TINY_HW
+    tiny, hw = get_model("tiny"), get_hardware(TINY_HW)
+    pol = make_policy({"name": "emoe", "capacity": 0.25, "skip": False, "interval": 1, "invoke_s": 0.0},
+                      tiny, None, 0)
+    pol.predictor.prior = {"qa": np.tile([0, 0, 0.5, 0.4, 0.1, 0, 0, 0], (tiny.n_moe_layers, 1))}
+    pol.warm = True                       # as if a request had finished: the predictor knows qa
+    req = Request(0, "r0", "qa", 1, 4, 0, 0.0, {}, 4.0)
+    pol.on_arrival(req, 0.0)
+    Lt = tiny.n_moe_layers
+    ex = np.tile([[2, 3]], (Lt, 1))[None].astype(np.uint8)          # one token, experts 2 and 3 everywhere
+    batch = StepBatch(0, ex, np.full(ex.shape, 0.5, dtype=np.float32), None, np.zeros(1, dtype=np.int64), [req])
+    assert set(np.flatnonzero(pol.resident[0])) == {0, 1}
+    plan = pol.plan_step(batch)
+    assert [(layer, e) for _, layer, e in plan.prefetch] == [(layer, e) for layer in range(Lt) for e in (2, 3)]
+    assert {at for at, _, _ in plan.prefetch} == {as_layer_starts(0)}
+    assert not plan.demand.any() and pol.misses == 2 * Lt and pol.ahead_loads == 0
+    cm = CostModel(tiny, hw)
+    s = cm.step(0.0, plan, 1, 1, 1, 1)
+    fixed, attn, c = cm.fixed_s(1, 1), cm.attention_s(1, 1, 1), cm.copy_s
+    ffn = cm.experts_s(plan.counts, 1)
+    assert c > attn + ffn.max()           # copies dominate: each layer waits for its last swap-in
+    # Layer l's experts land at layer 0's start + 2(l + 1) copies; it waits from its router on.
+    ready = fixed + 2 * c * np.arange(1, Lt + 1)
+    router = np.concatenate([[fixed], ready[:-1] + ffn[:-1]]) + attn
+    assert s.stall_s == pytest.approx((ready - router).sum())
+    assert s.duration_s == pytest.approx(fixed + 2 * Lt * c + ffn[-1])
+    no_copies = CostModel(tiny, hw).step(0.0, StepPlan(plan.counts, plan.demand, [], 0), 1, 1, 1, 1)
+    assert no_copies.stall_s == 0
+    assert s.duration_s - no_copies.duration_s == pytest.approx(s.stall_s)

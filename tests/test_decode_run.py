@@ -8,8 +8,9 @@ import pytest
 
 from sim.engine import Engine
 from sim.models import get_model
-from sim.policies import make_policy
-from sim.policies.base import StepBatch
+from sim.policies import POLICIES, make_policy
+from sim.policies.base import MISS_MODES, ExpertPolicy, StepBatch
+from sim.policies.on_demand import OnDemandPolicy
 from sim.request import Request
 from sim.run import run_scenario
 from sim.scenario import load_scenario
@@ -39,15 +40,48 @@ def step_by_step(policy, experts, req, probs=None):
     return np.array(demand), np.array(resident), np.array(counts)
 
 
-@pytest.mark.parametrize("model,spec", [
-    ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.5}),
-    ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.75}),
-    ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3}),
-    ("olmoe-1b-7b", {"name": "resident"}),
-    ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.5, "miss": "reroute"}),
-    ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "miss": "reroute", "eviction": "lfu"}),
-    ("mixtral-8x7b", {"name": "random", "capacity": 0.5}),
-])
+class MRUProbe(OnDemandPolicy):
+    """A four-line subclass overriding only evict_key (most recently used first): the LRU
+    decode run does not describe it, so it must be stepped."""
+    name = "mru_probe"
+
+    def evict_key(self):
+        return -self.last_used
+
+
+def registry_specs(capacity=0.5):
+    """Every registered policy in each of its miss modes: a policy registered later is covered."""
+    for name, cls in sorted(POLICIES.items()):
+        for miss in MISS_MODES if "miss" in cls.PARAMS else (None,):
+            spec = {"name": name}
+            if "capacity" in cls.PARAMS:
+                spec["capacity"] = capacity
+            if miss:
+                spec["miss"] = miss
+            yield spec
+
+
+def plannable():
+    """(model, spec) pairs whose fresh policy plans decode runs (from the registry)."""
+    out = []
+    for model in ("mixtral-8x7b", "olmoe-1b-7b"):
+        for capacity in (0.3, 0.5):
+            for spec in registry_specs(capacity):
+                if make_policy(spec, get_model(model)).plans_decode_runs:
+                    out.append((model, spec))
+    for model, spec in [("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "miss": "reroute",
+                                         "eviction": "lfu"})]:
+        out.append((model, spec))
+    return out
+
+
+def test_the_registry_gives_decode_run_cases():
+    names = {spec["name"] for _, spec in plannable()}
+    assert {"on_demand", "resident", "random"} <= names
+
+
+@pytest.mark.parametrize("model,spec", plannable(), ids=lambda x: x if isinstance(x, str) else
+                         "-".join(str(v) for v in x.values()))
 @pytest.mark.parametrize("seed,with_probs", [(0, False), (1, False), (2, True)])
 def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
     m = get_model(model)
@@ -91,6 +125,30 @@ def test_policies_that_prefetch_or_reroute_step_normally():
     assert not make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
     assert not make_policy({"name": "pregated"}, m).plans_decode_runs
     assert not make_policy({"name": "oracle"}, m).plans_decode_runs
+    assert not make_policy({"name": "moe_infinity"}, m).plans_decode_runs
+
+
+def test_decode_run_eligibility_is_declared_per_class():
+    """Decided once, when the class is made: overriding a hook the runs assume drops it,
+    declaring again keeps it, and overriding the property itself is refused."""
+    assert OnDemandPolicy.decode_runs and not MRUProbe.decode_runs
+    assert not MRUProbe(get_model("mixtral-8x7b"), {}).plans_decode_runs
+
+    class Redeclared(OnDemandPolicy):
+        decode_runs = True
+
+        def evict_key(self):
+            return self.last_used
+
+    class Bookkeeping(OnDemandPolicy):      # overrides nothing the runs assume
+        def on_finish(self, req, now):
+            pass
+    assert Redeclared.decode_runs and Bookkeeping.decode_runs
+    with pytest.raises(TypeError, match="declare `decode_runs"):
+        class Sneaky(ExpertPolicy):
+            @property
+            def plans_decode_runs(self):
+                return True
 
 
 def scenario(policy, scheduler="fcfs", **limits):
@@ -102,29 +160,44 @@ def scenario(policy, scheduler="fcfs", **limits):
         "limits": {"max_batch_tokens": 1024, "max_running": 8, **limits}})
 
 
-@pytest.mark.parametrize("policy,scheduler,limits", [
-    ({"name": "on_demand", "capacity": 0.6}, "fcfs", {}),
+ENGINE_CASES = [(spec, "fcfs", {}) for spec in registry_specs()] + [
     ({"name": "on_demand", "capacity": 0.4}, "emoe", {}),
     ({"name": "resident"}, "sjf", {}),
     ({"name": "on_demand", "capacity": 0.5}, "fcfs", {"max_steps": 3000}),
     ({"name": "on_demand", "capacity": 0.5}, "edf", {"max_sim_time_s": 40.0}),
-    ({"name": "on_demand", "capacity": 0.5, "miss": "reroute"}, "fcfs", {}),
     ({"name": "emoe", "capacity": 0.5, "interval": 4}, "emoe", {}),
-    ({"name": "random", "capacity": 0.5}, "fcfs", {}),
-])
+    ({"name": "mru_probe", "capacity": 0.6}, "fcfs", {}),
+]
+
+
+@pytest.mark.parametrize("policy,scheduler,limits", ENGINE_CASES,
+                         ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else str(x))
 def test_engine_results_identical_with_and_without_decode_runs(monkeypatch, policy, scheduler, limits):
+    """Every registered policy in each miss mode (and an MRU subclass probe): decode runs are
+    taken exactly where the class declares them and its state allows, and change nothing."""
+    monkeypatch.setitem(POLICIES, MRUProbe.name, MRUProbe)
     sc = scenario(policy, scheduler, **limits)
-    runs = []
+    runs, ready = [], []
     real = Engine._decode_run
 
     def counting(self, now):
+        if len(self.running) == 1 and not self.waiting:
+            ready.append(self.policy.plans_decode_runs)
         r = real(self, now)
         runs.append(r[1] if r else 0)
         return r
     monkeypatch.setattr(Engine, "_decode_run", counting)
     fast = run_scenario(sc)
-    assert sum(runs) >= 100, "the light-load path was not taken"
-    assert any(runs) and max(runs) < max(fast.requests.output_tokens), "runs are never cut by arrivals"
+    if not POLICIES[policy["name"]].decode_runs:
+        # Never the fast path: its results are stepping's by construction (one code path).
+        assert sum(runs) == 0, "a policy that does not declare decode runs took the fast path"
+        if policy["name"] == MRUProbe.name:   # and the probe is not LRU in disguise
+            lru = run_scenario(scenario({**policy, "name": "on_demand"}, scheduler, **limits))
+            assert fast.summary["misses"] != lru.summary["misses"]
+        return
+    if any(ready):
+        assert sum(runs) >= 100, "the light-load path was not taken"
+        assert max(runs) < max(fast.requests.output_tokens), "runs are never cut by arrivals"
     slow = run_scenario(scenario(policy, scheduler, **limits, decode_runs=False))
     assert slow.summary["engine_steps"] == fast.summary["engine_steps"]
     pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)
