@@ -599,7 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="plots", help="directory for PNG and SVG files")
     s.set_defaults(func=cmd_plot)
 
-    s = sub.add_parser("replay", help="run a scenario on real hardware (PyTorch) with the same policy objects")
     s = sub.add_parser("choose", help="the SLO- and quality-feasible Pareto set of a sweep; write the chosen scenario")
     s.add_argument("sweep_dir", help="a sweep directory (table.csv, points/)")
     s.add_argument("--slo-attainment", type=float, default=0.0, metavar="SHARE",
@@ -615,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="DIR", help="write the Pareto plot with the feasible set marked")
     s.set_defaults(func=cmd_choose)
 
+    s = sub.add_parser("replay", help="run a scenario on real hardware (PyTorch) with the same policy objects")
     s.add_argument("scenario", help="scenario YAML, a sweep point directory, or the file `emoe choose -o` wrote")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--scale", type=int, default=1, help="divide hidden sizes by this (CPU runs of big models)")
