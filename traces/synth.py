@@ -1,58 +1,54 @@
 """Synthetic routing traces that look like real MoE routing.
 
-The routing of token t at MoE layer l is a Gumbel-top-k draw (sampling k experts
-without replacement) from logits
+The routing of token t of request r at MoE layer l is a Gumbel-top-k draw
+(sampling k experts without replacement) from logits
 
-    B[task, l] + D[request, l] + cross_layer * A[l, top1 at layer l-1]
+    B[task, phase, l] + D[r, l] + latent[t, l] + cross_layer * A[l, top1 at layer l-1]
 
-- B: the task's log-popularity per layer (calibrated so the marginal top-k
-  shares match routing-stats where a real model was measured, elsewhere a
-  per-layer skew plus a task-specific offset: popularity skew + specialisation);
+- B: the task's log-popularity per layer, for prompt and generated tokens
+  (calibrated so the marginal top-k shares match their targets: routing-stats
+  where a real model was measured, a fitted profile's tables, elsewhere a
+  per-layer skew plus a task-specific offset; prompt tokens differ by
+  `phase_shift`);
 - D: a per-request offset (how far one prompt strays from its task: sets the
-  inter-prompt correlation);
-- A: a fixed expert-to-expert affinity between consecutive layers (cross-layer);
-- then, with probability temporal_copy, a token keeps the previous token's
-  experts at that layer (temporal reuse).
+  inter-prompt correlation and how unevenly one request uses its experts);
+- s_l W_l h: the token's latent path. h[t, l] = sqrt(1 - w_l) a[t] + sqrt(w_l) c[t]:
+  a is new at every token (what the token is), c drifts across the request's
+  tokens as an AR(1) (the context), so reuse decays with token distance; W_l
+  drifts slowly across layers, so a token keeps its path through the depth;
+- A: a fixed expert-to-expert affinity between consecutive layers (the one-step
+  chain of the `paper` profile); with probability temporal_copy a token keeps
+  the previous token's experts at that layer (the paper's temporal recurrence).
 
-B and A are the "model": they depend on the model, the profile and
+Gates of the chosen experts are exp(-(gap to the top-1 logit)^gate_power /
+gate_temperature), normalised over the top-k.
+
+B, W and A are the "model": they depend on the model, the profile and
 structure_seed, never on the request seed, so two traces of one model share
 their routing structure the way two runs of a real model do.
 """
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from sim.models import ModelSpec, get_model
+from sim.models import get_model
+from traces.errors import UserError
 from traces.format import Trace, expert_dtype
+from traces.profile import PROFILES, RoutingProfile, per_layer, profile_dict, resolve_profile  # noqa: F401
 from traces.realdata import TASKS, LengthDist, measured_popularity
 
 
 @dataclass(frozen=True)
-class RoutingProfile:
+class RoutingShape:
+    """The part of a model the generator needs (a fitted profile carries it)."""
     name: str
-    layer_skew: float           # sd of per-layer log-popularity (layers without measured data)
-    task_specialisation: float  # sd of a task's log-popularity offset per layer
-    request_deviation: float    # sd of a request's log-popularity offset per layer
-    temporal_copy: float        # probability a token keeps the previous token's experts
-    cross_layer: float          # strength of the layer l-1 -> l affinity
-    gate_temperature: float = 1.0
-    recurrence: float = 0.0     # AR(1) coefficient of request deviations along a task's request order
-
-
-# `real`: tuned (see tests/test_synth_calibration.py) so Mixtral-shape traces measure
-# inside REAL_DECODE_TRACE (traces/realdata.py); there, a request strays from its
-# task independently of the one before. `paper`: reaches PAPER.md's recurrence -
-# consecutive prompts 0.75-0.95, a prompt and its 20th successor ~0.5 - through
-# request deviations that drift slowly along a task's requests.
-PROFILES = {
-    "real": RoutingProfile("real", layer_skew=0.40, task_specialisation=0.30, request_deviation=0.70,
-                           temporal_copy=0.04, cross_layer=2.0),
-    "paper": RoutingProfile("paper", layer_skew=1.0, task_specialisation=0.6, request_deviation=1.6,
-                            temporal_copy=0.04, cross_layer=4.0, recurrence=0.85),
-}
+    n_moe_layers: int
+    n_experts: int
+    top_k: int
+    n_shared_experts: int = 0
 
 
 def _rng(*keys) -> np.random.Generator:
@@ -60,18 +56,53 @@ def _rng(*keys) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(str(k).encode()) for k in keys])
 
 
+@dataclass
+class Template:
+    """Who asks what: each request's task and prompt/output lengths (and arrival), without routing.
+    `synthesize(like=...)` fills a template, or a real trace, with synthetic routing."""
+    task: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    arrival_s: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.task)
+
+    @classmethod
+    def of(cls, t) -> "Template":
+        return cls(np.asarray(t.task).astype(str), np.asarray(t.prompt_tokens, np.int32),
+                   np.asarray(t.output_tokens, np.int32), None if t.arrival_s is None else np.asarray(t.arrival_s),
+                   dict(t.extra))
+
+    def repeat(self, k: int) -> "Template":
+        """k copies one after another (replicas at the same shape)."""
+        return Template(np.tile(self.task, k), np.tile(self.prompt_tokens, k), np.tile(self.output_tokens, k),
+                        None, dict(self.extra))
+
+
 class RoutingModel:
     """The fixed routing structure of one model under one profile."""
 
-    def __init__(self, model: ModelSpec, tasks: list[str], profile: RoutingProfile,
-                 structure_seed: int = 0, calibrate: bool = True):
+    def __init__(self, model, tasks: list[str], profile: RoutingProfile,
+                 structure_seed: int = 0, calibrate: bool = True, base: np.ndarray | None = None,
+                 calibrate_iters: int | None = None):
         self.model, self.tasks, self.profile = model, list(tasks), profile
         L, E = model.n_moe_layers, model.n_experts
         rng = _rng(model.name, profile.name, structure_seed, "layers")
         layer_base = profile.layer_skew * rng.standard_normal((L, E))
         self.affinity = rng.standard_normal((L, E, E))
-        self.target = np.empty((len(tasks), L, E))
+        fitted = profile.tasks or {}
+        # Groups of tokens sharing a popularity: one per task, or per (task, phase) when
+        # prompt tokens route differently from generated ones.
+        self.phases = 2 if profile.phase_shift > 0 or fitted else 1
+        self.target = np.empty((len(tasks) * self.phases, L, E))
         for i, task in enumerate(tasks):
+            if task in fitted:
+                for ph, key in enumerate(("decode", "prompt")[:self.phases]):
+                    self.target[i * self.phases + ph] = _shares(fitted[task]["popularity"][key])
+                continue
             spec = _rng(model.name, profile.name, structure_seed, "task", task).standard_normal((L, E))
             logits = layer_base + profile.task_specialisation * spec
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -82,46 +113,103 @@ class RoutingModel:
             for layer, share in measured_popularity(model.name, domain).items():
                 if layer < L:
                     p[layer] = share
-            self.target[i] = p
-        self.base = np.log(self.target)
+            self.target[i * self.phases] = p
+            if self.phases == 2:
+                # Prompt tokens stray from the generated tokens' popularity by the phase shift,
+                # the same for every task (it is the model's, not the task's). Generated tokens
+                # keep the measured popularity: real decode routing is the less skewed.
+                shift = _rng(model.name, profile.name, structure_seed, "phase").standard_normal((L, E))
+                self.target[i * 2 + 1] = _shares(p * np.exp(profile.phase_shift * shift))
+        # A warm start (the fitter's previous round) needs fewer calibration steps.
+        self.base = base.copy() if base is not None and base.shape == self.target.shape else np.log(self.target)
+        self.strength = per_layer(profile.path_strength, L)
+        self.context = np.clip(per_layer(profile.context_share, L), 0.0, 1.0)
+        self.paths = self.contexts = None
+        if profile.has_path():
+            # Projections drift across layers: corr(W_l, W_l+d) ~ persistence^(d/2); the path's
+            # slowly (path_persistence), the context's by its own context_layer_persistence.
+            prng = _rng(model.name, profile.name, structure_seed, "path")
+            m = int(profile.latent_dim)
+            self.paths = _drifting(prng, L, E, m, profile.path_persistence)
+            self.contexts = _drifting(prng, L, E, m, profile.context_layer_persistence)
         if calibrate:
-            self._calibrate(structure_seed)
+            self._calibrate(structure_seed, iters=calibrate_iters or (8 if self.paths is not None else 5))
+
+    def group(self, task_of_tok: np.ndarray, prompt_of_tok: np.ndarray | None) -> np.ndarray:
+        """Popularity group of every token (its task, and its phase if phases differ)."""
+        if self.phases == 1 or prompt_of_tok is None:
+            return task_of_tok * self.phases
+        return task_of_tok * 2 + prompt_of_tok.astype(np.int64)
+
+    def latent(self, rng, n_tokens: int, first_of_req: np.ndarray) -> tuple | None:
+        """Per-token latent draws (identity, context); None when the profile has no path."""
+        if self.paths is None:
+            return None
+        m = self.paths.shape[2]
+        ident = rng.standard_normal((n_tokens, m))
+        ctx = _ar1(rng.standard_normal((n_tokens, m)), first_of_req, self.profile.context_persistence)
+        return ident, ctx
 
     def _calibrate(self, seed: int, iters: int = 5, tokens_per_task: int = 8000):
-        """Fit B so each task's marginal top-k share per layer matches its target.
+        """Fit B so each group's marginal top-k share per layer matches its target.
 
         Layer l's draw depends on layer l-1's choices (affinity), so layers are
         fitted in order, each a few fixed-point steps B += log(target / share)."""
         rng = _rng(self.model.name, self.profile.name, seed, "calibrate")
-        n_req = tokens_per_task // 10   # many short requests average out request deviations
-        req = np.repeat(np.arange(n_req * len(self.tasks)), 10)
-        task = req // n_req
+        n_req = tokens_per_task // 10 // self.phases   # many short requests average out request deviations
+        G = len(self.target)
+        req = np.repeat(np.arange(n_req * G), 10)
+        group = req // n_req
         dev = self.profile.request_deviation * rng.standard_normal(
-            (n_req * len(self.tasks), self.model.n_moe_layers, self.model.n_experts))
-        self._route(task, req, dev, rng, copy_prob=0.0, calibrate_iters=iters)
+            (n_req * G, self.model.n_moe_layers, self.model.n_experts))
+        lat = None
+        if self.paths is not None:   # the marginal of the latent path: independent draws per token
+            m = self.paths.shape[2]
+            lat = (rng.standard_normal((len(req), m)), rng.standard_normal((len(req), m)))
+        self._route(group, req, dev, rng, copy_prob=0.0, calibrate_iters=iters, latent=lat)
 
-    def _route(self, task_of_tok, req_of_tok, deviation, rng, copy_prob, first_of_req=None,
-               want_probs=False, calibrate_iters=0):
+    def _route(self, group_of_tok, req_of_tok, deviation, rng, copy_prob, first_of_req=None,
+               want_probs=False, calibrate_iters=0, latent=None):
         """Route T tokens through all layers; returns experts, gates (T, L, k) and probs."""
-        T = len(task_of_tok)
+        T = len(group_of_tok)
         L, E, k = self.model.n_moe_layers, self.model.n_experts, self.model.top_k
         experts = np.empty((T, L, k), dtype=expert_dtype(E))
         gates = np.empty((T, L, k), dtype=np.float16)
         probs = np.empty((T, L, E), dtype=np.float16) if want_probs else None
         prev_top1 = None
         ar = np.arange(T)
-        n_tasks = len(self.tasks)
+        n_groups = len(self.target)
+        prof = self.profile
         for layer in range(L):
             fixed = deviation[req_of_tok, layer]
-            if prev_top1 is not None:
-                fixed = fixed + self.profile.cross_layer * self.affinity[layer, prev_top1]
+            if prev_top1 is not None and prof.cross_layer:
+                fixed = fixed + prof.cross_layer * self.affinity[layer, prev_top1]
+            if latent is not None and self.strength[layer] > 0:
+                # einsum, not @: BLAS threading costs more than it saves on (T, 8) x (8, E)
+                s2, w = self.strength[layer] ** 2, self.context[layer]
+                fixed = fixed + np.sqrt(s2 * (1 - w)) * np.einsum("tm,em->te", latent[0], self.paths[layer]) \
+                    + np.sqrt(s2 * w) * np.einsum("tm,em->te", latent[1], self.contexts[layer])
+            prev = None
             for _ in range(calibrate_iters):
-                z = self.base[task_of_tok, layer] + fixed + rng.gumbel(size=(T, E))
+                z = self.base[group_of_tok, layer] + fixed + rng.gumbel(size=(T, E))
                 top = np.argpartition(-z, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
-                share = np.bincount((task_of_tok[:, None] * E + top).ravel(), minlength=n_tasks * E)
-                share = share.reshape(n_tasks, E) / np.maximum(np.bincount(task_of_tok, minlength=n_tasks), 1)[:, None] / k
-                self.base[:, layer] += np.log(self.target[:, layer]) - np.log(np.maximum(share, 1e-5))
-            logits = self.base[task_of_tok, layer] + fixed + rng.gumbel(size=(T, E))
+                share = np.bincount((group_of_tok[:, None] * E + top).ravel(), minlength=n_groups * E)
+                share = share.reshape(n_groups, E) / np.maximum(np.bincount(group_of_tok, minlength=n_groups), 1)[:, None] / k
+                log_share = np.log(np.maximum(share, 1e-5))
+                step = np.log(self.target[:, layer]) - log_share
+                if self.paths is not None:
+                    # A strong latent blunts how far a share moves with B: divide the step by the
+                    # layer's observed response (median d log share / dB), so a few steps suffice.
+                    # (Profiles without a latent keep the plain steps, and their traces as they were.)
+                    if prev is not None:
+                        db = self.base[:, layer] - prev[0]
+                        ok = np.abs(db) > 1e-3
+                        if ok.any():
+                            step /= float(np.clip(np.median((log_share - prev[1])[ok] / db[ok]), 0.2, 1.0))
+                    prev = (self.base[:, layer].copy(), log_share)
+                    step = np.clip(step, -2.0, 2.0)
+                self.base[:, layer] += step
+            logits = self.base[group_of_tok, layer] + fixed + rng.gumbel(size=(T, E))
             if copy_prob > 0:
                 # Forward fill: a copying token takes the routing of the last
                 # non-copying token before it; request starts never copy.
@@ -133,16 +221,63 @@ class RoutingModel:
             top_logits = np.take_along_axis(logits, top, axis=1)
             order = np.argsort(-top_logits, axis=1)
             top = np.take_along_axis(top, order, axis=1)
-            top_logits = np.take_along_axis(top_logits, order, axis=1) / self.profile.gate_temperature
-            g = np.exp(top_logits - top_logits[:, :1])
-            gates[:, layer] = g / g.sum(axis=1, keepdims=True)
+            top_logits = np.take_along_axis(top_logits, order, axis=1)
+            gates[:, layer] = gate_weights(top_logits, prof.gate_temperature, prof.gate_power)
             experts[:, layer] = top
             if want_probs:
-                z = logits / self.profile.gate_temperature
-                pz = np.exp(z - z.max(axis=1, keepdims=True))
-                probs[:, layer] = pz / pz.sum(axis=1, keepdims=True)
+                probs[:, layer] = gate_weights(logits, prof.gate_temperature, prof.gate_power)
             prev_top1 = top[:, 0]
         return experts, gates, probs
+
+
+def _drifting(rng, L: int, E: int, m: int, persistence: float) -> np.ndarray:
+    """(L, E, m) row-normalised projections, each layer's = sqrt(p) * previous + sqrt(1 - p) * new."""
+    lam = float(np.clip(persistence, 0.0, 1.0))
+    w = rng.standard_normal((E, m))
+    out = np.empty((L, E, m))
+    for layer in range(L):
+        if layer:
+            w = np.sqrt(lam) * w + np.sqrt(1 - lam) * rng.standard_normal((E, m))
+        out[layer] = w / np.linalg.norm(w, axis=1, keepdims=True)
+    return out
+
+
+def gate_weights(logits: np.ndarray, temperature: float, power: float = 1.0) -> np.ndarray:
+    """Weights ~ exp(-(max logit - logit)^power / temperature), normalised per row.
+    power 1 is a softmax at that temperature."""
+    if power == 1.0:
+        z = logits / temperature
+        g = np.exp(z - z.max(axis=1, keepdims=True))
+    else:
+        gap = np.maximum(logits.max(axis=1, keepdims=True) - logits, 0.0)
+        g = np.exp(-gap ** power / temperature)
+    return g / g.sum(axis=1, keepdims=True)
+
+
+def _shares(p) -> np.ndarray:
+    """Shares per layer, floored so a log stays finite, summing to 1."""
+    p = np.maximum(np.asarray(p, dtype=float), 1e-4)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _ar1(noise: np.ndarray, first_of_req: np.ndarray, rho: float) -> np.ndarray:
+    """c_t = rho c_(t-1) + sqrt(1 - rho^2) noise_t within each request (unit variance);
+    a request's first token starts afresh. Stepped by position, vectorised over requests."""
+    if rho <= 0 or not len(noise):
+        return noise
+    T = len(noise)
+    start = np.zeros(T, dtype=bool)
+    start[first_of_req] = True
+    start[0] = True
+    pos = np.arange(T) - np.maximum.accumulate(np.where(start, np.arange(T), 0))
+    order = np.argsort(pos, kind="stable")
+    bounds = np.searchsorted(pos[order], np.arange(int(pos.max()) + 2))
+    c = noise.copy()
+    keep = np.sqrt(1 - rho * rho)
+    for p in range(1, int(pos.max()) + 1):
+        rows = order[bounds[p]:bounds[p + 1]]
+        c[rows] = rho * c[rows - 1] + keep * noise[rows]
+    return c
 
 
 def _deviations(prof: RoutingProfile, tasks: np.ndarray, last: dict, rng, L: int, E: int) -> np.ndarray:
@@ -160,47 +295,96 @@ def _deviations(prof: RoutingProfile, tasks: np.ndarray, last: dict, rng, L: int
     return noise
 
 
-def sample_lengths(task: str, n: int, rng: np.random.Generator, prompt_mean=None, output_mean=None):
+def task_lengths(task: str, profile: RoutingProfile | None = None):
+    """A task's length distributions: the fitted profile's, else the corpora's (TASKS)."""
+    fitted = (profile.tasks or {}) if profile is not None else {}
+    if task in fitted:
+        d = fitted[task]
+        return LengthDist(**d["prompt"]), LengthDist(**d["output"])
+    return TASKS[task].prompt, TASKS[task].output
+
+
+def sample_lengths(task: str, n: int, rng: np.random.Generator, prompt_mean=None, output_mean=None,
+                   profile: RoutingProfile | None = None):
     """Prompt and output token counts for n requests of a task (means overridable)."""
-    prof = TASKS[task]
+    prompt, output = task_lengths(task, profile)
     if prompt_mean:
-        prof = replace(prof, prompt=LengthDist(prompt_mean, prof.prompt.sd_log, 1, max(prof.prompt.hi, 8 * prompt_mean)))
+        prompt = LengthDist(prompt_mean, prompt.sd_log, 1, max(prompt.hi, 8 * prompt_mean))
     if output_mean:
-        prof = replace(prof, output=LengthDist(output_mean, prof.output.sd_log, 1, max(prof.output.hi, 4 * output_mean)))
+        output = LengthDist(output_mean, output.sd_log, 1, max(output.hi, 4 * output_mean))
 
     def draw(d):
         mu = np.log(d.mean) - d.sd_log ** 2 / 2   # lognormal with the stated mean
         return np.clip(np.rint(rng.lognormal(mu, d.sd_log, n)), d.lo, d.hi).astype(np.int32)
-    return draw(prof.prompt), draw(prof.output)
+    return draw(prompt), draw(output)
 
 
-def synthesize(model, tasks, n_requests: int, seed: int = 0, profile: str | RoutingProfile = "real",
+def routing_shape(model, prof: RoutingProfile):
+    """The model to generate for: the given preset/spec, else the fitted profile's shape;
+    a fitted profile only drives a model of its own routing shape."""
+    shape = prof.shape
+    if model is None:
+        if shape is None:
+            raise UserError("give a model (--model PRESET); only a fitted profile names its own")
+        return RoutingShape(shape["name"], int(shape["n_layers"]), int(shape["n_experts"]), int(shape["top_k"]),
+                            int(shape.get("n_shared_experts", 0)))
+    if not isinstance(model, RoutingShape):
+        model = get_model(model)
+    if shape is not None and (model.n_moe_layers, model.n_experts, model.top_k) != \
+            (shape["n_layers"], shape["n_experts"], shape["top_k"]):
+        raise UserError(f"profile '{prof.name}' was fitted on {shape['n_layers']} layers x {shape['n_experts']} "
+                         f"experts, top-{shape['top_k']} ({shape['name']}); model '{model.name}' is "
+                         f"{model.n_moe_layers} x {model.n_experts}, top-{model.top_k}; fit a profile on a trace "
+                         "of this model or drop --model")
+    return model
+
+
+def synthesize(model, tasks, n_requests: int | None, seed: int = 0, profile="real",
                task_weights=None, rate: float | None = None, router_probs: bool = False,
                structure_seed: int = 0, prompt_mean: float | None = None, output_mean: float | None = None,
-               chunk_tokens: int = 400_000, progress=None, **overrides) -> Trace:
-    """Generate a trace. `overrides` replace single profile knobs (e.g. request_deviation=0.3)."""
-    model = get_model(model)
-    tasks = list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
-    if n_requests < 1:
-        raise ValueError("n_requests must be at least 1")
-    if isinstance(profile, str) and profile not in PROFILES:
-        raise ValueError(f"unknown profile '{profile}'; choose one of {list(PROFILES)}")
-    prof = PROFILES[profile] if isinstance(profile, str) else profile
+               chunk_tokens: int = 400_000, progress=None, like: Trace | Template | None = None,
+               routing_model: RoutingModel | None = None, **overrides) -> Trace:
+    """Generate a trace. `profile`: a built-in name, a fitted profile (.yaml path or object).
+    `overrides` replace single profile knobs (e.g. request_deviation=0.3). `like`: copy each
+    request's task, prompt and output lengths (and arrivals) from this trace or Template, so the
+    synthetic trace has exactly its shape. tasks=None: the fitted profile's tasks and shares.
+    `routing_model`: a RoutingModel already built for these tasks and profile (the fitter's)."""
+    prof = resolve_profile(profile)
     if overrides:
         prof = replace(prof, name=prof.name + "+custom", **overrides)
-    rm = RoutingModel(model, tasks, prof, structure_seed)
+    model = routing_shape(model, prof)
+    fitted = prof.tasks or {}
+    if like is not None:
+        tasks = sorted(set(like.task.tolist()))
+        n_requests = like.n_requests
+    elif tasks is None:
+        if not fitted:
+            raise UserError("give tasks (--tasks); only a fitted profile lists its own")
+        tasks = list(fitted)
+        if task_weights is None:
+            task_weights = [fitted[t]["weight"] for t in tasks]
+    tasks = list(tasks)
+    known = set(fitted) if fitted else set(TASKS)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        where = f"profile '{prof.name}' was fitted on" if fitted else "known tasks:"
+        raise UserError(f"unknown task(s) {unknown}; {where} {', '.join(sorted(known))}")
+    if n_requests is None or n_requests < 1:
+        raise UserError("n_requests must be at least 1")
+    rm = routing_model if routing_model is not None else RoutingModel(model, tasks, prof, structure_seed)
 
     rng = np.random.default_rng(seed)
-    w = np.ones(len(tasks)) if task_weights is None else np.asarray(task_weights, float)
-    task_idx = rng.choice(len(tasks), size=n_requests, p=w / w.sum())
-    prompt = np.empty(n_requests, np.int32)
-    output = np.empty(n_requests, np.int32)
-    for i, t in enumerate(tasks):
-        sel = task_idx == i
-        prompt[sel], output[sel] = sample_lengths(t, int(sel.sum()), rng, prompt_mean, output_mean)
+    if like is not None:
+        task_idx = np.searchsorted(np.array(tasks), like.task)
+        prompt, output = like.prompt_tokens.copy(), like.output_tokens.copy()
+    else:
+        w = np.ones(len(tasks)) if task_weights is None else np.asarray(task_weights, float)
+        task_idx = rng.choice(len(tasks), size=n_requests, p=w / w.sum())
+        prompt = np.empty(n_requests, np.int32)
+        output = np.empty(n_requests, np.int32)
+        for i, t in enumerate(tasks):
+            sel = task_idx == i
+            prompt[sel], output[sel] = sample_lengths(t, int(sel.sum()), rng, prompt_mean, output_mean, prof)
     lengths = prompt.astype(np.int64) + output
     T = int(lengths.sum())
     L, E, k = model.n_moe_layers, model.n_experts, model.top_k
@@ -218,8 +402,12 @@ def synthesize(model, tasks, n_requests: int, seed: int = 0, profile: str | Rout
         req_of_tok = np.repeat(np.arange(r1 - r0), lengths[r0:r1])
         first = (offsets[r0:r1] - offsets[r0]).astype(np.int64)
         dev = _deviations(prof, task_idx[r0:r1], last_dev, rng, L, E)
-        e, g, p = rm._route(task_idx[r0:r1][req_of_tok], req_of_tok, dev, rng, prof.temporal_copy,
-                            first_of_req=first, want_probs=router_probs)
+        lat = rm.latent(rng, n_tok, first)
+        in_prompt = None
+        if rm.phases == 2:
+            in_prompt = (np.arange(n_tok) - first[req_of_tok]) < prompt[r0:r1][req_of_tok]
+        e, g, p = rm._route(rm.group(task_idx[r0:r1][req_of_tok], in_prompt), req_of_tok, dev, rng,
+                            prof.temporal_copy, first_of_req=first, want_probs=router_probs, latent=lat)
         sl = slice(int(offsets[r0]), int(offsets[r0]) + n_tok)
         experts[sl], gates[sl] = e, g
         if router_probs:
@@ -229,10 +417,14 @@ def synthesize(model, tasks, n_requests: int, seed: int = 0, profile: str | Rout
         r0 = r1
 
     arrival = None
-    if rate:
+    if like is not None and like.arrival_s is not None:
+        arrival = like.arrival_s.copy()
+    elif rate:
         arrival = np.cumsum(rng.exponential(1.0 / rate, n_requests))
-    extra = dict(generator="emoe trace synth", profile=asdict(prof), seed=seed, structure_seed=structure_seed,
+    extra = dict(generator="emoe trace synth", profile=profile_dict(prof), seed=seed, structure_seed=structure_seed,
                  tasks=tasks, rate=rate)
+    if like is not None:
+        extra["like"] = like.extra.get("source", getattr(like, "model", "template"))
     return Trace(model.name, L, E, k, np.array([f"r{i:06d}" for i in range(n_requests)]),
                  np.array(tasks)[task_idx], prompt, output, experts, gates, arrival, None, probs,
                  model.n_shared_experts, extra)
