@@ -4,6 +4,11 @@ Batching, admission, preemption and every policy and scheduler decision are the
 simulator's own code (sim/engine.py); only `execute` (run the step on the model
 and time it) and `memory_parts` (measure instead of estimate) differ, and the
 loop waits for real arrivals instead of SimPy events.
+
+Copies follow the policy's plan under the simulator's copy rule (sim/costmodel.py),
+executed by the model's host link (replay/link.py): the plan's prefetches at their
+issue points, each layer's demand copies once its router has run; a layer waits for
+its experts whoever copied them, and that wait is the step's measured `stall_s`.
 """
 from __future__ import annotations
 
@@ -56,11 +61,13 @@ class ReplayEngine(Engine):
             self._step(now)
             self._advance(time.perf_counter() - t0)
         self.env.now = time.perf_counter() - t0
+        self.rt.cache.drain()    # prefetches still on the link: land them, so the copy counters are final
         return self
 
     # ---- one step on the model ---------------------------------------------------------------------
     def _sync_cache(self):
-        """Make the device cache follow the policy's resident set: evictions first; returns loads."""
+        """Make the device cache follow the policy's resident set: evictions first (a queued
+        copy of an evicted expert is dropped, as in the simulator); returns the new experts."""
         target = self.policy.resident
         before = self._resident
         for layer, e in zip(*np.nonzero(before & ~target)):
@@ -71,8 +78,10 @@ class ReplayEngine(Engine):
 
     def execute(self, now: float, work, plan) -> StepTiming:
         t_start = time.perf_counter()
-        copy_before = self.rt.cache.copy_s
         rt = self.rt
+        copy_before, stall_before = rt.cache.copy_s, rt.cache.stall_s
+        if plan.extra_time_s:
+            time.sleep(plan.extra_time_s)   # the predictor's own time, first in the step as in the simulator
         loads = self._sync_cache()
         routes = plan.routes
         used = np.zeros(self.policy.resident.shape, dtype=bool)
@@ -119,13 +128,11 @@ class ReplayEngine(Engine):
             for r, t in zip(sampled_reqs, next_ids.tolist()):
                 r.extra.setdefault("generated_ids", []).append(int(t))
             self.router_routes[work.rows] = taken.cpu().numpy()
-        if self.cuda:
-            torch.cuda.synchronize(rt.device)
-            rt.cache.collect_copy_time()
-        duration = time.perf_counter() - t_start + plan.extra_time_s
-        if plan.extra_time_s:
-            time.sleep(plan.extra_time_s)   # the predictor's own time, charged as in the simulator
-        return StepTiming(duration, rt.cache.copy_s - copy_before, 0.0)
+        if self.cuda:   # the step's compute; prefetches for later steps go on on the copy stream
+            torch.cuda.current_stream(rt.device).synchronize()
+            rt.cache.collect_stall()
+        duration = time.perf_counter() - t_start
+        return StepTiming(duration, rt.cache.copy_s - copy_before, rt.cache.stall_s - stall_before)
 
     def router_summary(self) -> dict:
         """Real-router replay: how the router's choices met the trace's and the cache."""

@@ -5,7 +5,9 @@ the device. (Not modelled: DeepSeek's dense first layers and MLA attention.)
 Every routed expert lives in host memory (pinned on CUDA) as one flat tensor
 (w1 | w3 | w2), so a load is one copy. The device holds an ExpertCache: a pool of
 slots the policy's resident experts occupy, plus a staging slot per top-k for
-experts streamed through a full cache. Weights are random unless real ones are
+experts streamed through a full cache. Copies go over one host link under the
+simulator's copy rule (replay/link.py; sim/costmodel.py states it): one expert at a
+time, demand before queued prefetches, and a layer computes once its experts landed. Weights are random unless real ones are
 loaded (replay/weights.py): memory and time do not depend on the values. Routing
 is forced from the trace, or with real weights decided by the model's own router
 as each layer runs (`step(..., routes=None)`).
@@ -17,6 +19,8 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+
+from replay.link import LANDED, QUEUED, Copy, HostLink
 
 
 def scaled_spec(spec, scale: int, dtype_bytes: int):
@@ -37,7 +41,13 @@ def _sync(device):
 
 
 class ExpertCache:
-    """Device slots for experts; copies on a dedicated stream guarded by events."""
+    """Device slots for experts, filled over one host link (replay/link.py: the copy rule).
+
+    The policy's resident experts hold slots; a prefetch or demand copy takes its slot when
+    issued, a streamed expert (no room in the cache) a free staging slot when its copy
+    starts, returned once the layer has used it. On CUDA copies run on a dedicated stream,
+    the layer's compute waits for each copy's done event, and a slot is not overwritten
+    before the compute that read it has finished (an in-use event)."""
 
     def __init__(self, host_experts, n_slots: int, device, dtype):
         self.host = host_experts                    # [layer][expert] flat tensors
@@ -47,77 +57,173 @@ class ExpertCache:
         self.pool = torch.empty((n_slots, self.numel), dtype=dtype, device=device)
         self.free = list(range(n_slots - 1, -1, -1))
         self.slot_of: dict[tuple[int, int], int] = {}
-        self.ready: dict[int, object] = {}          # slot -> copy-done event
+        self.copy_of: dict[tuple[int, int], Copy] = {}   # the latest copy of each expert with a slot
         self.in_use: dict[int, object] = {}         # slot -> compute-done event
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.bytes_copied = 0
-        self.copy_s = 0.0                           # CPU: timed copies; CUDA: from events
-        self.copies = 0
-        self._timing: list = []
+        self.link = HostLink(self)
+        self.lock = self.link.cond                  # one lock for the link's queues and the slots
+        self.stall_s = 0.0                          # time layers waited for copies (CPU: measured here)
+        self._stall_events: list = []               # CUDA: (before, after) waits on the compute stream
 
     @property
     def slot_bytes(self) -> int:
         return self.numel * self.pool.element_size()
 
+    @property
+    def copies(self) -> int:
+        return self.link.landed
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.link.landed * self.slot_bytes
+
+    @property
+    def copy_s(self) -> float:
+        return self.link.copy_s
+
     def resident(self) -> int:
         return len(self.slot_of)
 
-    def load(self, layer: int, expert: int, after=None) -> None:
-        """Copy an expert into a free slot; `after`: an event the copy must wait for."""
-        if (layer, expert) in self.slot_of:
+    # ---- issuing copies (compute thread) ---------------------------------------------------------
+    def issue_point(self):
+        """CUDA: an event on the compute stream marking where copies are issued (the host runs
+        ahead of the device; a copy starts only once the device has reached it). CPU: None."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def prefetch(self, layer: int, expert: int, after=None) -> None:
+        self._issue(layer, expert, "prefetch", after)
+
+    def fetch(self, layer: int, expert: int, after=None) -> None:
+        """A demand copy into the cache, issued now (once the layer's router has run)."""
+        self._issue(layer, expert, "demand", after)
+
+    def load(self, layer: int, expert: int) -> None:
+        """Copy an expert in on demand and wait for it (the starting set, profiling)."""
+        self.fetch(layer, expert)
+        self.copy_of[(layer, expert)].landed.wait()
+
+    def _issue(self, layer, expert, kind, after):
+        key = (layer, expert)
+        if key in self.slot_of:
             return
-        if not self.free:
-            raise RuntimeError("expert cache has no free slot: a policy exceeded its capacity")
-        slot = self.free.pop()
-        self.slot_of[(layer, expert)] = slot
-        src = self.host[layer][expert]
-        if self.cuda:
-            with torch.cuda.stream(self.stream):
-                if after is not None:
-                    self.stream.wait_event(after)
-                if slot in self.in_use:             # never overwrite a slot still being read
-                    self.stream.wait_event(self.in_use.pop(slot))
-                start = torch.cuda.Event(enable_timing=True)
-                done = torch.cuda.Event(enable_timing=True)
-                start.record(self.stream)
-                self.pool[slot].copy_(src, non_blocking=True)
-                done.record(self.stream)
-            self.ready[slot] = done
-            self._timing.append((start, done))
-        else:
-            t0 = time.perf_counter()
-            self.pool[slot].copy_(src)
-            self.copy_s += time.perf_counter() - t0
-        self.bytes_copied += self.slot_bytes
-        self.copies += 1
+        slot = self._take_slot()
+        self.slot_of[key] = slot
+        self.copy_of[key] = self.link.issue(Copy(layer, expert, slot, kind, after))
+
+    def stream_in(self, layer: int, expert: int, after=None) -> Copy:
+        """A demand copy of an expert that does not fit the cache: a staging slot when it starts."""
+        return self.link.issue(Copy(layer, expert, None, "demand", after))
 
     def evict(self, layer: int, expert: int) -> None:
+        """Free an expert's slot: a copy not started is dropped, one in flight frees it on landing."""
         slot = self.slot_of.pop((layer, expert), None)
-        if slot is not None:
-            self.ready.pop(slot, None)
-            self.free.append(slot)
+        if slot is None:
+            return
+        copy = self.copy_of.pop((layer, expert), None)
+        with self.lock:
+            if copy is not None and copy.state != LANDED and not self.link.drop(copy):
+                copy.evicted = True      # in flight: the link thread frees the slot when it lands
+                return
+            self._release(slot)
 
-    def weights(self, layer: int, expert: int, hidden: int, ffn: int):
-        """(w1, w3, w2) views; on CUDA the compute stream first waits for the copy."""
-        slot = self.slot_of[(layer, expert)]
-        if self.cuda and slot in self.ready:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        flat = self.pool[slot]
+    # ---- slots (both threads) ----------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        """A free slot; waits while one is being freed (a copy of an evicted expert landing, or,
+        for the link thread, a streamed expert in use)."""
+        deadline = time.perf_counter() + 60.0
+        with self.lock:
+            while not self.free:
+                if time.perf_counter() > deadline or not (self.link.demand or self.link.prefetch
+                                                          or self.link._busy):
+                    raise RuntimeError("expert cache has no free slot: a policy exceeded its capacity")
+                self.lock.wait(0.01)
+            return self.free.pop()
+
+    def _release(self, slot: int) -> None:
+        with self.lock:
+            self.free.append(slot)
+            self.lock.notify_all()
+
+    release_slot = _release
+
+    def run_copy(self, copy: Copy) -> float | None:
+        """The link thread's copy of one expert; returns its seconds (CUDA: from events)."""
+        if copy.slot is None:
+            copy.slot = self._take_slot()
+        dst, src = self.pool[copy.slot], self.host[copy.layer][copy.expert]
+        if not self.cuda:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            return time.perf_counter() - t0
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            with self.lock:
+                in_use = self.in_use.pop(copy.slot, None)
+            if in_use is not None:              # never overwrite a slot still being read
+                self.stream.wait_event(in_use)
+            start = torch.cuda.Event(enable_timing=True)
+            done = torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            dst.copy_(src, non_blocking=True)
+            done.record(self.stream)
+        copy.done = done
+        copy.submitted.set()
+        done.synchronize()                      # one copy at a time on the link
+        return start.elapsed_time(done) / 1e3
+
+    # ---- the layer's side of the copy rule ------------------------------------------------------------
+    def wait(self, copies) -> None:
+        """Block the layer until every copy has landed (promoting queued prefetches to demand);
+        the time it waited is the replay's stall."""
+        pending = [c for c in copies if c is not None and not c.landed.is_set()]
+        if not pending:
+            return
+        for c in pending:
+            if c.state == QUEUED:
+                self.link.promote(c)
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for c in pending:
+                c.landed.wait()
+            self.stall_s += time.perf_counter() - t0
+            return
+        compute = torch.cuda.current_stream(self.device)
+        before = torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        for c in pending:
+            c.submitted.wait()
+            if c.done is not None:
+                compute.wait_event(c.done)
+        after = torch.cuda.Event(enable_timing=True)
+        after.record(compute)
+        self._stall_events.append((before, after))
+
+    def collect_stall(self) -> None:
+        """CUDA: add up the compute stream's waits (call once it has synchronised)."""
+        for before, after in self._stall_events:
+            self.stall_s += before.elapsed_time(after) / 1e3
+        self._stall_events.clear()
+
+    def weights(self, layer: int, expert: int, hidden: int, ffn: int, slot: int | None = None):
+        """(w1, w3, w2) views of a resident expert (or of the staging slot given)."""
+        flat = self.pool[self.slot_of[(layer, expert)] if slot is None else slot]
         n = hidden * ffn
         return flat[:n].view(hidden, ffn), flat[n:2 * n].view(hidden, ffn), flat[2 * n:].view(ffn, hidden)
 
-    def mark_used(self, layer: int, expert: int) -> None:
+    def mark_used(self, slot: int) -> None:
         """Record that compute has been queued on this slot (it may not be overwritten before)."""
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            self.in_use[self.slot_of[(layer, expert)]] = ev
+            with self.lock:
+                self.in_use[slot] = ev
 
-    def collect_copy_time(self) -> None:
-        """CUDA: add up finished copies' event times (call after a synchronize)."""
-        for start, done in self._timing:
-            self.copy_s += start.elapsed_time(done) / 1e3
-        self._timing.clear()
+    def drain(self) -> None:
+        """Wait for every copy issued so far (end of a replay: the counters are final)."""
+        self.link.drain()
 
 
 class ReplayModel:
@@ -265,22 +371,32 @@ class ReplayModel:
         return (F.silu(h @ layer["s1"]) * (h @ layer["s3"])) @ layer["s2"]
 
     def experts(self, li: int, h, r_l, g_l, after=None):
-        """Routed experts of layer li: r_l, g_l (n, k) forced experts and gates."""
+        """Routed experts of layer li: r_l, g_l (n, k) experts and gates. By the copy rule the
+        layer computes once all its cached experts have landed; experts the cache does not
+        hold (router routing: picked, not planned; or no room) stream through a staging slot
+        as demand copies, each computed as it lands and dropped after use."""
         s, cache = self.spec, self.cache
         out = torch.zeros_like(h)
-        for e in torch.unique(r_l).tolist():
-            streamed = (li, e) not in cache.slot_of   # (router routing: picked, not predicted)
-            if streamed:     # did not fit the cache: through a staging slot, dropped after use
-                cache.load(li, e, after=after)
-            tok, slot = (r_l == e).nonzero(as_tuple=True)
-            w1, w3, w2 = cache.weights(li, e, s.hidden, s.expert_ffn)
-            he = h[tok]
-            y = (F.silu(he @ w1) * (he @ w3)) @ w2
-            out.index_add_(0, tok, y * g_l[tok, slot].unsqueeze(1))
-            cache.mark_used(li, e)
-            if streamed:
-                cache.evict(li, e)
+        experts = torch.unique(r_l).tolist()
+        held = [e for e in experts if (li, e) in cache.slot_of]
+        streamed = [(e, cache.stream_in(li, e, after)) for e in experts if (li, e) not in cache.slot_of]
+        cache.wait([cache.copy_of.get((li, e)) for e in held])
+        for e in held:
+            self._expert(li, e, h, r_l, g_l, out, cache.slot_of[(li, e)])
+        for e, copy in streamed:
+            cache.wait([copy])
+            self._expert(li, e, h, r_l, g_l, out, copy.slot)
+            cache.release_slot(copy.slot)
         return out
+
+    def _expert(self, li, e, h, r_l, g_l, out, slot):
+        s, cache = self.spec, self.cache
+        tok, k = (r_l == e).nonzero(as_tuple=True)
+        w1, w3, w2 = cache.weights(li, e, s.hidden, s.expert_ffn, slot)
+        he = h[tok]
+        y = (F.silu(he @ w1) * (he @ w3)) @ w2
+        out.index_add_(0, tok, y * g_l[tok, k].unsqueeze(1))
+        cache.mark_used(slot)
 
     # ---- one engine step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -290,11 +406,12 @@ class ReplayModel:
         segments: [(request index, start, n, position)] token ranges per request;
         routes/gates: (n, L, k) forced routing, or None for the model's own router;
         sampled: token positions that produce logits; load_plan: `at` (issue point ->
-        prefetch copies, sim.policies.base), `demand` (per layer, issued once its router
-        ran); experts used but not in the cache stream through a staging slot; planned:
+        prefetch copies, sim.policies.base: step start, as layer j starts, once its router
+        has run), `demand` (per layer: copies into the cache issued once its router has
+        run); experts used but not in the cache stream through a staging slot; planned:
         (L, E) experts the policy served this step (router routing counts picks outside it
-        as misses). Returns (greedy next tokens of the sampled positions, (n, L, k) routes
-        computed)."""
+        as misses). Copies go over the cache's link (replay/link.py). Returns (greedy next
+        tokens of the sampled positions, (n, L, k) routes computed)."""
         dev = self.device
         x = self.embed[token_ids.to(dev)]
         forced = routes is not None
@@ -305,26 +422,25 @@ class ReplayModel:
         rope = self.rope_tables(segments)
         cache = self.cache
         at = load_plan["at"]
-        for le in at.get(-1, ()):
-            cache.load(*le)
+
+        def issue(point, after):
+            for layer, e in at.get(point, ()):
+                cache.prefetch(layer, e, after)
+        issue(-1, cache.issue_point() if -1 in at else None)
         for li in range(len(self.layers)):
-            for le in at.get(2 * li, ()):
-                cache.load(*le)
+            if 2 * li in at:
+                issue(2 * li, cache.issue_point())
             x, h, logits = self.attention(li, x, segments, rope)
-            after = None
-            if cache.cuda and (load_plan["demand"][li] or at.get(2 * li + 1)):
-                after = torch.cuda.Event()
-                after.record(torch.cuda.current_stream(dev))   # demand copies start once the router ran
+            router = cache.issue_point()      # CUDA: demand copies start once the router has run
             for le in load_plan["demand"][li]:
-                cache.load(*le, after=after)
-            for le in at.get(2 * li + 1, ()):
-                cache.load(*le, after=after)
+                cache.fetch(*le, after=router)
             if forced:
                 r_l, g_l = routes_t[:, li, :], gates_t[:, li, :]
             else:
                 r_l, g_l = self.route(li, logits, None if planned is None else planned[li])
                 taken.append(r_l)
-            x = x + self.experts(li, h, r_l, g_l, after) + self.shared(li, h)
+            issue(2 * li + 1, router)
+            x = x + self.experts(li, h, r_l, g_l, router) + self.shared(li, h)
         next_tokens = None
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)
