@@ -7,7 +7,7 @@ import numpy as np
 
 from sim.request import Request
 from sim.scenario import ScenarioError
-from traces.errors import message
+from traces.errors import UserError, message
 from traces.format import Trace, check_matches_model, load_trace
 
 
@@ -24,7 +24,7 @@ def load_workload_trace(sc: dict, model) -> Trace:
         s = dict(w["synthetic"])
         try:
             trace = synthesize(model, s.pop("tasks"), s.pop("requests"), seed=s.pop("seed", sc["seed"]), **s)
-        except (KeyError, ValueError) as e:   # synthesize's checks of the section's values
+        except UserError as e:   # synthesize's checks of the section's values (tasks, requests, profile)
             raise ScenarioError(f"workload.synthetic: {message(e)}") from None
     if w["tasks"] is not None:
         unknown = sorted(set(w["tasks"]) - set(trace.tasks))
