@@ -83,3 +83,58 @@ def test_every_policy_is_registered_and_checks_params():
     for cls in POLICIES.values():
         with pytest.raises(KeyError, match="unknown parameter"):
             cls.check_params({"no_such_knob": 1})
+
+
+# ---- baselines' prefetch, each after its own paper -------------------------------------------
+def _step(experts, probs=None, step=0, req=None):
+    ex = np.asarray(experts, dtype=np.uint8)
+    r = req or Request(0, "r0", "qa", 4, 64, 0, 0.0, {}, 4.0)
+    g = np.full(ex.shape, 0.5, dtype=np.float16)
+    return StepBatch(step, ex, g, probs, np.zeros(len(ex), dtype=np.int64), [r])
+
+
+def test_pregated_learns_the_next_layers_experts_and_prefetches_them_after_the_router():
+    """Two routings alternate, with disjoint experts at every layer (so every step misses
+    everything in a cache of 2 per layer): once the transitions are learnt, layer l's gate
+    predicts exactly layer l+1's experts, copied once layer l's router has run."""
+    from sim.policies.base import after_router
+    p = make_policy({"name": "pregated", "capacity": 0.25}, TINY)        # 2 experts per layer
+    a = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    b = [[4, 5], [6, 7], [0, 1], [2, 3]]
+    for t in range(10):
+        p.plan_step(_step([a if t % 2 else b], step=t))
+    before = p.ahead_loads
+    plan = p.plan_step(_step([b], step=10))          # the last step was a: nothing of b is cached
+    got = [(at, layer, e) for at, layer, e in plan.prefetch]
+    assert got == [(after_router(layer - 1), layer, e) for layer in (1, 2, 3) for e in b[layer]]
+    assert plan.demand.tolist() == [2, 0, 0, 0]      # layer 0 has no earlier gate: on demand
+    assert p.ahead_loads == before                    # no wrong guess
+
+
+@pytest.mark.parametrize("recall,predicted", [(1.0, True), (0.0, False)])
+def test_pregated_recall_is_a_pre_gate_of_that_quality(recall, predicted):
+    p = make_policy({"name": "pregated", "capacity": 0.25, "recall": recall}, TINY)
+    plan = p.plan_step(_step(np.tile([[4, 5]], (4, 1))[None]))
+    assert bool(plan.prefetch) == predicted
+    assert plan.demand[0] == 2 and plan.demand[1:].sum() == (0 if predicted else 6)
+    assert p.ahead_loads == 0
+
+
+def test_moe_infinity_prefetches_the_matched_requests_experts_nearest_layer_first():
+    from sim.policies.base import STEP_START
+    p = make_policy({"name": "moe_infinity", "capacity": 0.25}, TINY)
+    done = Request(9, "r9", "qa", 4, 4, 0, 0.0, {}, 4.0)
+    p.on_admit(done, 0.0)
+    p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], req=done))
+    p.on_finish(done, 1.0)                            # the library holds one request: experts 6, 7
+    r = Request(0, "r0", "qa", 4, 64, 0, 0.0, {}, 4.0)
+    p.on_admit(r, 1.0)
+    first = p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], req=r))
+    assert first.prefetch == ()                       # nothing known of r yet: no peeking at its routing
+    p.resident[:] = False
+    p.resident[:, :2] = True
+    plan = p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], step=1, req=r))
+    assert [(at, layer) for at, layer, _ in plan.prefetch] == [(STEP_START, layer) for layer in range(4)
+                                                              for _ in range(2)]
+    assert {e for _, _, e in plan.prefetch} == {6, 7}
+    assert not plan.demand.any()

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from sim.models import get_model
+from sim.policies import POLICIES
 from sim.run import run_scenario
 from simhelpers import tiny_scenario
 
@@ -140,3 +141,38 @@ def test_waiting_queue_stays_in_scheduler_order(tiny_trace_path, name):
     order = sorted(reqs, key=lambda r: r.admitted_s)
     keys = [sched.key(r, 0.0) for r in order if r.preemptions == 0]
     assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in POLICIES.items() if "miss" in c.PARAMS))
+def test_every_cache_policy_offers_both_miss_modes_and_names_its_copies(tiny_trace_path, name, monkeypatch):
+    """Both miss modes for every cache policy (fetch: exact routing; reroute: no demand copy,
+    gate mass lost instead), and every expert a plan makes resident is one of its copies: a
+    demand copy of a used expert or a prefetch issued no later than its layer starts."""
+    cls = POLICIES[name]
+    plan_step = cls.plan_step
+    mode = {}
+
+    def checked(self, batch):
+        before = self.resident.copy()
+        plan = plan_step(self, batch)
+        used = plan.counts > 0
+        prefetched = np.zeros_like(before)
+        for at, layer, e in plan.prefetch:
+            prefetched[layer, e] = True
+            assert not used[layer, e] or at <= 2 * layer, (at, layer, e)
+        assert not (self.resident & ~before & ~(used | prefetched)).any(), "made resident without a copy"
+        cold = getattr(self, "warm", True) is False      # eMoE fetches until its predictor knows something
+        assert mode["miss"] == "fetch" or cold or not plan.demand.any()
+        mode["steps"] += 1
+        return plan
+    monkeypatch.setattr(cls, "plan_step", checked)
+    summaries = {}
+    for miss in ("fetch", "reroute"):
+        mode.update(miss=miss, steps=0)
+        summaries[miss] = run_scenario(tiny_scenario(tiny_trace_path, {"name": name, "capacity": 0.5,
+                                                                       "miss": miss})).summary
+        assert mode["steps"] > 0
+    fetch, reroute = summaries["fetch"], summaries["reroute"]
+    assert fetch["routing_fidelity"] == pytest.approx(1.0) and fetch["reroutes"] == 0
+    assert reroute["routing_fidelity"] < 1.0 and reroute["reroutes"] > 0
+    assert fetch["requests_completed"] == reroute["requests_completed"] == 40

@@ -1,11 +1,23 @@
-"""`moe_infinity`: MoE-Infinity style activation-aware caching and prefetch.
+"""`moe_infinity`: MoE-Infinity (Xue et al. 2024) activation-aware prefetching and caching.
 
-Each running request keeps an expert activation matrix (EAM: layer x expert
-routed counts). Every `rematch_every` tokens it is matched (cosine similarity)
-against the EAMs of finished requests; the matched EAM predicts what the request
-will use. The summed predictions rank experts: the lowest-ranked resident expert
-is evicted first, and the highest-ranked missing ones are prefetched for the
-next steps while the current one computes."""
+Each running request keeps an expert activation matrix (EAM: layer x expert routed
+counts of its tokens so far). Every `rematch_every` tokens it is matched (cosine
+similarity) against the EAMs of finished requests (the last `library_size`), and the
+matched EAM predicts the request's expert shares per layer.
+
+- Prefetch, as each iteration starts: the experts the step's requests are predicted
+  to use (per request and layer, its matched EAM's top experts: top_k per token it
+  brings, at most all), for every layer of the iteration, nearest layer first and,
+  within a layer, the most predicted activation first; they overlap with compute
+  (the copy rule decides who waits). At most `prefetch_per_step` copies per step
+  (0: no limit: the link's bandwidth is the limit, as in the paper).
+- Cache priority: an expert's predicted activation summed over the running requests
+  (least recent use breaks ties); a prefetch replaces a resident expert only if the
+  resident one is predicted to be less active.
+- The prediction for a step uses only the routing of earlier steps; the step's own
+  routing is added to the EAMs after it is served.
+- A miss (a needed expert neither resident nor prefetched) is fetched on demand or,
+  with `miss: reroute`, sent to the next-ranked available expert."""
 import numpy as np
 
 from sim.policies.base import STEP_START, ExpertPolicy, StepBatch, StepPlan
@@ -14,7 +26,18 @@ from sim.policies.base import STEP_START, ExpertPolicy, StepBatch, StepPlan
 class MoEInfinityPolicy(ExpertPolicy):
     name = "moe_infinity"
     PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch", "library_size": 512,
-              "rematch_every": 16, "prefetch_per_step": 8}
+              "rematch_every": 16, "prefetch_per_step": 0}
+
+    @classmethod
+    def check_params(cls, params):
+        super().check_params(params)
+        p = {**cls.PARAMS, **params}
+        for k in ("library_size", "rematch_every"):
+            if not isinstance(p[k], int) or p[k] < 1:
+                raise ValueError(f"{k} must be a positive integer, got {p[k]!r}")
+        if not isinstance(p["prefetch_per_step"], int) or p["prefetch_per_step"] < 0:
+            raise ValueError(f"prefetch_per_step must be a non-negative integer (0: no limit), "
+                             f"got {p['prefetch_per_step']!r}")
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -23,7 +46,10 @@ class MoEInfinityPolicy(ExpertPolicy):
         self.last_used = np.zeros((self.L, self.E))
         self.clock = 0
 
+    # ---- the activation matrices -------------------------------------------------------
     def _predict(self, eam: np.ndarray) -> np.ndarray:
+        """(L, E) predicted expert shares: the most similar finished request's EAM (or, with
+        none yet, the request's own so far)."""
         flat = eam.ravel()
         norm = np.linalg.norm(flat)
         if len(self.library) == 0 or norm == 0:
@@ -40,8 +66,9 @@ class MoEInfinityPolicy(ExpertPolicy):
         req.extra["mi_pred"] = new
 
     def on_admit(self, req, now):
-        req.extra["mi_eam"] = np.zeros((self.L, self.E))
-        req.extra["mi_seen"] = 0
+        if "mi_eam" not in req.extra:
+            req.extra["mi_eam"] = np.zeros((self.L, self.E))
+            req.extra["mi_seen"] = 0
 
     def on_finish(self, req, now):
         eam = req.extra.pop("mi_eam", None)
@@ -56,53 +83,49 @@ class MoEInfinityPolicy(ExpertPolicy):
         # Lowest predicted activation first; ties broken by least recent use.
         return self.score + 1e-9 * self.last_used / (self.clock + 1)
 
-    def plan_step(self, batch: StepBatch) -> StepPlan:
-        L, E = self.L, self.E
-        n_req = len(batch.requests)
-        idx = ((batch.token_req[:, None, None] * L + np.arange(L)[None, :, None]) * E + batch.experts).ravel()
-        per_req = np.bincount(idx, minlength=n_req * L * E).reshape(n_req, L, E)
-        for i, r in enumerate(batch.requests):
-            if "mi_eam" not in r.extra:
-                self.on_admit(r, 0.0)
-            r.extra["mi_eam"] += per_req[i]
-            seen = r.extra["mi_seen"]
-            r.extra["mi_seen"] = seen + int((batch.token_req == i).sum())
-            if "mi_pred" not in r.extra or r.extra["mi_seen"] // self.params["rematch_every"] \
-                    != seen // self.params["rematch_every"]:
-                self._update_prediction(r)
-        plan = self.serve(batch)
-        plan.prefetch = self._prefetch(plan.counts > 0)
-        self.ahead_loads += len(plan.prefetch)
-        return plan
-
     def touch(self, used, needed):
         self.clock += 1
         self.last_used[used] = self.clock
 
-    def _prefetch(self, used: np.ndarray) -> list:
-        """Swap in the best-ranked missing experts for the next steps, within a per-step budget."""
-        budget = int(self.params["prefetch_per_step"])
-        if budget <= 0 or self.score.max() <= 0:
-            return []
-        missing = ~self.resident & (self.score > 0)
-        if not missing.any():
-            return []
-        # Most promising (layer, expert) pairs first.
-        ls, es = np.nonzero(missing)
-        order = np.argsort(-self.score[ls, es], kind="stable")
-        loaded = []
-        for li, ei in zip(ls[order], es[order]):
-            if len(loaded) >= budget:
-                break
-            res = self.resident[li]
-            if res.sum() >= self.capacity[li]:
-                cand = np.flatnonzero(res & ~used[li])
-                if not len(cand):
-                    continue
-                victim = cand[np.argmin(self.evict_key()[li, cand])]
-                if self.score[li, victim] >= self.score[li, ei]:
-                    continue   # the resident one is predicted to be as useful
-                res[victim] = False
-            res[ei] = True
-            loaded.append((STEP_START, int(li), int(ei)))
-        return loaded
+    # ---- a step ---------------------------------------------------------------------------
+    def plan_step(self, batch: StepBatch) -> StepPlan:
+        predicted, share = self._predicted(batch)
+        wanted = []
+        if predicted is not None:
+            layers, experts = np.nonzero(predicted & ~self.resident)
+            order = np.lexsort((-share[layers, experts], layers))      # nearest layer first
+            budget = int(self.params["prefetch_per_step"]) or len(order)
+            wanted = [(STEP_START, int(layers[i]), int(experts[i])) for i in order[:budget]]
+        copies, fresh = self.admit_prefetch(wanted, protect=predicted, only_if_better=True)
+        plan = self.serve(batch, copies, fresh)
+        self._observe(batch)
+        return plan
+
+    def _predicted(self, batch: StepBatch):
+        """(L, E) experts the step's requests are predicted to use, and their summed shares."""
+        preds = [r.extra.get("mi_pred") for r in batch.requests]
+        have = [i for i, p in enumerate(preds) if p is not None]
+        if not have:
+            return None, None
+        P = np.stack([preds[i] for i in have])                                  # (m, L, E)
+        tokens = np.bincount(batch.token_req, minlength=len(batch.requests))[have]
+        top = np.minimum(tokens * self.k, self.E)                               # experts each may use
+        rank = (-P).argsort(axis=2, kind="stable").argsort(axis=2, kind="stable")
+        predicted = ((rank < top[:, None, None]) & (P > 0)).any(axis=0)
+        return predicted, P.sum(axis=0)
+
+    def _observe(self, batch: StepBatch) -> None:
+        """Add the step's routing to its requests' EAMs; rematch every `rematch_every` tokens."""
+        L, E = self.L, self.E
+        n_req = len(batch.requests)
+        idx = ((batch.token_req[:, None, None] * L + np.arange(L)[None, :, None]) * E + batch.experts).ravel()
+        per_req = np.bincount(idx, minlength=n_req * L * E).reshape(n_req, L, E)
+        tokens = np.bincount(batch.token_req, minlength=n_req)
+        every = self.params["rematch_every"]
+        for i, r in enumerate(batch.requests):
+            self.on_admit(r, 0.0)
+            r.extra["mi_eam"] += per_req[i]
+            seen = r.extra["mi_seen"]
+            r.extra["mi_seen"] = seen + int(tokens[i])
+            if "mi_pred" not in r.extra or r.extra["mi_seen"] // every != seen // every:
+                self._update_prediction(r)

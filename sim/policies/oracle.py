@@ -1,6 +1,9 @@
 """`oracle`: knows the routing ahead. Belady eviction (evict the expert whose next use by
-the running requests is farthest away) and perfect one-layer-ahead prefetch: the
-bound no cache of the same capacity beats on misses."""
+the running requests is farthest away) and perfect one-layer-ahead prefetch (every
+expert layer l needs and lacks is copied from the start of layer l-1): the bound no
+cache of the same capacity beats on misses. Where a layer needs more experts than
+its cache holds, those used again soonest are cached and the rest stream through the
+staging buffer (`miss: fetch`) or are rerouted (`miss: reroute`)."""
 import numpy as np
 
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan, as_layer_starts
