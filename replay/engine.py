@@ -34,6 +34,7 @@ class ReplayEngine(Engine):
         self.cuda = model_rt.device.type == "cuda"
         for layer, e in zip(*np.nonzero(self.policy.resident)):   # the policy's starting set
             model_rt.cache.load(int(layer), int(e))
+        self._initial = int(self.policy.resident.sum())             # copies made before the first step
         self._resident = self.policy.resident.copy()
 
     # ---- the real clock -----------------------------------------------------------------------
@@ -65,16 +66,32 @@ class ReplayEngine(Engine):
         return self
 
     # ---- one step on the model ---------------------------------------------------------------------
-    def _sync_cache(self):
-        """Make the device cache follow the policy's resident set: evictions first (a queued
-        copy of an evicted expert is dropped, as in the simulator); returns the new experts."""
-        target = self.policy.resident
-        before = self._resident
-        for layer, e in zip(*np.nonzero(before & ~target)):
+    def _sync_cache(self, plan):
+        """Make the device cache follow the policy's plan: evictions first (a queued copy of an
+        evicted expert is dropped, as in the simulator), also of experts the plan copies again
+        on demand (a prefetch of this step took their slot); returns the load plan: the plan's
+        prefetches at their issue points and each layer's demand copies into the cache (demand
+        copies of experts the cache will not keep stream through a staging slot)."""
+        target, before = self.policy.resident, self._resident
+        missing = plan.missing if plan.missing is not None else np.zeros_like(target)
+        for layer, e in zip(*np.nonzero(before & ~(target & ~missing))):
             self.rt.cache.evict(int(layer), int(e))
-        loads = list(zip(*[a.tolist() for a in np.nonzero(target & ~before)]))
         self._resident = target.copy()
-        return loads
+        L = target.shape[0]
+        load_plan = {"at": {}, "demand": [[] for _ in range(L)]}
+        prefetched = np.zeros_like(target)
+        for at, layer, e in plan.prefetch:
+            if target[layer, e] and not before[layer, e]:
+                prefetched[layer, e] = True
+                load_plan["at"].setdefault(at, []).append((layer, e))
+        for layer, e in zip(*np.nonzero(missing & target)):
+            load_plan["demand"][layer].append((int(layer), int(e)))
+        silent = target & ~before & ~prefetched & ~missing
+        if silent.any():
+            layer, e = (int(v[0]) for v in np.nonzero(silent))
+            raise RuntimeError(f"policy '{self.policy.name}' made expert {e} of layer {layer} resident "
+                               "without a copy in its plan (neither a demand copy nor a prefetch)")
+        return load_plan
 
     def execute(self, now: float, work, plan) -> StepTiming:
         t_start = time.perf_counter()
@@ -82,23 +99,11 @@ class ReplayEngine(Engine):
         copy_before, stall_before = rt.cache.copy_s, rt.cache.stall_s
         if plan.extra_time_s:
             time.sleep(plan.extra_time_s)   # the predictor's own time, first in the step as in the simulator
-        loads = self._sync_cache()
+        load_plan = self._sync_cache(plan)
         routes = plan.routes
         used = np.zeros(self.policy.resident.shape, dtype=bool)
         L = used.shape[0]
         used[np.arange(L)[None, :, None], routes] = True
-        # The plan's prefetches at their issue points; the other loads are the step's demand copies.
-        loading = set(loads)
-        load_plan = {"at": {}, "demand": [[] for _ in range(L)]}
-        for at, layer, e in plan.prefetch:
-            if (layer, e) in loading:
-                loading.discard((layer, e))
-                load_plan["at"].setdefault(at, []).append((layer, e))
-        for layer, e in sorted(loading):
-            if not used[layer, e]:
-                raise RuntimeError(f"policy '{self.policy.name}' made expert {e} of layer {layer} resident "
-                                   "without a copy in its plan (neither used on demand nor prefetched)")
-            load_plan["demand"][layer].append((layer, e))
         segments, start = [], 0
         for r in work.decode:
             rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)

@@ -75,6 +75,9 @@ class CostModel:
         self.queued: deque = deque()
         self.landing: dict[int, dict[int, float]] = {}
         self._busy = 0.0
+        # Copies by kind: issued on demand, issued as prefetches (of which promoted to demand
+        # or dropped before starting); the replay's link counts the same (replay/link.py).
+        self.copies = dict(demand=0, prefetch=0, promoted=0, dropped=0)
         self.measured = measured_for(hw, model)
 
     # ---- compute ------------------------------------------------------------
@@ -121,14 +124,14 @@ class CostModel:
     def step(self, t0: float, plan, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: int,
              n_requests: int = 1, held: np.ndarray | None = None) -> StepTiming:
         """held: (L, E) the experts the policy holds after planning; queued prefetches of
-        experts it no longer holds are dropped."""
+        experts it no longer holds (or copies again on demand) are dropped."""
         attn = self.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests)
         ffn = self.experts_s(plan.counts, n_tokens)
         fixed = self.fixed_s(n_tokens, n_sampled) + plan.extra_time_s
         if self.queued or plan.prefetch or (self.landing and self._uses_landing(t0, plan.counts)):
             self._busy = 0.0
             if held is not None and self.queued:
-                self._drop_unheld(t0, held)
+                self._drop_unheld(t0, held if plan.missing is None else held & ~plan.missing)
             return self._step_with_copies(t0, plan, attn, ffn, fixed)
         if not plan.demand.any():
             return StepTiming(fixed + len(ffn) * attn + float(ffn.sum()), 0.0, 0.0)
@@ -158,7 +161,9 @@ class CostModel:
         """Queued prefetch copies of experts the policy evicted before they started: dropped."""
         self._run_queued(t0)
         if any(not held[layer, e] for _, layer, e in self.queued):
-            self.queued = deque(q for q in self.queued if held[q[1], q[2]])
+            kept = deque(q for q in self.queued if held[q[1], q[2]])
+            self.copies["dropped"] += len(self.queued) - len(kept)
+            self.queued = kept
 
     def _step_demand_only(self, t0, demand, attn, ffn, fixed) -> StepTiming:
         """Closed form of _step_with_copies when every copy is on demand and no layer waits for
@@ -170,7 +175,9 @@ class CostModel:
         ffn_before = np.concatenate([[0.0], np.cumsum(ffn)])
         router_first = t0 + fixed + (first + 1) * attn + ffn_before[first]
         wait = max(0.0, self.link_free_at - router_first)
-        copies = float(demand.sum()) * c
+        n = int(demand.sum())
+        self.copies["demand"] += n
+        copies = n * c
         self.link_free_at = t0 + fixed + wait + (last + 1) * attn + ffn_before[last] + float(demand[:last + 1].sum()) * c
         return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + copies + wait, copies, copies + wait)
 
@@ -184,6 +191,7 @@ class CostModel:
         ffn = self.experts_s(run.counts, 1)                                   # (T, L)
         fixed = self.fixed_s(1, 1)
         n_copies = run.demand.sum(axis=1)
+        self.copies["demand"] += int(n_copies.sum())
         copies = n_copies.astype(float) * self.copy_s
         ffn_before = ffn.cumsum(axis=1)
         no_copy = fixed + (L * attn + ffn.sum(axis=1))
@@ -225,15 +233,13 @@ class CostModel:
             self.landing.setdefault(layer, {})[e] = start + c
 
     def _issue(self, copies, t: float) -> None:
-        """Queue prefetch copies issued at t; re-issuing a queued expert moves it to the back."""
+        """Queue prefetch copies issued at t (an expert already queued keeps its place)."""
         queued = self.queued
         for layer, e in copies:
-            if queued:
-                for q in queued:
-                    if q[1] == layer and q[2] == e:
-                        queued.remove(q)
-                        break
+            if queued and any(q[1] == layer and q[2] == e for q in queued):
+                continue
             queued.append([t, layer, e])
+            self.copies["prefetch"] += 1
 
     def _step_with_copies(self, t0, plan, attn, ffn, fixed) -> StepTiming:
         """Walk the layers, copy by copy (the copy rule above)."""
@@ -251,10 +257,12 @@ class CostModel:
             router_done = t + attn
             self._run_queued(router_done)
             n_dem = int(plan.demand[layer])
+            self.copies["demand"] += n_dem
             if self.queued:                # queued prefetches this layer needs now: promoted to demand
                 promoted = [q for q in self.queued if q[1] == layer and counts[layer, q[2]]]
                 for q in promoted:
                     self.queued.remove(q)
+                self.copies["promoted"] += len(promoted)
                 n_dem += len(promoted)
             ready = router_done
             if n_dem:

@@ -123,3 +123,32 @@ def test_shared_experts_are_replayed_and_profiled(tiny_trace_path, tmp_path):
     spec = replace(get_model(shared_tiny), dtype_bytes=4)
     measured = model_profile(spec, torch.device("cpu"), torch.float32)
     assert measured["shared_s"]["b"] > 0 and measured["model"]["n_shared_experts"] == 1
+
+
+@pytest.mark.parametrize("policy", [{"name": "pregated", "capacity": 0.5},
+                                    {"name": "moe_infinity", "capacity": 0.5, "miss": "reroute"}])
+def test_replay_and_simulator_make_the_same_copies(tiny_trace_path, tmp_path, monkeypatch, policy):
+    """A policy that prefetches every step: the replay's link (replay/link.py) issues exactly the
+    simulator's copies, by kind, and its layers wait for them (stall measured, not modelled)."""
+    from replay.engine import ReplayEngine
+    from sim.engine import Engine
+    engines = {}
+    for cls, key in ((ReplayEngine, "replay"), (Engine, "sim")):
+        run = cls.run
+
+        def keep(self, run=run, key=key):
+            engines[key] = self
+            return run(self)
+        monkeypatch.setattr(cls, "run", keep)
+    rp = replay_scenario(scenario(tiny_trace_path, policy), "cpu")
+    sim = run_scenario(load_scenario(rp.write(tmp_path / "rp") / "scenario.yaml"))
+    for key in ("hits", "misses", "prefetches_ahead", "bytes_loaded", "engine_steps"):
+        assert rp.summary[key] == sim.summary[key], key
+    link = engines["replay"].rt.cache.link.counts
+    cost = engines["sim"].cost.copies
+    initial = int(engines["replay"]._initial)
+    assert link["prefetch"] == cost["prefetch"] > 0
+    assert link["demand"] - initial == cost["demand"]
+    assert (rp.timeline.expert_loads == sim.timeline.expert_loads).all()
+    if cost["demand"]:      # a layer always waits for its demand copies; whether for prefetches is timing
+        assert rp.timeline.stall_s.sum() > 0 and sim.timeline.stall_s.sum() > 0

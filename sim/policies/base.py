@@ -73,6 +73,7 @@ class StepPlan:
     staged: int              # of the demand copies, experts streamed through the staging buffer (cache full)
     extra_time_s: float = 0.0  # policy work charged to the step (e.g. predictor invocation)
     routes: np.ndarray | None = None  # (n, L, k) experts each token is computed with (after reroutes)
+    missing: np.ndarray | None = None  # (L, E) the experts of the demand copies (None: no demand copy)
 
     @property
     def copies(self) -> int:
@@ -402,9 +403,10 @@ class ExpertPolicy:
             return StepPlan(needed, self._zeros_L, prefetch, 0, routes=ex)
         held = self.resident if fresh is None else self.resident & ~fresh    # resident and not copied now
         self._account(batch, held[self._layer_idx, ex], None)
-        staged = self._admit(missing, used) if n_miss else 0
+        # (demand copies never evict what this step's own prefetches just brought)
+        staged = self._admit(missing, used if fresh is None else used | fresh) if n_miss else 0
         self.touch(used, needed)
-        return StepPlan(needed, _row_sums(missing), prefetch, staged, routes=ex)
+        return StepPlan(needed, _row_sums(missing), prefetch, staged, routes=ex, missing=missing if n_miss else None)
 
     def _count_prefetch(self, n_copies: int, n_used: int) -> None:
         """A step's prefetch copies: those its layers use are misses, the rest prefetches ahead."""
