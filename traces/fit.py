@@ -14,7 +14,8 @@ and each knob moves toward the value that makes its statistic match:
     path strength               <- NMI of top-1 experts one layer apart (per layer: the
                                    layer's mean NMI with the layers near it, where measured)
     context layer persistence   <- NMI at the largest layer distance relative to one layer apart
-    request deviation           <- per-request Gini of expert counts
+    request deviation           <- per-request Gini of expert counts (per layer: the layer's
+                                   reuse floor, how concentrated one request is there)
     (no real trace) layer skew, task specialisation, phase shift
                                 <- inter-prompt correlation, JS between tasks, JS prompt vs decode
 
@@ -127,7 +128,10 @@ class Fitter:
         self.ident = [_Knob(start_id, 2.0, 1e-3, 50.0) for _ in range(n_id)]
         self.rho = _Knob(base.context_persistence or 0.5, 0.5, 0.01, 0.98)
         self.ctx_drift = _Knob(1 - min(base.context_layer_persistence, 0.99), 1.0, 1e-3, 1.0)
-        self.dev = _Knob(max(base.request_deviation, 0.05), 3.0, 0.01, 5.0)
+        # How far requests stray: per layer where the real trace gives each layer's reuse floor
+        # (how concentrated one request is there), else one for all layers.
+        n_dev = L if "reuse_floor_by_layer" in targets else 1
+        self.dev = [_Knob(max(float(np.mean(base.request_deviation)), 0.05), 3.0, 0.01, 5.0) for _ in range(n_dev)]
         self.skew = _Knob(max(base.layer_skew, 0.05), 2.0, 0.01, 3.0)
         self.spec = _Knob(max(base.task_specialisation, 0.02), 1.0, 0.0, 3.0)
         self.phase = _Knob(max(base.phase_shift, 0.05), 1.0, 0.0, 3.0)
@@ -141,7 +145,8 @@ class Fitter:
         p = replace(self.base_profile, path_strength=tuple(np.sqrt(total).round(4)),
                     context_share=tuple((ctx / total).round(4)), context_persistence=round(self.rho.value, 4),
                     context_layer_persistence=round(1 - self.ctx_drift.value, 4),
-                    request_deviation=round(self.dev.value, 4))
+                    request_deviation=round(self.dev[0].value, 4) if len(self.dev) == 1 else
+                    tuple(round(k.value, 4) for k in self.dev))
         if self.fit_population:
             p = replace(p, layer_skew=round(self.skew.value, 4), task_specialisation=round(self.spec.value, 4),
                         phase_shift=round(self.phase.value, 4))
@@ -185,8 +190,12 @@ class Fitter:
             # layer distance than real routing does.
             self.ctx_drift.step(max(1 - tg[f"nmi_{far}"] / tg["nmi_1"], 1e-3),
                                 max(1 - s[f"nmi_{far}"] / s["nmi_1"], 1e-3))
-        if "request_gini" in tg:
-            self.dev.step(tg["request_gini"], s["request_gini"])
+        if len(self.dev) > 1:
+            uniform = self.shape.top_k / self.shape.n_experts        # the floor of routing at random
+            for knob, cur, tgt in zip(self.dev, floor, tfloor):
+                knob.step(_excess(tgt, uniform), _excess(cur, uniform))
+        elif "request_gini" in tg:
+            self.dev[0].step(tg["request_gini"], s["request_gini"])
         if self.fit_population:
             for knob, key, gain in ((self.skew, "inter_prompt_correlation", 2.0), (self.spec, "specialisation", 1.0),
                                     (self.phase, "prompt_decode_divergence", 1.0)):

@@ -26,7 +26,7 @@ class RoutingProfile:
     name: str
     layer_skew: float           # sd of per-layer log-popularity (layers without measured data)
     task_specialisation: float  # sd of a task's log-popularity offset per layer
-    request_deviation: float    # sd of a request's log-popularity offset per layer
+    request_deviation: float | tuple   # sd of a request's log-popularity offset (per layer, or one for all)
     temporal_copy: float        # probability a token keeps the previous token's experts (paper's recurrence)
     cross_layer: float          # strength of the layer l-1 top-1 -> layer l affinity (a one-step chain)
     gate_temperature: float = 1.0

@@ -160,7 +160,7 @@ class RoutingModel:
         G = len(self.target)
         req = np.repeat(np.arange(n_req * G), 10)
         group = req // n_req
-        dev = self.profile.request_deviation * rng.standard_normal(
+        dev = per_layer(self.profile.request_deviation, self.model.n_moe_layers)[None, :, None] * rng.standard_normal(
             (n_req * G, self.model.n_moe_layers, self.model.n_experts))
         lat = None
         if self.paths is not None:   # the marginal of the latent path: independent draws per token
@@ -283,7 +283,7 @@ def _ar1(noise: np.ndarray, first_of_req: np.ndarray, rho: float) -> np.ndarray:
 def _deviations(prof: RoutingProfile, tasks: np.ndarray, last: dict, rng, L: int, E: int) -> np.ndarray:
     """Per-request log-popularity offsets; with recurrence rho, consecutive requests of a
     task share them: D_r = rho * D_prev + sqrt(1 - rho^2) * noise (same variance)."""
-    noise = prof.request_deviation * rng.standard_normal((len(tasks), L, E))
+    noise = per_layer(prof.request_deviation, L)[None, :, None] * rng.standard_normal((len(tasks), L, E))
     rho = prof.recurrence
     if rho <= 0:
         return noise
