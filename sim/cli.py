@@ -40,11 +40,12 @@ def _parse_tasks(spec: str):
 
 # ---- trace ------------------------------------------------------------------
 def cmd_trace_synth(a):
-    from traces.format import save_trace
+    from traces.format import load_trace, save_trace
     from traces.synth import synthesize
-    tasks, weights = _parse_tasks(a.tasks)
+    tasks, weights = _parse_tasks(a.tasks) if a.tasks else (None, None)
+    like = load_trace(a.like, validate_routing=False) if a.like else None
     t0 = time.time()
-    bar = _progress(a.requests, "synth")
+    bar = _progress(like.n_requests if like is not None else a.requests, "synth")
     overrides = {}
     for kv in a.knob or []:
         k, _, v = kv.partition("=")
@@ -53,11 +54,13 @@ def cmd_trace_synth(a):
         except ValueError:
             raise UserError(f"--knob {kv}: expected NAME=NUMBER") from None
     try:
+        if tasks is None and a.like is None and a.profile in ("real", "paper"):
+            tasks = ["qa", "summarization", "code", "math", "conversation"]
         tr = synthesize(a.model, tasks, a.requests, seed=a.seed, profile=a.profile, task_weights=weights,
                         rate=a.rate, router_probs=a.router_probs, prompt_mean=a.prompt_len,
-                        output_mean=a.output_len, progress=bar.update, **overrides)
+                        output_mean=a.output_len, progress=bar.update, like=like, **overrides)
     except TypeError as e:
-        raise UserError(f"--knob: {e}; knobs are the RoutingProfile fields in traces/synth.py") from None
+        raise UserError(f"--knob: {e}; knobs are the RoutingProfile fields in traces/profile.py") from None
     finally:
         bar.close()
     path = save_trace(tr, a.output, compress=a.compress)
@@ -67,10 +70,52 @@ def cmd_trace_synth(a):
 
 def cmd_trace_import(a):
     from traces.format import save_trace
-    from traces.importer import import_jsonl
-    tr = import_jsonl(a.file, a.model)
+    from traces.importer import import_trace
+    tr, report = import_trace(a.file, a.model, a.format, repair=a.repair, task=a.task)
     path = save_trace(tr, a.output, compress=a.compress)
+    print("\n".join(report.lines()))
     print(f"wrote {path}: {tr.n_requests} requests, {tr.n_tokens} tokens")
+
+
+def cmd_trace_compare(a):
+    from traces.compare import compare_paths, format_report
+    group = "auto" if a.group_size == "auto" else _positive_int(a.group_size, "--group-size")
+    rep = compare_paths(a.a, a.b, a.tokens, a.tol, group)
+    print(format_report(rep))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rep, indent=2, default=float))
+        print(f"wrote {a.json}")
+
+
+def _positive_int(v: str, option: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"{option}: expected a positive whole number or 'auto', got '{v}'")
+    return n
+
+
+def cmd_trace_fit(a):
+    from traces.fit import fit_profile
+    from traces.format import load_trace
+    from traces.profile import save_profile
+    tr = load_trace(a.trace)
+    t0 = time.time()
+    prof = fit_profile(tr, name=a.name, tokens=a.tokens, rounds=a.rounds, replicas=a.replicas, seed=a.seed,
+                       source=Path(a.trace).name,
+                       progress=lambda i, score: print(f"  round {i + 1}: rms relative error {score:.3f}", flush=True))
+    path = save_profile(prof, a.output)
+    fit = prof.fit
+    print(f"wrote {path}: profile '{prof.name}' for {tr.n_layers} layers x {tr.n_experts} experts, "
+          f"{len(prof.tasks)} task(s), in {time.time() - t0:.1f}s; best round {fit['best_round'] + 1} of "
+          f"{fit['rounds']}, rms relative error {fit['rms_relative_error']:.3f}; gates {fit['gates']}")
+    worst = sorted(fit["relative_errors"].items(), key=lambda kv: -abs(kv[1]))[:3]
+    print("  largest differences: " + ", ".join(f"{k} {v:+.1%}" for k, v in worst))
+    print(f"  check it: emoe trace synth --profile {path} --like {a.trace} -o SYN.npz && "
+          f"emoe trace compare SYN.npz {a.trace} --tokens {a.tokens}")
 
 
 def cmd_trace_info(a):
@@ -100,6 +145,16 @@ def cmd_trace_stats(a):
     for name, d in rows:
         print(f"{name:16s}{d['requests']:15d}" + "".join(f"{d[k]:15.3f}" for k in keys))
     print(f"task specialisation (mean JS divergence, bits): {s['specialisation']:.4f}")
+    cols = [("req_gini", "request_gini"), ("eff_exp", "effective_experts")] + \
+        [(f"nmi{d}", ("nmi_by_distance", d)) for d in ("1", "2", "4", "8")] + \
+        [(f"reuse{d}", ("reuse_by_distance", d)) for d in ("1", "2", "4", "8", "16")] + \
+        [("reuseL0", "reuse_first_layer"), ("reuseLast", "reuse_last_layers"), ("gate50", ("gate_quantiles", "0.5")),
+         ("gate>.9", "gate_top1_over_0_9"), ("JSp|d", "prompt_decode_divergence")]
+    get = lambda d, key: d[key] if isinstance(key, str) else d[key[0]][key[1]]  # noqa: E731
+    print("structure (per request where it applies):")
+    print(f"{'':16s}" + "".join(f"{c:>10s}" for c, _ in cols))
+    for name, d in rows:
+        print(f"{name:16s}" + "".join(f"{get(d, key):10.3f}" for _, key in cols))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(s, indent=2, default=float))
@@ -536,12 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = tr.add_subparsers(dest="trace_command", metavar="ACTION")
     tsub.required = True
     s = tsub.add_parser("synth", help="generate a synthetic trace calibrated to real routing")
-    s.add_argument("--model", required=True, help="model preset (see `emoe models`)")
-    s.add_argument("--tasks", default="qa,summarization,code,math,conversation",
-                   help="comma-separated tasks, optionally weighted: qa:2,code:1")
+    s.add_argument("--model", help="model preset (see `emoe models`); a fitted profile names its own")
+    s.add_argument("--tasks", help="comma-separated tasks, optionally weighted: qa:2,code:1 (default: "
+                   "qa,summarization,code,math,conversation, or a fitted profile's tasks and shares)")
     s.add_argument("--requests", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--profile", default="real", help="routing profile: real (measured) or paper")
+    s.add_argument("--profile", default="real", help="routing profile: real (fitted to real Mixtral routing), "
+                   "paper (the paper's recurrence), or a PROFILE.yaml from `emoe trace fit`")
+    s.add_argument("--like", metavar="TRACE", help="copy each request's task and lengths (and arrivals) from "
+                   "this trace: synthetic routing at exactly its shape")
     s.add_argument("--rate", type=float, help="write Poisson arrival times at this rate (req/s)")
     s.add_argument("--prompt-len", type=float, help="override every task's mean prompt tokens")
     s.add_argument("--output-len", type=float, help="override every task's mean output tokens")
@@ -552,9 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_trace_synth)
 
-    s = tsub.add_parser("import", help="convert routing JSONL (vLLM profiler rows) to a trace")
+    s = tsub.add_parser("import", help="convert routing dumps (profiler rows, vLLM, Megatron) to a trace")
     s.add_argument("file")
     s.add_argument("--model", required=True)
+    s.add_argument("--format", default="auto", choices=["auto", "rows", "vllm", "megatron"],
+                   help="rows: per-(request, layer, token) profiler JSONL; vllm: --enable-return-routed-experts "
+                   "responses or outputs; megatron: --moe-routing-trace-path records (default: detected)")
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed (dropped or renumbered rows, "
+                   "constant positions, repeated ids, missing routes) and report every repair")
+    s.add_argument("--task", help="task label for records that carry none (vllm, megatron)")
     s.add_argument("--compress", action="store_true")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_trace_import)
@@ -569,6 +633,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT", help="write all statistics as JSON")
     s.add_argument("--plot", metavar="DIR", help="write heatmaps (PNG and SVG)")
     s.set_defaults(func=cmd_trace_stats)
+
+    s = tsub.add_parser("compare", help="two traces' routing statistics side by side, each with a verdict")
+    s.add_argument("a", help="trace (.npz) or statistics JSON")
+    s.add_argument("b", help="trace (.npz), statistics JSON, or reference:mixtral-8x7b-instruct (real figures)")
+    s.add_argument("--tokens", default="all", choices=["all", "prompt", "decode"])
+    s.add_argument("--tol", type=float, default=0.15, help="relative tolerance of the verdict (default 0.15)")
+    s.add_argument("--group-size", default="auto", help="average A's statistics over groups of this many "
+                   "requests (default auto: B's request count when A has at least twice as many)")
+    s.add_argument("--json", metavar="OUT", help="write the comparison as JSON")
+    s.set_defaults(func=cmd_trace_compare)
+
+    s = tsub.add_parser("fit", help="fit the synthetic generator to a real trace; writes a profile for synth")
+    s.add_argument("trace")
+    s.add_argument("-o", "--output", required=True, help="profile YAML")
+    s.add_argument("--tokens", default="all", choices=["all", "prompt", "decode"],
+                   help="tokens whose statistics the fit matches")
+    s.add_argument("--name", help="profile name (default fitted-MODEL)")
+    s.add_argument("--rounds", type=int, default=25)
+    s.add_argument("--replicas", type=int, help="synthetic replicas of the trace per round (default: ~20k tokens)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_trace_fit)
 
     s = sub.add_parser("run", help="simulate a scenario and write a results directory")
     s.add_argument("scenario", help="scenario YAML (e.g. scenarios/quickstart.yaml)")
