@@ -55,7 +55,8 @@ def main():
     ap.add_argument("--baseline", metavar="GIT_REF", help="also time traces/synth.py at this git ref")
     a = ap.parse_args()
     from traces.synth import synthesize
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}")
     new, tokens = time_it(synthesize, a.requests, a.repeats)
     print(f"current:  {a.requests} requests, {tokens} tokens in {new:.1f}s (median of {a.repeats})")
     if a.baseline:

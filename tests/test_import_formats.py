@@ -57,7 +57,8 @@ def test_vllm_responses_and_offline_outputs(source):
     assert r.request_id.tolist()[:2] == ["cmpl-0:0", "cmpl-0:1"]
     p = int(source.prompt_tokens[0])
     np.testing.assert_array_equal(routing_of(r, "cmpl-0:1")[:p], routing_of(source, "r000000")[:p])
-    np.testing.assert_array_equal(routing_of(r, "cmpl-0:1")[p:], routing_of(source, "r000001")[source.prompt_tokens[1]:])
+    gen1 = routing_of(source, "r000001")[source.prompt_tokens[1]:]
+    np.testing.assert_array_equal(routing_of(r, "cmpl-0:1")[p:], gen1)
     assert r.task[0] == source.task[0]                                       # from metadata.task
 
 
@@ -155,7 +156,8 @@ def test_megatron_step_lacking_a_layer(tmp_path):
 
 @pytest.mark.parametrize("text,fmt,msg", [
     ('{"foo": 1}\n', "auto", r"cannot tell the format.*--format"),
-    ('{"step": 0, "layer": 0, "top_indices": [[0, 9]]}\n', "megatron", r"bad.jsonl:1: expert id 9 \(token 0\) out of range 0..7"),
+    ('{"step": 0, "layer": 0, "top_indices": [[0, 9]]}\n', "megatron",
+     r"bad.jsonl:1: expert id 9 \(token 0\) out of range 0..7"),
     ('{"id": "a", "prompt_routed_experts": [[[0, 1]]], "choices": [{"routed_experts": []}]}\n', "vllm",
      r"'prompt_routed_experts' has shape \[1, 1, 2\], expected \[tokens, 4, 2\]"),
     ('{"id": "a", "choices": [{"routed_experts": "AAAA"}], "prompt_routed_experts": []}\n', "vllm", r"base64"),

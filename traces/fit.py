@@ -37,7 +37,7 @@ from traces.format import Trace
 from traces.profile import PROFILES, RoutingProfile, per_layer
 from traces.realdata import REAL_MIXTRAL_STRUCTURE, REFERENCE_SHAPE
 from traces.stats import NMI_DISTANCES, layer_connectivity, request_counts, summary_stats, token_mask
-from traces.synth import RoutingModel, RoutingShape, Template, sample_lengths, synthesize
+from traces.synth import RoutingModel, RoutingShape, Template, routing_shape, sample_lengths, synthesize
 
 GATE_TARGET_QUANTILES = (0.5, 0.9)
 
@@ -350,8 +350,7 @@ MIXTRAL_START = RoutingProfile("real", layer_skew=0.4, task_specialisation=0.1, 
 
 def fit_mixtral_real(rounds: int = 40, replicas: int = 30, seed: int = 0, progress=None) -> RoutingProfile:
     """The shipped `real` profile: the generator fitted to REAL_MIXTRAL_STRUCTURE at REFERENCE_SHAPE."""
-    from sim.models import get_model
-    model = get_model("mixtral-8x7b")
+    model = routing_shape("mixtral-8x7b", MIXTRAL_START)
     targets = dict(REAL_MIXTRAL_STRUCTURE, reuse_by_layer=mixtral_reuse_by_layer(model.n_moe_layers))
     fitter = Fitter(model, reference_template(replicas, seed), len(REFERENCE_SHAPE["tasks"]), targets,
                     MIXTRAL_START, REFERENCE_SHAPE["tokens"], fit_population=True, seed=seed, name="real")

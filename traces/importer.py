@@ -100,8 +100,9 @@ def detect_format(path) -> str:
     for lineno, obj in read_jsonl(path):
         if "top_indices" in obj:
             return "megatron"
+        completions = obj.get("choices") or obj.get("outputs") or []
         if "prompt_routed_experts" in obj or "routed_experts" in obj or any(
-                isinstance(c, dict) and "routed_experts" in c for c in (obj.get("choices") or obj.get("outputs") or [])):
+                isinstance(c, dict) and "routed_experts" in c for c in completions):
             return "vllm"
         if "layer" in obj and "experts" in obj:
             return "rows"

@@ -102,7 +102,8 @@ def vllm_responses(t):
     r0 = t.token_slice(0)
     p = int(t.prompt_tokens[0])
     gen1 = t.experts[t.token_slice(1)][int(t.prompt_tokens[1]):]
-    out.append({"id": "cmpl-0", "object": "text_completion", "created": 1700000000, "metadata": {"task": str(t.task[0])},
+    out.append({"id": "cmpl-0", "object": "text_completion", "created": 1700000000,
+                "metadata": {"task": str(t.task[0])},
                 "prompt_routed_experts": ids(t.experts[r0][:p]),
                 "choices": [{"index": 0, "text": "...", "routed_experts": ids(t.experts[r0][p:])},
                             {"index": 1, "text": "...", "routed_experts": ids(gen1)}]})
