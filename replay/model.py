@@ -49,17 +49,20 @@ class ExpertCache:
     the layer's compute waits for each copy's done event, and a slot is not overwritten
     before the compute that read it has finished (an in-use event)."""
 
-    def __init__(self, host_experts, n_slots: int, device, dtype):
+    def __init__(self, host_experts, n_slots: int, device, dtype, n_staging: int = 0):
         self.host = host_experts                    # [layer][expert] flat tensors
         self.numel = host_experts[0][0].numel()
         self.device = device
         self.cuda = device.type == "cuda"
         self.pool = torch.empty((n_slots, self.numel), dtype=dtype, device=device)
-        self.free = list(range(n_slots - 1, -1, -1))
+        # The last n_staging slots are the staging buffer (streamed experts); the rest the cache.
+        self.free = list(range(n_slots - n_staging - 1, -1, -1))
+        self.staging = list(range(n_slots - 1, n_slots - n_staging - 1, -1))
         self.slot_of: dict[tuple[int, int], int] = {}
         self.copy_of: dict[tuple[int, int], Copy] = {}   # the latest copy of each expert with a slot
         self.in_use: dict[int, object] = {}         # slot -> compute-done event
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._n_staging = n_staging
         self.link = HostLink(self)
         self.lock = self.link.cond                  # one lock for the link's queues and the slots
         self.stall_s = 0.0                          # time layers waited for copies (CPU: measured here)
@@ -131,29 +134,34 @@ class ExpertCache:
             self._release(slot)
 
     # ---- slots (both threads) ----------------------------------------------------------------------
-    def _take_slot(self) -> int:
-        """A free slot; waits while one is being freed (a copy of an evicted expert landing, or,
-        for the link thread, a streamed expert in use)."""
+    def _take_slot(self, staging: bool = False) -> int:
+        """A free cache slot (or staging slot); waits while one is being freed (a copy of an
+        evicted expert landing; for a streamed copy, a streamed expert still in use)."""
         deadline = time.perf_counter() + 60.0
         with self.lock:
-            while not self.free:
+            pool = self.staging if staging and self._staged else self.free
+            while not pool:
                 if time.perf_counter() > deadline or not (self.link.demand or self.link.prefetch
                                                           or self.link._busy):
                     raise RuntimeError("expert cache has no free slot: a policy exceeded its capacity")
                 self.lock.wait(0.01)
-            return self.free.pop()
+            return pool.pop()
+
+    @property
+    def _staged(self) -> bool:
+        return self._n_staging > 0
 
     def _release(self, slot: int) -> None:
         with self.lock:
-            self.free.append(slot)
+            (self.staging if slot >= len(self.pool) - self._n_staging else self.free).append(slot)
             self.lock.notify_all()
 
     release_slot = _release
 
     def run_copy(self, copy: Copy) -> float | None:
         """The link thread's copy of one expert; returns its seconds (CUDA: from events)."""
-        if copy.slot is None:
-            copy.slot = self._take_slot()
+        if copy.slot is None:                      # streamed: a staging slot, once one is free
+            copy.slot = self._take_slot(staging=True)
         dst, src = self.pool[copy.slot], self.host[copy.layer][copy.expert]
         if not self.cuda:
             t0 = time.perf_counter()
@@ -268,7 +276,8 @@ class ReplayModel:
         # Host experts can be shared between replays of one model (pinning 90 GB takes a while).
         self.host_experts = host_experts or [[w(numel, host=True) for _ in range(spec.n_experts)]
                                              for _ in range(spec.n_moe_layers)]
-        self.cache = ExpertCache(self.host_experts, n_slots, self.device, dtype)
+        self.cache = ExpertCache(self.host_experts, n_slots, self.device, dtype,
+                                 n_staging=min(spec.top_k, max(n_slots - 1, 0)))
         elt = torch.tensor([], dtype=dtype).element_size()
         self.dense_bytes = sum(t.numel() for layer in self.layers for t in layer.values()) * elt \
             + (self.embed.numel() + self.head.numel() + self.norm.numel()) * elt
@@ -370,16 +379,18 @@ class ReplayModel:
             return 0
         return (F.silu(h @ layer["s1"]) * (h @ layer["s3"])) @ layer["s2"]
 
-    def experts(self, li: int, h, r_l, g_l, after=None):
+    def experts(self, li: int, h, r_l, g_l, after=None, streamed=None):
         """Routed experts of layer li: r_l, g_l (n, k) experts and gates. By the copy rule the
         layer computes once all its cached experts have landed; experts the cache does not
-        hold (router routing: picked, not planned; or no room) stream through a staging slot
-        as demand copies, each computed as it lands and dropped after use."""
-        s, cache = self.spec, self.cache
+        hold (no room, or router routing: picked, not planned) stream through the staging
+        slots as demand copies (`streamed`: [(expert, copy)] issued at the router, else
+        here), each computed as it lands and its slot freed after use."""
+        cache = self.cache
         out = torch.zeros_like(h)
         experts = torch.unique(r_l).tolist()
+        if streamed is None:
+            streamed = self.stream_missing(li, experts, after)
         held = [e for e in experts if (li, e) in cache.slot_of]
-        streamed = [(e, cache.stream_in(li, e, after)) for e in experts if (li, e) not in cache.slot_of]
         cache.wait([cache.copy_of.get((li, e)) for e in held])
         for e in held:
             self._expert(li, e, h, r_l, g_l, out, cache.slot_of[(li, e)])
@@ -388,6 +399,10 @@ class ReplayModel:
             self._expert(li, e, h, r_l, g_l, out, copy.slot)
             cache.release_slot(copy.slot)
         return out
+
+    def stream_missing(self, li: int, experts, after=None) -> list:
+        """Demand copies of the layer's experts the cache does not hold, through staging slots."""
+        return [(e, self.cache.stream_in(li, e, after)) for e in experts if (li, e) not in self.cache.slot_of]
 
     def _expert(self, li, e, h, r_l, g_l, out, slot):
         s, cache = self.spec, self.cache
@@ -439,8 +454,9 @@ class ReplayModel:
             else:
                 r_l, g_l = self.route(li, logits, None if planned is None else planned[li])
                 taken.append(r_l)
+            streamed = self.stream_missing(li, torch.unique(r_l).tolist(), router)   # demand, before prefetches
             issue(2 * li + 1, router)
-            x = x + self.experts(li, h, r_l, g_l, router) + self.shared(li, h)
+            x = x + self.experts(li, h, r_l, g_l, router, streamed) + self.shared(li, h)
         next_tokens = None
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)

@@ -12,7 +12,10 @@ The copy rule (the same for every policy, and the replayer's, replay/model.py):
 - one link, one expert per copy (latency + bytes / bandwidth), never preempted;
 - a layer's experts compute only once every one of them has arrived, whoever
   issued its copy: a demand copy, a prefetch of this step, or a prefetch of an
-  earlier step still in flight or queued;
+  earlier step still in flight or queued. Experts that do not fit a full cache
+  stream through the staging buffer (top_k slots) after the layer's other demand
+  copies: the layer computes its cached experts first, then each streamed one as it
+  lands, and a streamed copy waits for a free staging slot;
 - demand copies (experts a layer uses that are not resident) are issued once
   the layer's router has run and go before every queued prefetch, behind the
   copy in flight only;
@@ -135,6 +138,9 @@ class CostModel:
             return self._step_with_copies(t0, plan, attn, ffn, fixed)
         if not plan.demand.any():
             return StepTiming(fixed + len(ffn) * attn + float(ffn.sum()), 0.0, 0.0)
+        if plan.staged:
+            self._busy = 0.0
+            return self._step_with_copies(t0, plan, attn, ffn, fixed)
         return self._step_demand_only(t0, plan.demand, attn, ffn, fixed)
 
     def link_idle(self, t: float) -> bool:
@@ -166,9 +172,10 @@ class CostModel:
             self.queued = kept
 
     def _step_demand_only(self, t0, demand, attn, ffn, fixed) -> StepTiming:
-        """Closed form of _step_with_copies when every copy is on demand and no layer waits for
-        a prefetch: each layer's copies finish before the next layer's router runs, so only the
-        first layer with copies can wait for a copy in flight from an earlier step."""
+        """Closed form of _step_with_copies when every copy is on demand into the cache and no
+        layer waits for a prefetch: each layer's copies finish before the next layer's router
+        runs, so only the first layer with copies can wait for a copy in flight from an earlier
+        step."""
         c = self.copy_s
         layers = np.flatnonzero(demand)
         first, last = int(layers[0]), int(layers[-1])
@@ -245,6 +252,7 @@ class CostModel:
         """Walk the layers, copy by copy (the copy rule above)."""
         c = self.copy_s
         counts = plan.counts
+        streamed = plan.streamed
         at_point: dict[int, list] = {}
         for at, layer, e in plan.prefetch:
             at_point.setdefault(at, []).append((layer, e))
@@ -264,6 +272,8 @@ class CostModel:
                     self.queued.remove(q)
                 self.copies["promoted"] += len(promoted)
                 n_dem += len(promoted)
+            n_streamed = int(streamed[layer]) if streamed is not None else 0
+            n_dem -= n_streamed
             ready = router_done
             if n_dem:
                 start = router_done if router_done > self.link_free_at else self.link_free_at
@@ -274,9 +284,36 @@ class CostModel:
                 for e, end in landing.items():
                     if end > ready and counts[layer, e]:
                         ready = end
+            stall += ready - router_done
+            if n_streamed:
+                t, waited = self._stream(layer, n_streamed, router_done, ready, ffn[layer], counts)
+                stall += waited
+            else:
+                t = ready + ffn[layer]
             if at_point:
                 self._issue(at_point.get(2 * layer + 1, ()), router_done)
-            stall += ready - router_done
-            t = ready + ffn[layer]
         self._run_queued(t)                # prefetch copies that start before the step ends
         return StepTiming(t - t0, self._busy, stall)
+
+    def _stream(self, layer, n, router_done, ready, ffn, counts):
+        """A layer with n streamed experts: their copies follow its other demand copies, each
+        into a staging slot (top_k of them) freed once that expert has computed; the cached
+        experts compute first (from `ready`), then each streamed one as it lands. Returns
+        (when the layer ends, time its compute waited for streamed copies)."""
+        c, k = self.copy_s, self.m.top_k
+        each = ffn / max(int(np.count_nonzero(counts[layer])), n)     # one expert's share of the layer
+        t = ready + ffn - n * each
+        link = max(router_done, self.link_free_at)
+        freed: list[float] = []
+        waited = 0.0
+        for j in range(n):
+            start = link if j < k or freed[j - k] <= link else freed[j - k]
+            link = start + c
+            if link > t:
+                waited += link - t
+                t = link
+            t += each
+            freed.append(t)
+        self.link_free_at = link
+        self._busy += n * c
+        return t, waited

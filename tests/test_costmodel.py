@@ -201,3 +201,56 @@ def test_emoe_swap_ins_delay_the_layers_that_use_them():
     no_copies = CostModel(tiny, hw).step(0.0, StepPlan(plan.counts, plan.demand, [], 0), 1, 1, 1, 1)
     assert no_copies.stall_s == 0
     assert s.duration_s - no_copies.duration_s == pytest.approx(s.stall_s)
+
+
+def _streamed_plan(n, active=4):
+    """Layer 0 uses `active` experts, `n` of them streamed (the cache is full): n demand copies."""
+    counts = np.zeros((L, M.n_experts), dtype=np.int64)
+    counts[:, :2] = 1
+    counts[0, :active] = 1
+    d = np.zeros(L, dtype=np.int64)
+    d[0] = n
+    streamed = np.zeros(L, dtype=np.int64)
+    streamed[0] = n
+    return StepPlan(counts, d, [], n, streamed=streamed)
+
+
+def test_streamed_experts_compute_as_they_land():
+    """Copies far longer than compute (a GPU): the layer's cached experts compute while the
+    streamed ones copy, each streamed one as it lands, so the layer ends one expert's compute
+    after its last copy (not after all copies plus the whole layer)."""
+    cm = CostModel(M, HW)
+    p = _streamed_plan(3)
+    s = cm.step(0.0, p, 1, 1, 100, 100)
+    c, fixed, attn = cm.copy_s, cm.fixed_s(1, 1), cm.attention_s(1, 100, 100)
+    ffn = cm.experts_s(p.counts, 1)
+    router0 = fixed + attn
+    end0 = router0 + 3 * c + ffn[0] / 4            # the last streamed expert computes after its copy
+    assert s.duration_s == pytest.approx(end0 + (L - 1) * attn + ffn[1:].sum())
+    assert s.stall_s == pytest.approx(3 * c + ffn[0] / 4 - ffn[0])   # its cached experts computed meanwhile
+    assert cm.link_free_at == pytest.approx(router0 + 3 * c)
+
+
+def test_streamed_copies_wait_for_a_free_staging_slot():
+    """Copies far shorter than compute: only top_k staging slots, so copy j + top_k starts once
+    streamed expert j has computed; the link is not free until the last streamed copy."""
+    fast = get_hardware({"preset": "a100-80gb", "h2d_bytes_per_s": 1e15, "h2d_latency_s": 1e-6})
+    slow_compute = get_hardware({"preset": "a100-80gb", "h2d_bytes_per_s": 1e15, "h2d_latency_s": 1e-6,
+                                 "hbm_bytes_per_s": 1e10})
+    for hw in (fast, slow_compute):
+        cm = CostModel(M, hw)
+        p = _streamed_plan(4, active=4)
+        cm.step(0.0, p, 1, 1, 100, 100)
+        c, k = cm.copy_s, M.top_k
+        each = cm.experts_s(p.counts, 1)[0] / 4
+        router0 = cm.fixed_s(1, 1) + cm.attention_s(1, 100, 100)
+        # copies 0, 1 at once; 2 waits for expert 0 (done at router0 + c + each), 3 for expert 1.
+        t = router0
+        link, freed = router0, []
+        for j in range(4):
+            start = link if j < k else max(link, freed[j - k])
+            link = start + c
+            t = max(t, link) + each
+            freed.append(t)
+        assert cm.link_free_at == pytest.approx(link)
+        assert (link > router0 + 4 * c + 1e-12) == (each > c)     # slots bind only when compute is slower

@@ -74,6 +74,7 @@ class StepPlan:
     extra_time_s: float = 0.0  # policy work charged to the step (e.g. predictor invocation)
     routes: np.ndarray | None = None  # (n, L, k) experts each token is computed with (after reroutes)
     missing: np.ndarray | None = None  # (L, E) the experts of the demand copies (None: no demand copy)
+    streamed: np.ndarray | None = None  # (L,) of each layer's demand copies, those streamed (None: none)
 
     @property
     def copies(self) -> int:
@@ -404,9 +405,11 @@ class ExpertPolicy:
         held = self.resident if fresh is None else self.resident & ~fresh    # resident and not copied now
         self._account(batch, held[self._layer_idx, ex], None)
         # (demand copies never evict what this step's own prefetches just brought)
-        staged = self._admit(missing, used if fresh is None else used | fresh) if n_miss else 0
+        streamed = self._admit(missing, used if fresh is None else used | fresh) if n_miss else None
+        staged = int(streamed.sum()) if n_miss else 0
         self.touch(used, needed)
-        return StepPlan(needed, _row_sums(missing), prefetch, staged, routes=ex, missing=missing if n_miss else None)
+        return StepPlan(needed, _row_sums(missing), prefetch, staged, routes=ex, missing=missing if n_miss else None,
+                        streamed=streamed if staged else None)
 
     def _count_prefetch(self, n_copies: int, n_used: int) -> None:
         """A step's prefetch copies: those its layers use are misses, the rest prefetches ahead."""
@@ -464,10 +467,10 @@ class ExpertPolicy:
         """(L, E): smaller is evicted first (LRU: last use). None: lowest expert id first."""
         return None
 
-    def _admit(self, missing: np.ndarray, used: np.ndarray) -> int:
+    def _admit(self, missing: np.ndarray, used: np.ndarray) -> np.ndarray:
         """Make `missing` resident in every layer at once, evicting experts this step does
         not use, most evictable first. What still does not fit streams through the
-        staging buffer and is dropped after use; returns how many did."""
+        staging buffer and is dropped after use; returns how many did, per layer."""
         res = self.resident
         n_want = _row_sums(missing)
         free = self.capacity - _row_sums(res)
@@ -483,10 +486,10 @@ class ExpertPolicy:
             free = free + n_out
         if (n_want <= free).all():                         # everything fits (the usual case)
             res |= missing
-            return 0
+            return self._zeros_L
         take = missing & (missing.cumsum(axis=1) <= free[:, None])
         res |= take
-        return int(n_want.sum() - np.count_nonzero(take))
+        return n_want - _row_sums(take)
 
     def touch(self, used: np.ndarray, needed: np.ndarray) -> None:
         """Recency/frequency bookkeeping after a step (LRU/LFU override)."""

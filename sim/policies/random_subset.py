@@ -17,7 +17,7 @@ class RandomPolicy(ExpertPolicy):
 
     def _admit(self, missing, used):
         """miss=fetch: the subset is fixed, so a fetched expert streams through and is dropped."""
-        return int(missing.sum())
+        return missing.sum(axis=1)
 
     # Light load under rerouting: the subset is fixed, so a decode run's reroutes are computed at once.
     decode_runs = True
