@@ -5,7 +5,8 @@ unknown or ill-typed one fails with the file, the key path and what is allowed.
 
     name: quickstart
     seed: 0
-    model: mixtral-8x7b                    # preset, or {preset: ..., <field>: ...}, or all fields
+    model: mixtral-8x7b                    # preset, or {preset: ..., <field>: ...}, or all fields,
+                                           # or from_trace, or {hf_config: DIR} (sim/modelsource.py)
     hardware: {preset: a100-40gb, count: 4} # or a preset name, or {profile: PROFILE.yaml}
     workload:
       trace: ../traces/samples/x.npz       # path relative to the scenario file
@@ -147,6 +148,8 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
     if isinstance(user_w.get("arrival"), dict):   # an arrival process replaces the default whole
         sc["workload"]["arrival"] = {"process": "poisson", **user_w["arrival"]}
     _calibration_from_environment(sc)
+    from sim.modelsource import resolve_model   # model: from_trace | {hf_config: DIR} -> explicit fields
+    sc["model"] = resolve_model(sc["model"], sc["workload"], base_dir, src)
     validate(sc, src, base_dir)
     _absolute_paths(sc, base_dir)
     sc["_base_dir"] = str(base_dir)

@@ -17,6 +17,7 @@ The full router softmax is stored as `router_probs`.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def spec_from_config(config, name: str) -> ModelSpec:
     ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     shared = getattr(config, "n_shared_experts", 0) or (1 if getattr(config, "shared_expert_intermediate_size", 0)
                                                        else 0)
-    dtype = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", "float32"))
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     dbytes = 2 if ("16" in dtype) else 4
     return ModelSpec(name=name, hidden=config.hidden_size, expert_ffn=ffn, n_layers=n_layers, n_moe_layers=moe_layers,
                      n_experts=E, top_k=k, n_heads=config.num_attention_heads,
@@ -156,13 +157,20 @@ def capture(model, tokenizer, prompts: list[dict], max_new_tokens: int = 32, bat
             progress(len(batch))
     L = experts[0].shape[1]
     name = name or getattr(config, "_name_or_path", "") or mt
-    return Trace(Path(str(name)).name or mt, L, E, k, [f"p{i:05d}" for i in range(len(prompts))],
+    model_name = Path(str(name)).name or mt
+    return Trace(model_name, L, E, k, [f"p{i:05d}" for i in range(len(prompts))],
                  [p["task"] for p in prompts], n_prompt, n_out,
                  np.concatenate(experts).astype(expert_dtype(E)), np.concatenate(gates).astype(np.float16),
                  prompt_text=np.array([p["prompt"] for p in prompts]),
                  router_probs=np.concatenate(probs_all).astype(np.float16),
                  n_shared_experts=getattr(config, "n_shared_experts", 0) or 0,
-                 extra=dict(captured_from=str(name), model_type=mt, max_new_tokens=max_new_tokens))
+                 extra=dict(captured_from=str(name), model_type=mt, max_new_tokens=max_new_tokens),
+                 model_shape=model_shape(config, model_name))
+
+
+def model_shape(config, name: str) -> dict:
+    """The checkpoint's whole shape as the trace records it (`model: from_trace` runs it)."""
+    return asdict(spec_from_config(config, name))
 
 
 def capture_dir(model_dir, prompts_path, max_new_tokens: int, device: str, batch_size: int, progress=None) -> Trace:

@@ -4,7 +4,11 @@ On disk a trace is one uncompressed (or, with compress=True, deflated) `.npz`:
 columnar numpy arrays that load with `np.load` and no pickling.
 
     meta                 JSON string: format, version, model, n_layers, n_experts,
-                         top_k, n_shared_experts, has_router_probs, extra (free dict)
+                         top_k, n_shared_experts, has_router_probs, extra (free dict),
+                         model_shape (optional: the model's full shape, the fields of
+                         sim.models.ModelSpec as plain values, e.g. from `emoe capture`;
+                         a scenario's `model: from_trace` runs it; traces without it,
+                         written before it existed, read as before)
     request_id  (R,)     str      unique per request
     task        (R,)     str      task label (e.g. "qa", "code")
     prompt_tokens (R,)   int32
@@ -60,6 +64,7 @@ class Trace:
     router_probs: np.ndarray | None = None
     n_shared_experts: int = 0
     extra: dict = field(default_factory=dict)
+    model_shape: dict | None = None   # the whole model's shape, when the trace's source knew it
 
     def __post_init__(self):
         self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int32)
@@ -107,12 +112,16 @@ class Trace:
                      self.request_id[idx], self.task[idx], self.prompt_tokens[idx], self.output_tokens[idx],
                      self.experts[rows], self.gates[rows], pick(self.arrival_s), pick(self.prompt_text),
                      None if self.router_probs is None else self.router_probs[rows],
-                     self.n_shared_experts, dict(self.extra))
+                     self.n_shared_experts, dict(self.extra),
+                     None if self.model_shape is None else dict(self.model_shape))
 
     def meta(self) -> dict:
-        return dict(format=FORMAT_NAME, version=FORMAT_VERSION, model=self.model, n_layers=self.n_layers,
-                    n_experts=self.n_experts, top_k=self.top_k, n_shared_experts=self.n_shared_experts,
-                    has_router_probs=self.router_probs is not None, extra=self.extra)
+        m = dict(format=FORMAT_NAME, version=FORMAT_VERSION, model=self.model, n_layers=self.n_layers,
+                 n_experts=self.n_experts, top_k=self.top_k, n_shared_experts=self.n_shared_experts,
+                 has_router_probs=self.router_probs is not None, extra=self.extra)
+        if self.model_shape is not None:   # optional: absent, a trace is written byte for byte as before
+            m["model_shape"] = self.model_shape
+        return m
 
     def validate(self, source: str = "trace") -> "Trace":
         validate(self, source)
@@ -165,6 +174,21 @@ def validate(t: Trace, source: str = "trace") -> None:
             raise TraceError(f"{source}: a token lists the same expert twice in one layer; top-k ids must differ")
     if t.router_probs is not None and t.router_probs.shape != (T, L, t.n_experts):
         raise TraceError(f"{source}: 'router_probs' shape {t.router_probs.shape}, expected {(T, L, t.n_experts)}")
+    _check_model_shape(t, source)
+
+
+def _check_model_shape(t: Trace, source: str) -> None:
+    """The recorded model shape must be the model that routed this trace."""
+    ms = t.model_shape
+    if ms is None:
+        return
+    if not isinstance(ms, dict):
+        raise TraceError(f"{source}: meta 'model_shape' must be a mapping of model fields, got {type(ms).__name__}")
+    routing = dict(n_moe_layers=t.n_layers, n_experts=t.n_experts, top_k=t.top_k)
+    bad = [f"{k} {ms.get(k)!r} vs {v}" for k, v in routing.items() if ms.get(k) != v]
+    if bad:
+        raise TraceError(f"{source}: meta 'model_shape' is not the model that routed this trace ("
+                         + ", ".join(bad) + " in the routing arrays); re-capture the trace or drop 'model_shape'")
 
 
 def _has_repeat(experts: np.ndarray) -> bool:
@@ -206,6 +230,36 @@ def save_trace(t: Trace, path, compress: bool = False) -> Path:
     return path
 
 
+def _meta(z, path) -> dict:
+    """An open trace file's checked meta."""
+    if "meta" not in z.files:
+        raise TraceError(f"{path}: missing 'meta'; this is not an emoe trace")
+    meta = json.loads(str(z["meta"]))
+    if meta.get("format") != FORMAT_NAME:
+        raise TraceError(f"{path}: format is {meta.get('format')!r}, expected '{FORMAT_NAME}'")
+    if meta.get("version") not in SUPPORTED_VERSIONS:
+        raise TraceError(f"{path}: unknown trace version {meta.get('version')!r}; this emoe reads "
+                         f"versions {list(SUPPORTED_VERSIONS)} (upgrade emoe, or re-export the trace)")
+    for key in ("model", "n_layers", "n_experts", "top_k"):
+        if key not in meta:
+            raise TraceError(f"{path}: meta lacks '{key}'")
+    return meta
+
+
+def read_meta(path) -> dict:
+    """A trace's meta alone (model, routing shape, model_shape if recorded), without loading its
+    arrays: cheap even for a trace of gigabytes."""
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"trace file '{path}' does not exist")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # zip/npz errors come in many types
+        raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
+    with z:
+        return _meta(z, path)
+
+
 def load_trace(path, validate_routing: bool = True) -> Trace:
     path = Path(path)
     if not path.exists():
@@ -216,17 +270,7 @@ def load_trace(path, validate_routing: bool = True) -> Trace:
     except Exception as e:  # zip/npz errors come in many types
         raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
     with z:
-        if "meta" not in z.files:
-            raise TraceError(f"{path}: missing 'meta'; this is not an emoe trace")
-        meta = json.loads(str(z["meta"]))
-        if meta.get("format") != FORMAT_NAME:
-            raise TraceError(f"{path}: format is {meta.get('format')!r}, expected '{FORMAT_NAME}'")
-        if meta.get("version") not in SUPPORTED_VERSIONS:
-            raise TraceError(f"{path}: unknown trace version {meta.get('version')!r}; this emoe reads "
-                             f"versions {list(SUPPORTED_VERSIONS)} (upgrade emoe, or re-export the trace)")
-        for key in ("model", "n_layers", "n_experts", "top_k"):
-            if key not in meta:
-                raise TraceError(f"{path}: meta lacks '{key}'")
+        meta = _meta(z, path)
         missing = [a for a in REQUIRED_ARRAYS if a not in z.files]
         if missing:
             raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
@@ -234,7 +278,7 @@ def load_trace(path, validate_routing: bool = True) -> Trace:
         t = Trace(meta["model"], int(meta["n_layers"]), int(meta["n_experts"]), int(meta["top_k"]),
                   z["request_id"], z["task"], z["prompt_tokens"], z["output_tokens"], z["experts"], z["gates"],
                   get("arrival_s"), get("prompt_text"), get("router_probs"),
-                  int(meta.get("n_shared_experts", 0)), meta.get("extra", {}))
+                  int(meta.get("n_shared_experts", 0)), meta.get("extra", {}), meta.get("model_shape"))
     if validate_routing:
         validate(t, str(path))
     return t
