@@ -1,6 +1,6 @@
 """Write the notebooks from the cells below (keeps them reviewable as plain Python).
 
-    python notebooks/make_notebooks.py
+    python notebooks/make_notebooks.py [NAME ...]      # all, or only these (e.g. 05-choose-and-confirm)
 """
 from pathlib import Path
 
@@ -129,11 +129,115 @@ fig = sim_vs_replay(cmp.loc[["ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "throug
                              "weights_plus_cache_bytes", "bytes_loaded", "expert_hit_rate"]].astype(float))
 plt.show()""",
     ],
+    "05-choose-and-confirm": [
+        "# From capture to a confirmed policy\n"
+        "The whole loop on the project's small MoE (`traces/models/emoe-small-moe`): capture its routing, "
+        "sweep policies in the simulator, choose the one that meets the SLO and quality floors with the least "
+        "memory, then confirm it on this machine: profile, replay for real, simulate exactly what ran, and a "
+        "verdict per metric. The same steps on the command line (README, \"From capture to a confirmed "
+        "policy\"):\n\n"
+        "```\nemoe capture --model traces/models/emoe-small-moe --prompts traces/prompts/heldout-open.jsonl "
+        "--max-new-tokens 32 -o runs/small-moe/captured.npz\nemoe sweep scenarios/sweeps/choose-small-moe.yaml -j 2\n"
+        "emoe choose runs/small-moe/sweep --slo-attainment 0.9 --min-quality 0.9 -o runs/small-moe/chosen.yaml\n"
+        "emoe confirm runs/small-moe/chosen.yaml --device cpu -o runs/small-moe/confirm\n```\n\n"
+        "Here it runs smaller (48 prompts, 16 generated tokens: a few CPU-minutes); the tests run it smaller still "
+        "(`EMOE_NOTEBOOK_SIZE=small`).",
+        SETUP,
+        """import os, yaml, torch
+import numpy as np
+SMALL = os.environ.get("EMOE_NOTEBOOK_SIZE") == "small"      # the tests' reduced size
+N_PROMPTS, NEW_TOKENS, SEEDS = (8, 8, [0, 1]) if SMALL else (48, 16, [0, 1, 2])
+torch.set_num_threads(1)   # on a shared CPU, one thread per process times steadily (no thread barriers)
+work = Path(tempfile.mkdtemp())
+# 1. Capture: generate greedily, record every token's routing and the model's shape.
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from traces.capture import capture, read_prompts
+from traces.format import save_trace
+model_dir = ROOT / "traces/models/emoe-small-moe"
+prompts = read_prompts(ROOT / "traces/prompts/heldout-open.jsonl")
+by_task = {}
+for p in prompts:                                   # the first prompts of each task, in turn
+    by_task.setdefault(p["task"], []).append(p)
+picked = [q for group in zip(*by_task.values()) for q in group][:N_PROMPTS]
+trace = capture(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                picked, max_new_tokens=NEW_TOKENS, name="emoe-small-moe")
+trace_path = save_trace(trace, work / "captured.npz")
+print(f"{trace.n_requests} prompts, {trace.n_tokens} tokens; recorded shape:",
+      {k: trace.model_shape[k] for k in ("hidden", "n_layers", "n_experts", "top_k", "dtype_bytes")})""",
+        "## Sweep and choose\nThe shipped sweep (`scenarios/sweeps/choose-small-moe.yaml`) over the base scenario "
+        "(`model: from_trace`: no dimension written by hand), simulated on one A100. A point is feasible if at least "
+        "90% of requests meet their SLO and the estimated quality is at least 0.9; of those, the least memory wins.",
+        """from sim.choose import choose, format_table, write_chosen
+from sim.sweep import load_sweep, run_sweep
+from sim import plots
+base = yaml.safe_load((ROOT / "scenarios/emoe-small-moe-captured.yaml").read_text())
+base["workload"]["trace"] = str(trace_path)
+(work / "base.yaml").write_text(yaml.safe_dump(base))
+sweep = yaml.safe_load((ROOT / "scenarios/sweeps/choose-small-moe.yaml").read_text())
+sweep.update(base=str(work / "base.yaml"), output=str(work / "sweep"), seeds=SEEDS)
+(work / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+run_sweep(load_sweep(work / "sweep.yaml"), jobs=1, output=work / "sweep", progress=False)
+c = choose(work / "sweep", slo_attainment=0.9, min_quality=0.9, objective="memory")
+chosen_path = write_chosen(work / "sweep", c.chosen, work / "chosen.yaml", c.constraints)
+print(format_table(c.pareto))
+print(f"chosen: {c.chosen['label']} at {c.chosen['policy_capacity']:g} of experts")""",
+        """# Each configuration: mean over seeds with its 95% interval; grey crosses miss a floor.
+fig = plots.pareto(c.pooled.assign(estimated_quality_source="emoe-small-moe"), 0.9, 0.9)
+fig.axes[0].set_title("sweep: peak memory vs mean latency (simulated A100)"); plt.show()""",
+        "## Confirm on this machine\n`confirm` profiles this CPU for the model the replay runs (the chosen "
+        "scenario's model in float32), replays the scenario with the profile as its hardware, simulates the "
+        "replay's own scenario and compares. What it confirms here is the simulator on this machine: on a GPU "
+        "the same call (`device='cuda'`) checks the cost model there.",
+        """from replay.confirm import confirm
+from sim.scenario import load_scenario
+over = [("workload.requests", 6)] if SMALL else []
+sc = load_scenario(chosen_path, over)
+conf = confirm(sc, work / "confirm", "cpu", threads=1, max_copy_mb=1 if SMALL else 16, say=lambda m: None)
+print((work / "confirm" / "verdict.txt").read_text())""",
+        """rep = conf.report
+colors = {"sim": "tab:blue", "replay": "tab:orange"}
+fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+# (a) relative error of each verdict metric, with its tolerance band
+names = [r["check"] for r in conf.rows]
+errs = [100 * r["rel_error"] for r in conf.rows]
+tols = [100 * r["tolerance"] for r in conf.rows]
+x = np.arange(len(names))
+ax1.bar(x, tols, width=0.8, bottom=[-t for t in tols], color="0.9", label="tolerance", zorder=0)
+ax1.bar(x, [2 * t for t in tols], width=0.8, bottom=[-t for t in tols], color="0.9", zorder=0)
+ax1.bar(x, errs, width=0.5, color=["tab:green" if r["passed"] else "tab:red" for r in conf.rows], zorder=1)
+ax1.axhline(0, color="k", lw=0.6); ax1.set_xticks(x, names)
+ax1.set_ylabel("simulated vs replayed (%)"); ax1.set_title("(a) verdict: error and tolerance"); ax1.legend()
+# (b) the replay's own steps priced by the profile: where the simulated step differs
+parts = ["attention_s", "experts_s", "fixed_s", "stall_s"]
+kinds = list(rep["step_time"])
+bottom = np.zeros(len(kinds))
+for part, col in zip(parts, ["tab:purple", "tab:cyan", "tab:gray", "tab:red"]):
+    v = np.array([rep["step_time"][k][part] for k in kinds])
+    ax2.bar(np.arange(len(kinds)) - 0.2, v, 0.4, bottom=bottom, color=col, label=part.replace("_s", ""))
+    bottom += v
+ax2.bar(np.arange(len(kinds)) + 0.2, [rep["step_time"][k]["wall_s"] for k in kinds], 0.4,
+        color=colors["replay"], label="measured wall")
+ax2.set_xticks(np.arange(len(kinds)), [f"{k} ({rep['step_time'][k]['steps']} steps)" for k in kinds])
+ax2.set_ylabel("seconds, summed over steps"); ax2.set_title("(b) step time: profile's prediction vs measured")
+ax2.legend(fontsize=7)
+# (c) end-to-end latency of every request, both sides
+for side in ("sim", "replay"):
+    r = pd.read_csv(work / "confirm" / side / "requests.csv")
+    e2e = np.sort(r.e2e_s.dropna().to_numpy())
+    ax3.step(e2e, np.arange(1, len(e2e) + 1) / len(e2e), where="post", color=colors[side], label=side)
+ax3.set_xlabel("end-to-end latency (s)"); ax3.set_ylabel("share of requests"); ax3.set_title("(c) latency CDF")
+ax3.legend(); fig.tight_layout(); plt.show()
+print(f"machine load {rep['load_average_before']} -> {rep['load_average_after']}: timings on a busy machine "
+      "are noisy; the README lists measured errors")""",
+    ],
 }
 
 
-def build():
+def build(names=None):
+    """Write the notebooks (all, or those named: regenerating gives every cell a new id)."""
     for name, cells in NOTEBOOKS.items():
+        if names and name not in names:
+            continue
         nb = new_notebook()
         nb.cells = [new_markdown_cell(c) if c.startswith("#") else new_code_cell(c) for c in cells]
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -141,4 +245,5 @@ def build():
 
 
 if __name__ == "__main__":
-    build()
+    import sys
+    build(sys.argv[1:] or None)

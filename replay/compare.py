@@ -1,5 +1,7 @@
-"""Simulated vs replayed metrics, side by side, with the relative error of each; and, for
-two replays with real weights, how far their generated tokens agree."""
+"""Simulated vs replayed metrics, side by side, with the relative error of each; whether the
+two sides ran the same thing (model shape, dtype, scale, hardware); a pass/fail verdict per
+metric against tolerances; and, for two replays with real weights, how far their generated
+tokens agree."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,16 @@ import numpy as np
 import pandas as pd
 
 from sim.results import load_results
+from traces.errors import UserError
+
+# Verdict: tolerance name -> the metric it bounds (relative error, sim vs replay).
+VERDICT_METRICS = {"latency": "e2e_mean_s", "throughput": "throughput_tokens_per_s",
+                   "memory": "peak_memory_bytes", "ttft": "ttft_mean_s"}
+DEFAULT_TOLERANCES = {"latency": 0.05, "throughput": 0.05, "memory": 0.02, "ttft": 0.15}
+# Model fields that change time or memory: both sides must have run the same values.
+SHAPE_FIELDS = ("hidden", "expert_ffn", "n_layers", "n_moe_layers", "n_experts", "top_k", "n_heads", "n_kv_heads",
+                "head_dim", "vocab", "dtype_bytes", "n_shared_experts", "shared_ffn", "dense_ffn", "kv_cache_dim",
+                "attn_params", "tied_embeddings")
 
 METRICS = ["ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s",
            "throughput_tokens_per_s", "peak_memory_bytes", "peak_dense_bytes", "peak_experts_bytes",
@@ -68,3 +80,142 @@ def compare_generations(dir_a, dir_b) -> dict | None:
     return dict(requests_compared=len(common),
                 generations_identical=float(np.mean([a[r] == b[r] for r in common])),
                 generation_prefix_agreement=float(np.mean(prefix)))
+
+
+# ---- are the two sides comparable? ---------------------------------------------------------------
+def _side(d) -> dict:
+    """What a results directory says it ran: engine, model fields, hardware, device."""
+    p = Path(d)
+    res = load_results(p)
+    meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").exists() else {}
+    from sim.models import get_model
+    model = meta.get("model") or vars(get_model(res["scenario"]["model"]))
+    return dict(dir=p, engine=meta.get("engine", "sim"), model=model, hardware=meta.get("hardware") or {},
+                device=meta.get("device"), device_name=meta.get("device_name"), dtype=meta.get("dtype"),
+                scale=meta.get("scale"), threads=meta.get("threads"), summary=res["summary"])
+
+
+def _hd(m: dict) -> int:
+    return m.get("head_dim") or m["hidden"] // m["n_heads"]
+
+
+def check_comparable(sim_dir, replay_dir) -> tuple[list[str], list[str]]:
+    """(differences that make the comparison meaningless, warnings). Different model shape or
+    dtype (a replay at --scale N, or in float32, against a simulation of the full bf16 model)
+    compares two different models; a simulation that did not use a profile of the device the
+    replay ran on predicts another machine's times."""
+    a, b = _side(sim_dir), _side(replay_dir)
+    refusals, warnings = [], []
+    diff = []
+    for f in SHAPE_FIELDS:
+        va, vb = (_hd(a["model"]), _hd(b["model"])) if f == "head_dim" else (a["model"].get(f), b["model"].get(f))
+        if va != vb:
+            diff.append(f"{f} {va} vs {vb}")
+    if diff:
+        ran = f" (the replay ran {b['model'].get('name')} in {b['dtype']} at scale 1/{b['scale']})" \
+            if b["engine"] == "replay" else ""
+        refusals.append(f"the two sides ran different models: {', '.join(diff)}{ran}")
+    if a["engine"] == "sim" and b["engine"] == "replay":
+        hw = a["hardware"]
+        measured = hw.get("measured")
+        if not measured:
+            warnings.append(f"the simulation used hardware '{hw.get('name')}' (datasheet figures), not a profile "
+                            f"of the replay's device ({b['device_name']}): its times predict another machine")
+        else:
+            from sim.costmodel import measured_for
+            from sim.models import ModelSpec
+            spec = ModelSpec(**{k: v for k, v in a["model"].items() if k in ModelSpec.__dataclass_fields__})
+            if measured_for(type("H", (), {"measured": measured})(), spec) is None:
+                warnings.append(f"the simulation's profile was measured for {measured.get('model', {}).get('name')}, "
+                                f"not {spec.name}: it fell back to the roofline")
+            prof_dev = str(hw.get("name", "")).removeprefix("profile:")
+            rdev = str(b["device_name"] or "")
+            same = prof_dev.startswith("cpu") if rdev == "cpu" else prof_dev == rdev
+            if not same:
+                refusals.append(f"the simulation's profile was measured on '{prof_dev}', the replay ran on '{rdev}'")
+            if b["threads"] and measured.get("threads") and b["device"] == "cpu" \
+                    and int(b["threads"]) != int(measured["threads"]):
+                warnings.append(f"the profile timed {measured['threads']} CPU threads, the replay ran "
+                                f"{b['threads']}")
+    return refusals, warnings
+
+
+# ---- verdict ---------------------------------------------------------------------------------------------
+def parse_tolerances(text: str | None) -> dict:
+    """'latency=0.05,ttft=0.2' over the defaults; a bare number sets every tolerance."""
+    tol = dict(DEFAULT_TOLERANCES)
+    if not text:
+        return tol
+    for part in str(text).split(","):
+        key, eq, val = part.strip().partition("=")
+        if not eq:
+            key, val = None, key
+        try:
+            v = float(val)
+        except ValueError:
+            v = -1.0
+        if not (v >= 0 and np.isfinite(v)):
+            raise UserError(f"--tolerance {text}: '{part}' is not a non-negative number; give e.g. "
+                            "latency=0.05,throughput=0.05,memory=0.02,ttft=0.15")
+        if key is None:
+            tol = {k: v for k in tol}
+        elif key not in tol:
+            raise UserError(f"--tolerance: unknown metric '{key}'; choose from {', '.join(DEFAULT_TOLERANCES)}")
+        else:
+            tol[key] = v
+    return tol
+
+
+def verdict(table: pd.DataFrame, tolerances: dict, replay_summary: dict | None = None) -> list[dict]:
+    """One row per tolerance: the metric, both values, the relative error and pass/fail.
+    Memory on CUDA is the allocator's peak (what the device really held), on CPU the
+    replay's ledger of its tensors."""
+    rows = []
+    for name, tol in tolerances.items():
+        metric = VERDICT_METRICS[name]
+        sim_v, rp_v = table.loc[metric, "sim"], table.loc[metric, "replay"]
+        if name == "memory" and replay_summary and replay_summary.get("cuda_max_allocated_bytes"):
+            metric, rp_v = "peak_memory_bytes vs cuda_max_allocated_bytes", replay_summary["cuda_max_allocated_bytes"]
+        ok_values = all(isinstance(v, (int, float)) and np.isfinite(v) for v in (sim_v, rp_v)) and rp_v
+        err = float((sim_v - rp_v) / rp_v) if ok_values else float("nan")
+        rows.append(dict(check=name, metric=metric, sim=sim_v if ok_values else None,
+                         replay=rp_v if ok_values else None, rel_error=err, tolerance=tol,
+                         passed=bool(ok_values and abs(err) <= tol)))
+    return rows
+
+
+def format_verdict(rows: list[dict], refusals=(), warnings=()) -> str:
+    lines = [f"{'check':12s}{'metric':26s}{'sim':>13s}{'replay':>13s}{'error':>9s}{'tolerance':>11s}  verdict"]
+    for r in rows:
+        gb = "bytes" in r["metric"]
+        fmt = (lambda v: f"{v / 1e9:11.4f}GB") if gb else (lambda v: f"{v:13.4g}")
+        sv = fmt(r["sim"]) if r["sim"] is not None else f"{'-':>13s}"
+        rv = fmt(r["replay"]) if r["replay"] is not None else f"{'-':>13s}"
+        err = f"{r['rel_error']:+8.1%}" if r["rel_error"] == r["rel_error"] else f"{'-':>8s}"
+        lines.append(f"{r['check']:12s}{r['metric'].split(' ')[0]:26s}{sv}{rv} {err}{r['tolerance']:>10.0%}  "
+                     + ("pass" if r["passed"] else "FAIL"))
+    for w in refusals:
+        lines.append(f"not comparable: {w}")
+    for w in warnings:
+        lines.append(f"warning: {w}")
+    failed = [r["check"] for r in rows if not r["passed"]]
+    why = ([", ".join(failed) + " outside tolerance"] if failed else []) + \
+        (["the two sides are not comparable"] if refusals else [])
+    lines.append("verdict: " + ("NOT CONFIRMED - " + "; ".join(why) if why else
+                                "CONFIRMED - every metric within its tolerance"))
+    return "\n".join(lines)
+
+
+def passed(rows: list[dict], refusals=()) -> bool:
+    return all(r["passed"] for r in rows) and not refusals
+
+
+def json_safe(obj):
+    """NaN (a metric one side lacks) as null: JSON has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

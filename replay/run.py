@@ -15,9 +15,8 @@ from replay.model import ReplayModel, scaled_spec
 from sim.engine import TIMELINE_COLUMNS
 from sim.hardware import get_hardware
 from sim.models import get_model
-from sim.policies import make_policy
 from sim.results import code_version, request_table, summarize
-from sim.run import RunResult
+from sim.run import RunResult, scenario_policy
 from sim.schedulers import make_scheduler
 from sim.workload import build_requests, load_workload_trace
 
@@ -62,7 +61,9 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     sc["model"] = {k: v for k, v in asdict(spec).items()}
     sc["workload"] = {**sc["workload"], "trace": "trace.npz", "synthetic": None, "requests": None, "tasks": None}
     hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
-    policy = make_policy(sc["policy"], spec, trace, sc["seed"], Path(sc.get("_base_dir", ".")))
+    if hw.measured and hw.measured.get("threads") and not device.startswith("cuda"):
+        torch.set_num_threads(int(hw.measured["threads"]))   # CPU timings as the profile measured them
+    policy = scenario_policy(sc, spec, trace)
     scheduler = make_scheduler(sc["scheduler"])
     requests = build_requests(sc, trace)
     n_slots = policy.cache_experts + spec.top_k
@@ -123,10 +124,11 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         extra["error"] = error
     summary = summarize(req, policy.counters(), eng.mem.peak_total,
                         {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}, extra=extra,
-                        model=spec.name)
+                        model=spec.name, calibration=(sc.get("quality") or {}).get("calibration"))
     meta = dict(engine="replay", device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda")
                 else "cpu", dtype=dtype, scale=scale, weights=str(weights) if weights else None,
                 routing="router" if weights else "trace", torch=torch.__version__, code_version=code_version(),
+                threads=torch.get_num_threads(),
                 seed=sc["seed"], wall_time_s=wall, stopped_early=eng.stopped_early or error,
                 model=spec.describe(), hardware=hw.__dict__)
     return RunResult(summary, req, tl, meta, sc, trace=trace, files=files)

@@ -9,9 +9,36 @@ from pathlib import Path
 
 import numpy as np
 
+from traces.errors import UserError, message
 
-class UserError(Exception):
-    """Bad input: printed as one line, no traceback."""
+
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes as one line, like every other user error (the usage is in --help)."""
+
+    def error(self, msg):
+        print(f"{self.prog}: error: {msg} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _preset(name: str, option: str = "--model"):
+    """A model preset named on the command line."""
+    from sim.models import get_model
+    try:
+        return get_model(name)
+    except (KeyError, ValueError, TypeError) as e:   # get_model's own input checks
+        raise UserError(f"{option}: {message(e)}") from None
+
+
+def _write_text(path, text: str, option: str) -> Path:
+    """Write an output file atomically (a crash leaves the old file or the new one, never half);
+    an unwritable path is the user's to fix, named by its option."""
+    from sim.atomic import write_text
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path}: is a directory; give a file name")
+    try:
+        return write_text(path, text)
+    except (PermissionError, NotADirectoryError, FileExistsError) as e:   # the place, not the program
+        raise UserError(f"{option} {path}: cannot write there ({e.strerror}); choose another path") from None
 
 
 def _progress(total: int, desc: str):
@@ -61,6 +88,8 @@ def cmd_trace_synth(a):
                         output_mean=a.output_len, progress=bar.update, like=like, **overrides)
     except TypeError as e:
         raise UserError(f"--knob: {e}; knobs are the RoutingProfile fields in traces/profile.py") from None
+    except KeyError as e:   # an unknown --model preset (synthesize checks the rest as UserErrors)
+        raise UserError(f"--model: {message(e)}") from None
     finally:
         bar.close()
     path = save_trace(tr, a.output, compress=a.compress)
@@ -71,7 +100,7 @@ def cmd_trace_synth(a):
 def cmd_trace_import(a):
     from traces.format import save_trace
     from traces.importer import import_trace
-    tr, report = import_trace(a.file, a.model, a.format, repair=a.repair, task=a.task)
+    tr, report = import_trace(a.file, _preset(a.model), a.format, repair=a.repair, task=a.task)
     path = save_trace(tr, a.output, compress=a.compress)
     print("\n".join(report.lines()))
     print(f"wrote {path}: {tr.n_requests} requests, {tr.n_tokens} tokens")
@@ -83,9 +112,7 @@ def cmd_trace_compare(a):
     rep = compare_paths(a.a, a.b, a.tokens, a.tol, group)
     print(format_report(rep))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rep, indent=2, default=float))
-        print(f"wrote {a.json}")
+        print(f"wrote {_write_text(a.json, json.dumps(rep, indent=2, default=float), '--json')}")
 
 
 def _positive_int(v: str, option: str) -> int:
@@ -156,9 +183,7 @@ def cmd_trace_stats(a):
     for name, d in rows:
         print(f"{name:16s}" + "".join(f"{get(d, key):10.3f}" for _, key in cols))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(s, indent=2, default=float))
-        print(f"wrote {a.json}")
+        print(f"wrote {_write_text(a.json, json.dumps(s, indent=2, default=float), '--json')}")
     if a.plot:
         from traces.plots import plot_trace
         for p in plot_trace(tr, a.plot, a.tokens):
@@ -211,14 +236,31 @@ def _scenario(a):
     return load_scenario(path, a.set or [])
 
 
+def _results_dir(out: Path) -> Path:
+    """Refuse, before anything runs, a results directory that is taken or cannot be made:
+    a long run must not end by failing to write its results."""
+    import os
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: a file of that name exists; give a directory for the results")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"results directory '{out}' exists and is not empty; choose another -o")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"-o {out}: '{parent}' is a file, not a directory; choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"-o {out}: cannot write in '{parent}' (permission denied); choose another -o")
+    return out
+
+
 def cmd_run(a):
     from datetime import datetime
 
     from sim.run import run_scenario
     sc = _scenario(a)
-    out = Path(a.output) if a.output else Path("runs") / f"{sc['name']}-{datetime.now():%Y%m%d-%H%M%S}"
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"results directory '{out}' exists and is not empty; choose another -o")
+    out = _results_dir(Path(a.output) if a.output else
+                       Path("runs") / f"{sc['name']}-{datetime.now():%Y%m%d-%H%M%S}")
     bar = _progress(None, "requests")
     try:
         res = run_scenario(sc, progress=bar.update)
@@ -230,7 +272,8 @@ def cmd_run(a):
     if res.meta["stopped_early"]:
         print(f"  note: {res.meta['stopped_early']}")
     if "estimated_quality_source" in res.summary:
-        print(f"  (quality: {res.summary['estimated_quality_source']})")
+        print(f"  (quality: {res.summary['estimated_quality_source']}; calibration: "
+              f"{res.summary['estimated_quality_calibration']})")
     print(f"results in {path}")
 
 
@@ -261,8 +304,7 @@ def cmd_capacity(a):
               f"{r['longest_prompt_tokens']:16d}{r['largest_batch']:11d}{r['memory_at_seq_len_bytes'] / 1e9:9.1f}"
               + ratio)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {a.json}")
+        print(f"wrote {_write_text(a.json, json.dumps(rows, indent=2), '--json')}")
 
 
 def cmd_sweep(a):
@@ -286,7 +328,8 @@ def cmd_plot(a):
     from sim.results import load_results
     out = Path(a.output)
     written = []
-    tables = [Path(p) for p in a.inputs if (Path(p) / "table.csv").exists() or str(p).endswith(".csv")]
+    tables = [Path(p) for p in a.inputs if (Path(p) / "table.csv").exists() or
+              (str(p).endswith(".csv") and Path(p).is_file())]
     results = [Path(p) for p in a.inputs if (Path(p) / "summary.json").exists()]
     unknown = [p for p in a.inputs if Path(p) not in tables and Path(p) not in results]
     if unknown:
@@ -296,7 +339,10 @@ def cmd_plot(a):
     kinds = {"memory": plots.memory_vs_experts, "quality": plots.quality_vs_memory, "rate": plots.vs_rate,
              "interval": plots.vs_interval, "pareto": plots.pareto}
     for p in tables:
-        t = pd.read_csv(p if p.suffix == ".csv" else p / "table.csv")
+        try:
+            t = pd.read_csv(p if p.suffix == ".csv" else p / "table.csv")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not a sweep table ({message(e)}); make one with `emoe sweep`") from None
         sub = out / (p.stem if p.suffix == ".csv" else p.name) if len(tables) > 1 else out
         if a.kind == "auto":
             written += plots.auto(t, sub)
@@ -323,6 +369,9 @@ def cmd_capture(a):
     except ImportError as e:
         raise UserError(f"capture needs torch and transformers ({e}); pip install -e '.[capture]'") from None
     from traces.format import save_trace
+    if not (Path(a.model) / "config.json").exists():
+        raise UserError(f"--model {a.model}: not a Hugging Face checkpoint directory (no config.json)")
+    _prompts(a.prompts)   # its mistakes before the model loads
     t0 = time.time()
     tr = capture_dir(a.model, a.prompts, a.max_new_tokens, a.device, a.batch_size)
     path = save_trace(tr, a.output)
@@ -336,25 +385,35 @@ def cmd_prompts(a):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if not Path(a.data).is_dir():
+        raise UserError(f"--data {a.data}: no such directory; give the corpora directory (../shared/data/corpora)")
     rows = heldout_prompts(a.data, a.per_task, tasks, a.seed)
     print(f"wrote {write_prompts(rows, a.output)}: {len(rows)} prompts ({', '.join(tasks)})")
 
 
 def _hf_model(path):
+    d = Path(path)
+    if not (d / "config.json").exists():
+        raise UserError(f"--model: '{d}' is not a Hugging Face checkpoint directory (no config.json)")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise UserError(f"needs transformers ({e}); pip install -e '.[capture]'") from None
-    d = Path(path)
-    if not (d / "config.json").exists():
-        raise UserError(f"'{d}' is not a Hugging Face checkpoint directory (no config.json)")
     import torch
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d)
 
 
-def _examples(path):
+def _prompts(path) -> list[dict]:
+    """A prompts JSONL file; read_prompts only parses, so what it refuses is the file's fault."""
     from traces.capture import read_prompts
-    rows = read_prompts(path)
+    try:
+        return read_prompts(path)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts: {message(e)}; build prompt sets with `emoe prompts`") from None
+
+
+def _examples(path):
+    rows = _prompts(path)
     missing = [i for i, r in enumerate(rows) if "reference" not in r]
     if missing:
         raise UserError(f"{path}: line {missing[0] + 1} has no 'reference' continuation; build prompt sets "
@@ -383,14 +442,15 @@ def cmd_accuracy(a):
     df = pd.DataFrame(rows)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if a.json:
-        Path(a.json).write_text(df.to_json(orient="records", indent=2))
-        print(f"wrote {a.json}")
+        print(f"wrote {_write_text(a.json, df.to_json(orient='records', indent=2), '--json')}")
 
 
 def cmd_calibrate(a):
     from sim import quality
     calib = quality.from_accuracy_json(a.accuracy_json, a.model_name)
-    print(f"wrote {quality.write(calib, a.output)}: {len(calib['curves']) - 1} tasks from {a.accuracy_json}")
+    path = quality.write(calib, a.output)
+    print(f"wrote {path}: {len(calib['curves']) - 1} tasks from {a.accuracy_json}; use it with "
+          f"`quality: {{calibration: {path}}}` in a scenario, or {quality.ENV}={path}")
 
 
 def cmd_sensitivity(a):
@@ -401,7 +461,7 @@ def cmd_sensitivity(a):
     res = sensitivity(model, tok, _examples(a.prompts), a.threshold, a.seed)
     table = {"model": Path(a.model).name, "threshold": a.threshold, "default": 1.0,
              "tasks": res["tasks"], "measured": {t: [round(x, 4) for x in c] for t, c in res["curves"].items()}}
-    Path(a.output).write_text(yaml.safe_dump(table, sort_keys=False))
+    _write_text(a.output, yaml.safe_dump(table, sort_keys=False), "-o")
     for task, curve in res["curves"].items():
         print(f"{task:15s} agreement with layers 0..m-1 randomised: " + " ".join(f"{x:.2f}" for x in curve)
               + f"   s = {res['tasks'][task]}")
@@ -445,6 +505,17 @@ def cmd_choose(a):
 
 
 # ---- replay ---------------------------------------------------------------------
+def _check_device(a):
+    """--device and --scale of replay and profile, before any scenario or model loads."""
+    import torch
+    if a.device != "cpu" and not a.device.startswith("cuda"):
+        raise UserError(f"--device {a.device}: use cpu or cuda (cuda:N)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if a.scale < 1:
+        raise UserError(f"--scale must be a positive integer, got {a.scale}")
+
+
 def cmd_replay(a):
     from datetime import datetime
     try:
@@ -452,10 +523,10 @@ def cmd_replay(a):
     except ImportError as e:
         raise UserError(f"replay needs torch ({e}); install with: pip install torch==2.13.0 && "
                         "pip install -e '.[replay]'") from None
+    _check_device(a)
     sc = _scenario(a)
-    out = Path(a.output) if a.output else Path("runs") / f"{sc['name']}-replay-{datetime.now():%Y%m%d-%H%M%S}"
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"results directory '{out}' exists and is not empty; choose another -o")
+    out = _results_dir(Path(a.output) if a.output else
+                       Path("runs") / f"{sc['name']}-replay-{datetime.now():%Y%m%d-%H%M%S}")
     from replay.weights import WeightsError
     try:
         res = replay_scenario(sc, a.device, a.scale, a.dtype, weights=a.weights)
@@ -487,8 +558,9 @@ def cmd_profile(a):
         from replay.run import DTYPES
     except ImportError as e:
         raise UserError(f"profile needs torch ({e}); pip install torch==2.13.0") from None
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    _check_device(a)
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {a.threads}")
     dtype_name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     dtype = DTYPES[dtype_name]
     spec, calib = None, None
@@ -501,7 +573,7 @@ def cmd_profile(a):
         from sim.models import get_model
         spec = scaled_spec(get_model("tiny"), 1, torch.tensor([], dtype=dtype).element_size())
     max_bytes = a.max_copy_mb * 2 ** 20
-    prof = run_profile(a.device, spec, dtype, calib, max_bytes, a.scale)
+    prof = run_profile(a.device, spec, dtype, calib, max_bytes, a.scale, threads=a.threads)
     path = write_profile(prof, a.output)
     hw, m = prof["hardware"], prof["measured"]
     print(f"{prof['info']['device']}: host-to-device {hw['h2d_bytes_per_s'] / 1e9:.2f} GB/s, "
@@ -509,7 +581,13 @@ def cmd_profile(a):
     print(f"model {m['model']['name']}: expert {m['expert_s']['a'] * 1e6:.1f} us + {m['expert_s']['b'] * 1e6:.2f} us/token; "
           f"attention {m['attention_s']['a'] * 1e6:.1f} us + {m['attention_s']['b'] * 1e6:.2f} us/token; "
           f"step {m['step_s']['a'] * 1e3:.2f} ms")
-    print(f"wrote {path} ({prof['info']['seconds']}s); use it with  hardware: {{profile: {path}}}")
+    print(f"wrote {path} ({prof['info']['seconds']}s, {prof['info']['threads']} threads); use it with  "
+          f"hardware: {{profile: {path}}}")
+    if prof["info"]["noisy"]:
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in prof["info"]["noisy"].items())
+        print(f"emoe: warning: timings varied by {parts} between repeats (load average "
+              f"{prof['info']['load_average']}); this profile is too noisy to trust - rerun it on an idle machine",
+              file=sys.stderr)
 
 
 def load_calibration(a, sc: dict) -> dict:
@@ -522,20 +600,64 @@ def load_calibration(a, sc: dict) -> dict:
 
 
 def cmd_compare(a):
-    from replay.compare import compare, compare_generations, print_comparison
+    from replay.compare import (check_comparable, compare, compare_generations, format_verdict, json_safe,
+                                parse_tolerances, print_comparison, verdict)
+    from sim.results import load_results
+    tol = parse_tolerances(a.tolerance)
+    refusals, warnings = check_comparable(a.sim, a.replay)
+    if refusals and not a.allow_mismatch:
+        raise UserError(f"{refusals[0]}; simulate what the replay ran (emoe run {Path(a.replay) / 'scenario.yaml'}, "
+                        "or emoe confirm), or pass --allow-mismatch")
     table = compare(a.sim, a.replay)
     gens = compare_generations(a.sim, a.replay)
+    sim_vs_replay = (Path(a.replay) / "meta.json").exists() and \
+        json.loads((Path(a.replay) / "meta.json").read_text()).get("engine") == "replay" and not gens
+    rows = verdict(table, tol, load_results(a.replay)["summary"]) if sim_vs_replay else []
     if a.json:
         records = json.loads(table.reset_index().to_json(orient="records"))
         if gens:
             records += [{"metric": k, "value": v} for k, v in gens.items()]
-        print(json.dumps(records, indent=2))
+        records += [{**r, "metric": f"verdict:{r['check']}"} for r in rows]
+        records += [{"metric": "not_comparable", "value": w} for w in refusals]
+        records += [{"metric": "warning", "value": w} for w in warnings]
+        print(json.dumps(json_safe(records), indent=2, default=float))
     else:
         print_comparison(table, a.sim, a.replay)
         if gens:
             print(f"generated tokens ({gens['requests_compared']} requests): "
                   f"{gens['generations_identical']:.1%} identical, {gens['generation_prefix_agreement']:.1%} "
                   "agree before the first difference")
+        if rows:
+            print(format_verdict(rows, refusals, warnings))
+        else:
+            for w in refusals + warnings:
+                print(f"warning: {w}")
+
+
+CONFIRM_FAILED = 4   # exit status of `emoe confirm` when a tolerance is exceeded (results written)
+
+
+def cmd_confirm(a):
+    try:
+        from replay.compare import format_verdict, parse_tolerances
+        from replay.confirm import confirm
+        from replay.run import ReplayOOM
+    except ImportError as e:
+        raise UserError(f"confirm needs torch ({e}); pip install torch==2.13.0 && pip install -e '.[replay]'") from None
+    from datetime import datetime
+    tol = parse_tolerances(a.tolerance)
+    sc = _scenario(a)
+    out = Path(a.output) if a.output else Path("runs") / f"{sc['name']}-confirm-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        c = confirm(sc, out, a.device, a.scale, a.dtype, a.profile, tol, a.threads, a.max_copy_mb)
+    except ReplayOOM as e:
+        raise UserError(str(e)) from None
+    print(format_verdict(c.rows, c.refusals, c.warnings))
+    print(f"everything in {c.out}  (comparison.md, comparison.json, verdict.txt, profile.yaml, replay/, sim/)")
+    if c.replay_error:
+        print(f"emoe: error: {c.replay_error}; the results up to that point are in {c.out / 'replay'}", file=sys.stderr)
+        return 3
+    return 0 if c.passed else CONFIRM_FAILED
 
 
 # ---- predictors -----------------------------------------------------------------
@@ -546,7 +668,10 @@ def cmd_predictor_train(a):
     if a.kind not in TRAINABLE:
         raise UserError(f"--kind must be one of {', '.join(TRAINABLE)}, got '{a.kind}'")
     tr = load_trace(a.trace)
-    train_idx, eval_idx = split_requests(tr, a.holdout, a.seed)
+    try:
+        train_idx, eval_idx = split_requests(tr, a.holdout, a.seed)
+    except ValueError as e:   # its only errors: a holdout out of range or too large for the trace
+        raise UserError(f"--holdout: {message(e)}") from None
     t0 = time.time()
     pred = make_predictor(a.kind).fit(tr, train_idx)
     out = pred.save(a.output)
@@ -554,11 +679,23 @@ def cmd_predictor_train(a):
           f"({len(eval_idx)} held out); wrote {out}")
 
 
-def cmd_predictor_eval(a):
+def _predictor_file(path):
+    """A predictor file named on the command line: what cannot be read as one is the file's fault."""
+    import zipfile
+
     from sim.predictors import load_predictor
+    if not Path(path).is_file():
+        raise UserError(f"predictor file '{path}' does not exist; train one with `emoe predictor train TRACE -o FILE`")
+    try:
+        return load_predictor(path)
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a predictor file from `emoe predictor train` ({message(e)})") from None
+
+
+def cmd_predictor_eval(a):
     from sim.predictors.evaluate import evaluate, summary_by_layer
     from traces.format import load_trace
-    pred = load_predictor(a.predictor)
+    pred = _predictor_file(a.predictor)
     tr = load_trace(a.trace)
     if (tr.n_layers, tr.n_experts) != (pred.L, pred.E):
         raise UserError(f"predictor is for {pred.L} layers x {pred.E} experts, trace has "
@@ -575,14 +712,14 @@ def cmd_predictor_eval(a):
     print(f"mean  precision {df.precision.mean():.3f}  recall {df.recall.mean():.3f}  f1 {df.f1.mean():.3f}  "
           f"coverage {df.coverage.mean():.3f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(kind=pred.kind, requests=len(held), **{
+        _write_text(a.json, json.dumps(dict(kind=pred.kind, requests=len(held), **{
             k: float(df[k].mean()) for k in ("precision", "recall", "f1", "coverage")},
-            per_layer=by_layer.reset_index().to_dict(orient="records")), indent=2))
+            per_layer=by_layer.reset_index().to_dict(orient="records")), indent=2), "--json")
 
 
 # ---- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emoe", description="Simulate and replay memory-efficient MoE inference "
+    p = _Parser(prog="emoe", description="Simulate and replay memory-efficient MoE inference "
                                 "(eMoE and baselines) from routing traces.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -742,7 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate-quality", help="fit the fidelity -> quality estimate from `emoe accuracy --json`")
     s.add_argument("accuracy_json")
     s.add_argument("--model-name", required=True, help="the model the measurements come from")
-    s.add_argument("-o", "--output", default=str(Path(__file__).parent / "presets" / "quality-calibration.yaml"))
+    s.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="where to write it (never inside the package); runs use it when a scenario names it as "
+                        "quality.calibration or EMOE_QUALITY_CALIBRATION does")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("sensitivity", help="per-task, per-layer sensitivity to routing errors (real model)")
@@ -759,15 +898,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=int, default=1, help="as for `emoe replay`")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--max-copy-mb", type=int, default=64, help="largest copy size measured (MiB)")
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's); the replay uses the same")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_profile)
 
-    s = sub.add_parser("compare", help="simulated vs replayed metrics side by side, with relative errors")
+    s = sub.add_parser("compare", help="simulated vs replayed metrics side by side, with relative errors and a "
+                       "verdict")
     s.add_argument("sim", help="results directory of `emoe run`")
     s.add_argument("replay", help="results directory of `emoe replay`")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--tolerance", metavar="NAME=SHARE,...", help="relative tolerances of the verdict (default "
+                   "latency=0.05,throughput=0.05,memory=0.02,ttft=0.15; a bare number sets all)")
+    s.add_argument("--allow-mismatch", action="store_true", help="compare even when the two sides ran different "
+                   "models (shape, dtype, scale) or devices")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("confirm", help="profile, replay, simulate the replay's exact model and compare: a pass/fail "
+                       f"verdict per metric (exit {CONFIRM_FAILED} when a tolerance is exceeded)")
+    s.add_argument("scenario", help="scenario YAML, a sweep point directory, or the file `emoe choose -o` wrote")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--scale", type=int, default=1, help="divide hidden sizes by this (CPU runs of big models)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default bfloat16 on cuda, float32 on cpu")
+    s.add_argument("--profile", metavar="PROFILE.yaml", help="reuse this profile (it must be for the replayed "
+                   "model on this kind of device) instead of profiling")
+    s.add_argument("--tolerance", metavar="NAME=SHARE,...", help="relative tolerances (default "
+                   "latency=0.05,throughput=0.05,memory=0.02,ttft=0.15; a bare number sets all)")
+    s.add_argument("--threads", type=int, help="torch threads for the profile and the CPU replay (default: torch's)")
+    s.add_argument("--max-copy-mb", type=int, default=64, help="largest copy size profiled (MiB)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("-o", "--output", help="directory for everything (default runs/NAME-confirm-TIMESTAMP)")
+    s.set_defaults(func=cmd_confirm)
 
     pr = sub.add_parser("predictor", help="train and evaluate expert predictors")
     psub = pr.add_subparsers(dest="predictor_command", metavar="ACTION")
@@ -791,26 +953,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given_path(e: OSError, argv) -> bool:
+    """The OS refused a path the user gave (or one inside or above it): the user's to fix.
+    An OSError on any other path is the program's and keeps its traceback."""
+    if not isinstance(e.filename, str):
+        return False
+    failed = Path(e.filename).absolute()
+    if failed == Path.cwd() or failed == Path(failed.anchor):   # what every relative path is under
+        return False
+    for arg in argv:
+        value = arg.partition("=")[2] if arg.startswith("-") else arg
+        if not value:
+            continue
+        given = Path(value).absolute()
+        if failed == given or given in failed.parents or failed in given.parents:
+            return True
+    return False
+
+
 def main(argv=None) -> int:
     import os
     os.environ.setdefault("MPLBACKEND", "Agg")   # figures go to files; never open a window
-    from sim.memory import MemoryBudgetError
-    from sim.scenario import ScenarioError
-    from sim.sweep import SweepError
-    from traces.format import TraceError
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parser.parse_args(argv)
     try:
-        a.func(a)
-    except (UserError, TraceError, ScenarioError, SweepError, MemoryBudgetError, KeyError, ValueError, FileNotFoundError,
-            FileExistsError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"emoe: error: {msg}", file=sys.stderr)
+        code = a.func(a)   # a handler may return its own exit status (confirm: 4 when a check fails)
+    except UserError as e:   # only this; any other exception is a bug and keeps its traceback
+        print(f"emoe: error: {message(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not _given_path(e, argv):
+            raise
+        print(f"emoe: error: {e.filename}: {e.strerror} (a path given on the command line); "
+              "choose another", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("emoe: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""`emoe confirm` (profile, replay, simulate the replay's exact model, verdict) and the checks
+`emoe compare` makes before comparing: same model shape, dtype and scale, a profile of the
+replay's device. Timings are never asserted: only what does not depend on the clock."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from replay.compare import DEFAULT_TOLERANCES, parse_tolerances, verdict
+from sim.cli import CONFIRM_FAILED, main
+from traces.errors import UserError
+
+torch = pytest.importorskip("torch")
+
+
+def _scenario_file(tmp_path, trace_path, policy, name="s.yaml", **hw):
+    data = {"name": "cf", "seed": 0, "model": "tiny",
+            "hardware": {"preset": "a100-40gb", "memory_bytes": 6.0e6, **hw},
+            "workload": {"trace": str(trace_path), "requests": 6, "arrival": {"process": "batch"}},
+            "policy": policy, "limits": {"max_batch_tokens": 128, "max_running": 4}}
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_tolerances_parse_over_the_defaults():
+    assert parse_tolerances(None) == DEFAULT_TOLERANCES == {"latency": 0.05, "throughput": 0.05, "memory": 0.02,
+                                                            "ttft": 0.15}
+    assert parse_tolerances("ttft=0.3,memory=0") == {**DEFAULT_TOLERANCES, "ttft": 0.3, "memory": 0.0}
+    assert set(parse_tolerances("0.1").values()) == {0.1}
+    for bad in ("latency=x", "speed=0.1", "latency=-1", "nan"):
+        with pytest.raises(UserError):
+            parse_tolerances(bad)
+
+
+def test_verdict_bounds_the_relative_error_of_each_metric():
+    table = pd.DataFrame({"sim": [1.04, 100.0, 1.0e9, 0.2], "replay": [1.0, 90.0, 1.0e9, None]},
+                         index=["e2e_mean_s", "throughput_tokens_per_s", "peak_memory_bytes", "ttft_mean_s"])
+    rows = {r["check"]: r for r in verdict(table, DEFAULT_TOLERANCES)}
+    assert rows["latency"]["passed"] and rows["latency"]["rel_error"] == pytest.approx(0.04)
+    assert not rows["throughput"]["passed"]                      # +11% > 5%
+    assert rows["memory"]["passed"]
+    assert not rows["ttft"]["passed"] and rows["ttft"]["replay"] is None   # a missing side never passes
+    # On CUDA memory is the allocator's peak, what the device really held.
+    cuda = {r["check"]: r for r in verdict(table, DEFAULT_TOLERANCES, {"cuda_max_allocated_bytes": 1.5e9})}
+    assert cuda["memory"]["replay"] == 1.5e9 and not cuda["memory"]["passed"]
+
+
+def test_confirm_writes_everything_and_simulates_exactly_what_ran(tmp_path, tiny_trace_path, capsys):
+    sc = _scenario_file(tmp_path, tiny_trace_path, {"name": "on_demand", "capacity": 0.5})
+    out = tmp_path / "c"
+    code = main(["confirm", str(sc), "--device", "cpu", "--threads", "1", "--max-copy-mb", "1", "-o", str(out)])
+    assert code in (0, CONFIRM_FAILED)
+    printed = capsys.readouterr().out
+    assert "verdict: " in printed and ("CONFIRMED" in printed)
+    for f in ("profile.yaml", "comparison.json", "comparison.md", "verdict.txt", "replay/summary.json",
+              "sim/summary.json", "replay/trace.npz"):
+        assert (out / f).exists(), f
+    report = json.loads((out / "comparison.json").read_text())
+    assert [r["check"] for r in report["verdict"]] == ["latency", "throughput", "memory", "ttft"]
+    assert report["passed"] == (code == 0) and report["refusals"] == []
+    assert report["load_average_before"] is not None and report["threads"] == 1
+    # The simulation ran the replay's own model (float32 on CPU) with the profile as hardware.
+    sim_sc = yaml.safe_load((out / "sim" / "scenario.yaml").read_text())
+    rp_sc = yaml.safe_load((out / "replay" / "scenario.yaml").read_text())
+    assert sim_sc["model"] == rp_sc["model"] and sim_sc["model"]["dtype_bytes"] == 4
+    assert sim_sc["hardware"] == {"profile": str((out / "profile.yaml").resolve()), "memory_bytes": 6.0e6}
+    # All requests at once: batches do not depend on the clock, so both sides took the very same
+    # decisions and differ only by the cost model.
+    rows = {r["metric"]: r for r in report["comparison"]}
+    for m in ("misses", "bytes_loaded", "engine_steps", "requests_completed"):
+        assert rows[m]["sim"] == rows[m]["replay"], m
+    # The profile was measured for exactly that model, with the scenario's own policy calibrated.
+    prof = yaml.safe_load((out / "profile.yaml").read_text())
+    assert prof["measured"]["model"]["hidden"] == 64 and prof["measured"]["model"]["dtype_bytes"] == 4
+    assert prof["measured"]["expert_copy_s"] > 0 and "layer" in prof["measured"]["expert_s"]
+    assert set(report["step_time"]) <= {"decode", "prefill"} and report["step_time"]
+    # The same profile is reused as given (no new profile), and a tolerance of zero fails: exit 4.
+    out2 = tmp_path / "c2"
+    assert main(["confirm", str(sc), "--device", "cpu", "--profile", str(out / "profile.yaml"),
+                 "--tolerance", "0", "-o", str(out2)]) == CONFIRM_FAILED
+    assert (out2 / "profile.yaml").read_text() == (out / "profile.yaml").read_text()
+    assert "NOT CONFIRMED" in (out2 / "verdict.txt").read_text()
+    # Generous tolerances pass: exit 0.
+    assert main(["confirm", str(sc), "--device", "cpu", "--profile", str(out / "profile.yaml"),
+                 "--tolerance", "100", "-o", str(tmp_path / "c3")]) == 0
+
+
+def test_confirm_refuses_a_profile_of_another_model_and_bad_options(tmp_path, tiny_trace_path, capsys):
+    sc = _scenario_file(tmp_path, tiny_trace_path, {"name": "resident"})
+    prof = tmp_path / "p.yaml"
+    assert main(["profile", "--device", "cpu", "--max-copy-mb", "1", "--threads", "1", "-o", str(prof)]) == 0
+    capsys.readouterr()
+    # `emoe profile` without --scenario measures the tiny preset in float32: at --scale 2 it is another model.
+    assert main(["confirm", str(sc), "--device", "cpu", "--scale", "2", "--profile", str(prof),
+                 "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was measured for tiny" in err[0] and "tiny/s2" in err[0]
+    for args in (["--tolerance", "latency=fast"], ["--profile", str(tmp_path / "none.yaml")], ["--threads", "0"]):
+        assert main(["confirm", str(sc), "--device", "cpu", *args, "-o", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_compare_refuses_different_models_and_warns_of_datasheet_hardware(tmp_path, tiny_trace_path, capsys):
+    sc = _scenario_file(tmp_path, tiny_trace_path, {"name": "on_demand", "capacity": 0.5})
+    assert main(["replay", str(sc), "--device", "cpu", "-o", str(tmp_path / "rp")]) == 0
+    # The scenario as written (bf16) is not what the CPU replay ran (float32): refused, naming why.
+    assert main(["run", str(sc), "-o", str(tmp_path / "sim-bf16")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "sim-bf16"), str(tmp_path / "rp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dtype_bytes 2 vs 4" in err[0] and "scenario.yaml" in err[0]
+    assert main(["compare", str(tmp_path / "sim-bf16"), str(tmp_path / "rp"), "--allow-mismatch"]) == 0
+    assert "not comparable: the two sides ran different models" in capsys.readouterr().out
+    # The replay's own scenario: the same model, but datasheet hardware: compared, with a warning and a verdict.
+    assert main(["run", str(tmp_path / "rp" / "scenario.yaml"), "-o", str(tmp_path / "sim")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "sim"), str(tmp_path / "rp"), "--tolerance", "ttft=1"]) == 0
+    text = capsys.readouterr().out
+    assert "warning: the simulation used hardware 'a100-40gb'" in text and "verdict: " in text
+    assert "100%" in text.split("ttft")[-1]      # the tolerance given is the one applied
