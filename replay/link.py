@@ -54,6 +54,7 @@ class HostLink:
         self.copy_s = 0.0                    # time copies took, summed
         self.landed = 0                      # copies that landed
         self._busy = None                    # the copy in flight
+        self.error: BaseException | None = None   # what stopped the thread, raised to whoever waits
         ref = weakref.ref(cache)
         self.thread = threading.Thread(target=_serve, args=(weakref.ref(self), ref), daemon=True,
                                        name="emoe-h2d-link")
@@ -100,7 +101,30 @@ class HostLink:
             if not pending:
                 return
             for c in pending:
-                c.landed.wait()
+                self.wait(c)
+
+    def wait(self, copy: Copy) -> None:
+        """Block until the copy has landed; raise if the link thread failed."""
+        while not copy.landed.wait(0.5):
+            self.check()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the host link stopped: {self.error!r}") from self.error
+
+    def _fail(self, error: BaseException) -> None:
+        """The thread failed: remember why and release everyone waiting on a copy."""
+        with self.cond:
+            self.error = error
+            self.closed = True
+            pending = list(self.demand) + list(self.prefetch) + ([self._busy] if self._busy else [])
+            self.demand.clear()
+            self.prefetch.clear()
+            self.cond.notify_all()
+        for c in pending:
+            c.submitted.set()
+            c.landed.set()
 
     def close(self) -> None:
         with self.cond:
@@ -141,7 +165,11 @@ def _serve(link_ref, cache_ref):
         if cache is None:
             return
         t0 = time.perf_counter()
-        seconds = cache.run_copy(copy)
+        try:
+            seconds = cache.run_copy(copy)
+        except BaseException as e:   # noqa: BLE001 - handed to the waiting compute thread
+            link._fail(e)
+            return
         with link.cond:
             link.copy_s += seconds if seconds is not None else time.perf_counter() - t0
             link.landed += 1

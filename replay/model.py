@@ -107,7 +107,7 @@ class ExpertCache:
     def load(self, layer: int, expert: int) -> None:
         """Copy an expert in on demand and wait for it (the starting set, profiling)."""
         self.fetch(layer, expert)
-        self.copy_of[(layer, expert)].landed.wait()
+        self.link.wait(self.copy_of[(layer, expert)])
 
     def _issue(self, layer, expert, kind, after):
         key = (layer, expert)
@@ -141,9 +141,11 @@ class ExpertCache:
         with self.lock:
             pool = self.staging if staging and self._staged else self.free
             while not pool:
+                self.link.check()
                 if time.perf_counter() > deadline or not (self.link.demand or self.link.prefetch
                                                           or self.link._busy):
-                    raise RuntimeError("expert cache has no free slot: a policy exceeded its capacity")
+                    raise RuntimeError("expert cache has no free slot: a policy exceeded its capacity, or "
+                                       "a layer needs a copy queued behind a streamed one")
                 self.lock.wait(0.01)
             return pool.pop()
 
@@ -183,6 +185,13 @@ class ExpertCache:
         return start.elapsed_time(done) / 1e3
 
     # ---- the layer's side of the copy rule ------------------------------------------------------------
+    def promote(self, layer: int, experts) -> None:
+        """The layer's router has run: queued prefetches of its experts become demand copies."""
+        for e in experts:
+            copy = self.copy_of.get((layer, e))
+            if copy is not None and copy.state == QUEUED:
+                self.link.promote(copy)
+
     def wait(self, copies) -> None:
         """Block the layer until every copy has landed (promoting queued prefetches to demand);
         the time it waited is the replay's stall."""
@@ -195,14 +204,16 @@ class ExpertCache:
         if not self.cuda:
             t0 = time.perf_counter()
             for c in pending:
-                c.landed.wait()
+                self.link.wait(c)
             self.stall_s += time.perf_counter() - t0
             return
         compute = torch.cuda.current_stream(self.device)
         before = torch.cuda.Event(enable_timing=True)
         before.record(compute)
         for c in pending:
-            c.submitted.wait()
+            while not c.submitted.wait(0.5):
+                self.link.check()
+            self.link.check()
             if c.done is not None:
                 compute.wait_event(c.done)
         after = torch.cuda.Event(enable_timing=True)
@@ -454,7 +465,9 @@ class ReplayModel:
             else:
                 r_l, g_l = self.route(li, logits, None if planned is None else planned[li])
                 taken.append(r_l)
-            streamed = self.stream_missing(li, torch.unique(r_l).tolist(), router)   # demand, before prefetches
+            experts = torch.unique(r_l).tolist()
+            cache.promote(li, experts)      # queued prefetches it needs: demand, ahead of the streamed copies
+            streamed = self.stream_missing(li, experts, router)                  # demand, before prefetches
             issue(2 * li + 1, router)
             x = x + self.experts(li, h, r_l, g_l, router, streamed) + self.shared(li, h)
         next_tokens = None
