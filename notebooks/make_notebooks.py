@@ -181,8 +181,8 @@ c = choose(work / "sweep", slo_attainment=0.9, min_quality=0.9, objective="memor
 chosen_path = write_chosen(work / "sweep", c.chosen, work / "chosen.yaml", c.constraints)
 print(format_table(c.pareto))
 print(f"chosen: {c.chosen['label']} at {c.chosen['policy_capacity']:g} of experts")""",
-        """# Each configuration: mean over seeds with its 95% interval; grey crosses miss a floor.
-fig = plots.pareto(c.pooled.assign(estimated_quality_source="emoe-small-moe"), 0.9, 0.9)
+        """fig = plots.pareto(c.pooled.assign(estimated_quality_source="emoe-small-moe"), 0.9, 0.9)
+# each configuration: mean over seeds with its 95% interval; grey crosses miss a floor
 fig.axes[0].set_title("sweep: peak memory vs mean latency (simulated A100)"); plt.show()""",
         "## Confirm on this machine\n`confirm` profiles this CPU for the model the replay runs (the chosen "
         "scenario's model in float32), replays the scenario with the profile as its hardware, simulates the "
