@@ -4,7 +4,8 @@
     python benchmarks/check_summaries.py compare BEFORE.json     # on the new code: exit 1 on a change
 
 Runs each scenario file in scenarios/ (not the sweeps; add `--sweep FILE` to include a
-sweep's points, e.g. scenarios/paper/memory-fidelity.yaml) in the simulator and keeps
+sweep's points, e.g. scenarios/paper/memory-fidelity.yaml, or `--paper` for every sweep the
+reproduction table is compiled from) in the simulator and keeps
 every numeric summary value. `compare` reports each key that moved by more than
 `--rtol` (default 1e-9: a refactor must not move results; wall-clock keys are skipped).
 """
@@ -49,6 +50,14 @@ def collect(sweeps: list[str]) -> dict:
     return results
 
 
+def paper_sweeps() -> list[str]:
+    """The sweeps reproduce.sh runs, read from it so the two never disagree."""
+    import re
+    script = (ROOT / "scenarios" / "paper" / "reproduce.sh").read_text()
+    names = re.search(r"^for f in (.+); do$", script, re.M).group(1).split()
+    return [str(ROOT / "scenarios" / "paper" / f"{n}.yaml") for n in names]
+
+
 def differences(before: dict, after: dict, rtol: float) -> list[str]:
     out = []
     for name in sorted(set(before) | set(after)):
@@ -71,9 +80,11 @@ def main(argv=None) -> int:
     ap.add_argument("mode", choices=["record", "compare"])
     ap.add_argument("file")
     ap.add_argument("--sweep", action="append", default=[], help="also every point of this sweep file")
+    ap.add_argument("--paper", action="store_true",
+                    help="also every sweep of the paper-reproduction table (scenarios/paper/reproduce.sh)")
     ap.add_argument("--rtol", type=float, default=1e-9)
     a = ap.parse_args(argv)
-    now = collect(a.sweep)
+    now = collect(a.sweep + (paper_sweeps() if a.paper else []))
     if a.mode == "record":
         Path(a.file).write_text(json.dumps(now, indent=1, sort_keys=True))
         print(f"recorded {len(now)} summaries in {a.file}")
