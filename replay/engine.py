@@ -1,9 +1,9 @@
 """The replay engine: the simulator's engine, driven by the real clock and a real model.
 
-Batching, admission, preemption and every policy and scheduler decision are the
-simulator's own code (sim/engine.py); only `execute` (run the step on the model
-and time it) and `memory_parts` (measure instead of estimate) differ, and the
-loop waits for real arrivals instead of SimPy events.
+Batching, admission, preemption, every policy and scheduler decision and the serving
+loop itself are the simulator's own code (sim/engine.py), run on the wall clock
+(sim/clock.py: SimPy's real-time environment); only `execute` (run the step on the
+model and time it) and `memory_parts` (measure instead of estimate) differ.
 
 Copies follow the policy's plan under the simulator's copy rule (sim/costmodel.py),
 executed by the model's host link (replay/link.py): the plan's prefetches at their
@@ -17,13 +17,14 @@ import time
 import numpy as np
 import torch
 
+from sim.clock import WallClock
 from sim.costmodel import StepTiming
 from sim.engine import Engine
 
 
 class ReplayEngine(Engine):
     def __init__(self, *args, model_rt, prompt_ids: dict | None = None, **kw):
-        super().__init__(*args, **kw)
+        super().__init__(*args, clock=WallClock(), **kw)
         self.rt = model_rt
         # Real weights: prompts are real tokens, each decode step feeds the model's own greedy
         # token back, and routing is the model's router (recorded per trace row).
@@ -37,31 +38,8 @@ class ReplayEngine(Engine):
         self._initial = int(self.policy.resident.sum())             # copies made before the first step
         self._resident = self.policy.resident.copy()
 
-    # ---- the real clock -----------------------------------------------------------------------
     def run(self) -> "ReplayEngine":
-        class _Env:      # what results code reads from a SimPy environment
-            now = 0.0
-        self.env = _Env()
-        pending = sorted(self.requests, key=lambda r: (r.arrival_s, r.index))
-        t0 = time.perf_counter()
-        total = len(self.requests)
-        while len(self.finished) + len(self.rejected) < total:
-            now = time.perf_counter() - t0
-            while pending and pending[0].arrival_s <= now:
-                req = pending.pop(0)
-                self.enqueue(req)
-                self.policy.on_arrival(req, now)
-            if (self.max_steps and self.steps >= self.max_steps) or (self.max_time and now >= self.max_time):
-                self.stopped_early = f"stopped at limit (steps={self.steps}, t={now:.1f}s)"
-                break
-            self._admit(now)
-            if not self.running:
-                if pending:
-                    time.sleep(max(pending[0].arrival_s - now, 0))
-                continue
-            self._step(now)
-            self._advance(time.perf_counter() - t0)
-        self.env.now = time.perf_counter() - t0
+        super().run()            # the simulator's loop, on the wall clock
         self.rt.cache.drain()    # prefetches still on the link: land them, so the copy counters are final
         return self
 

@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-import pandas as pd
 import torch
 
 from replay.engine import ReplayEngine
 from replay.model import ReplayModel, scaled_spec
-from sim.engine import TIMELINE_COLUMNS
-from sim.hardware import get_hardware
 from sim.models import get_model
-from sim.results import code_version, request_table, summarize
-from sim.run import RunResult, scenario_policy
-from sim.schedulers import make_scheduler
+from sim.results import code_version
+from sim.run import RunResult, build, outcome
 from sim.workload import build_requests, load_workload_trace
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,11 +55,10 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     sc = dict(sc)
     sc["model"] = {k: v for k, v in asdict(spec).items()}
     sc["workload"] = {**sc["workload"], "trace": "trace.npz", "synthetic": None, "requests": None, "tasks": None}
-    hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
+    parts = build(sc, trace=trace, model=spec)    # what the simulator builds, at the replayed shape
+    hw, policy, scheduler = parts.hw, parts.policy, parts.scheduler
     if hw.measured and hw.measured.get("threads") and not device.startswith("cuda"):
         torch.set_num_threads(int(hw.measured["threads"]))   # CPU timings as the profile measured them
-    policy = scenario_policy(sc, spec, trace)
-    scheduler = make_scheduler(sc["scheduler"])
     requests = build_requests(sc, trace)
     n_slots = policy.cache_experts + spec.top_k
     t0 = time.perf_counter()
@@ -100,14 +94,9 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         error = (f"out of memory at engine step {eng.steps} with {len(eng.running)} requests running; the "
                  f"largest size that fitted: {peak / 1e9:.2f} GB peak allocated. Lower limits.max_running "
                  "or limits.max_batch_tokens")
-        eng.env = type("E", (), {"now": time.perf_counter() - t0})()
     wall = time.perf_counter() - t0
-    req = request_table(requests)
-    tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
     cache = rt.cache
-    extra = dict(engine_steps=eng.steps, preemptions=eng.preemptions, budget_bytes=eng.mem.budget,
-                 kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(eng.env.now),
-                 weights_plus_cache_bytes=float(rt.dense_bytes + n_slots * cache.slot_bytes),
+    extra = dict(weights_plus_cache_bytes=float(rt.dense_bytes + n_slots * cache.slot_bytes),
                  h2d_bytes=float(cache.bytes_copied), h2d_copies=cache.copies, h2d_time_s=cache.copy_s,
                  h2d_bytes_per_s=cache.bytes_copied / cache.copy_s if cache.copy_s else None)
     if device.startswith("cuda"):
@@ -119,12 +108,9 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         files["generations.jsonl"] = "".join(
             json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.extra.get("generated_ids", []))) + "\n"
             for r in requests)
-    extra.update(scheduler.metrics())   # e.g. the eMoE scheduler's admission estimate error
     if error:
         extra["error"] = error
-    summary = summarize(req, policy.counters(), eng.mem.peak_total,
-                        {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}, extra=extra,
-                        model=spec.name, calibration=(sc.get("quality") or {}).get("calibration"))
+    summary, req, tl = outcome(eng, requests, sc, extra)
     meta = dict(engine="replay", device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda")
                 else "cpu", dtype=dtype, scale=scale, weights=str(weights) if weights else None,
                 routing="router" if weights else "trace", torch=torch.__version__, code_version=code_version(),

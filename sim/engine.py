@@ -8,15 +8,19 @@ per token; when it runs out, the latest admitted request is preempted and later
 recomputed from scratch (vLLM's recompute preemption). At light load, a request
 decoding alone is advanced by *decode runs* (many steps planned at once, one SimPy
 event), with the same results as stepping (see _decode_run).
+
+One loop on two clocks: the replayer (replay/engine.py) runs this same loop on the
+wall clock (sim/clock.py); it differs only in how a step is executed (`execute`) and
+how memory is read (`memory_parts`).
 """
 from __future__ import annotations
 
 import numpy as np
-import simpy
 
 import bisect
 from dataclasses import dataclass
 
+from sim.clock import VirtualClock
 from sim.costmodel import CostModel, StepTiming
 from sim.memory import MemoryLedger
 from sim.policies.base import StepBatch
@@ -37,15 +41,17 @@ class StepWork:
 
 
 class Engine:
-    def __init__(self, model, hw, trace, requests, policy, scheduler, limits: dict, progress=None):
+    def __init__(self, model, hw, trace, requests, policy, scheduler, limits: dict, progress=None, clock=None):
         self.model, self.hw, self.trace = model, hw, trace
+        self.clock = clock or VirtualClock()
         self.requests = requests
         self.policy, self.scheduler = policy, scheduler
         self.max_tokens = int(limits["max_batch_tokens"])
         self.max_running = int(limits["max_running"])
         self.max_steps = int(limits.get("max_steps") or 0)
         self.max_time = float(limits.get("max_sim_time_s") or 0.0)
-        self.fast_forward = self.fast_forward and bool(limits.get("decode_runs", True))
+        # Decode runs plan many steps as one event: only where time is computed, not lived.
+        self.decode_runs = self.clock.decode_runs and bool(limits.get("decode_runs", True))
         self.cost = CostModel(model, hw)
         scheduler.attach(policy, self.cost, self.max_tokens)
         policy.copy_s = self.cost.copy_s
@@ -64,7 +70,7 @@ class Engine:
 
     # ---- SimPy processes ----------------------------------------------------------
     def run(self) -> "Engine":
-        env = simpy.Environment()
+        env = self.clock.environment()
         self.env = env
         env.process(self._arrivals(env))
         env.process(self._serve(env))
@@ -101,7 +107,7 @@ class Engine:
                 self._advance_run(req, n_steps, env.now)
                 continue
             duration = self._step(env.now)
-            yield env.timeout(duration)
+            yield env.timeout(self.clock.step_s(env, duration))
             self._advance(env.now)
 
     def enqueue(self, req) -> None:
@@ -215,7 +221,7 @@ class Engine:
         return StepWork(decode, chunks, rows, batch, n_new, len(rows), n_sampled, attn_ctx, kv_read)
 
     # ---- light load: a lone request's decode steps at once ----------------------------------
-    fast_forward = True     # False (or limits.decode_runs: false): step by step, same results, for checking
+    # (limits.decode_runs: false steps one by one instead: same results, for checking)
     MAX_RUN = 512           # steps per decode run (bounds the (T, L, E) arrays)
 
     def _decode_run(self, now: float):
@@ -225,7 +231,7 @@ class Engine:
         float rounding) instead of one SimPy round trip each. The run is cut so that every
         step starts before the next arrival even if all its experts missed. Returns
         (request, steps, end time) or None to step normally."""
-        if not self.fast_forward or len(self.running) != 1 or self.waiting or not self.policy.plans_decode_runs:
+        if not self.decode_runs or len(self.running) != 1 or self.waiting or not self.policy.plans_decode_runs:
             return None
         req = self.running[0]
         if req.in_prefill or not self.cost.link_idle(now):

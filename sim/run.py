@@ -6,6 +6,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import yaml
@@ -36,17 +37,27 @@ class RunResult:
                              trace=self.trace, files=self.files)
 
 
-def build(sc: dict, trace=None):
-    """Everything a run needs, from a resolved scenario (also used by capacity and replay)."""
-    model = get_model(sc["model"])
+class Parts(NamedTuple):
+    """What a run is built from; the simulator and the replayer build it the same way."""
+    model: object
+    hw: object
+    trace: object
+    policy: object
+    scheduler: object
+
+
+def build(sc: dict, trace=None, model=None) -> Parts:
+    """Everything a run needs, from a resolved scenario (`emoe run`, capacity, replay).
+    model: the shape to run instead of the scenario's (the replayer's scaled model)."""
+    model = model or get_model(sc["model"])
     hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
     if trace is None:
         trace = load_workload_trace(sc, model)
     elif trace is False:   # memory-only questions (capacity) need no trace
         trace = None
     policy = scenario_policy(sc, model, trace)
-    scheduler = make_scheduler(sc["scheduler"])
-    return model, hw, trace, policy, scheduler
+    scheduler = make_scheduler(sc["scheduler"], Path(sc.get("_base_dir", ".")))
+    return Parts(model, hw, trace, policy, scheduler)
 
 
 def scenario_policy(sc: dict, model, trace):
@@ -64,18 +75,27 @@ def scenario_policy(sc: dict, model, trace):
 
 def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:
     t0 = time.perf_counter()
-    model, hw, trace, policy, scheduler = build(sc, trace)
-    requests = build_requests(sc, trace)
-    eng = Engine(model, hw, trace, requests, policy, scheduler, sc["limits"], progress).run()
+    parts = build(sc, trace)
+    requests = build_requests(sc, parts.trace)
+    eng = Engine(*parts[:2], parts.trace, requests, parts.policy, parts.scheduler, sc["limits"], progress).run()
     wall = time.perf_counter() - t0
-    req = request_table(requests)
-    tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
-    summary = summarize(req, policy.counters(), eng.mem.peak_total, eng.mem.peak,
-                        extra=dict(engine_steps=eng.steps, preemptions=eng.preemptions,
-                                   budget_bytes=eng.mem.budget, kv_budget_bytes=eng.mem.kv_budget,
-                                   simulated_time_s=float(eng.env.now), **scheduler.metrics()),
-                        model=model.name, calibration=(sc.get("quality") or {}).get("calibration"))
+    summary, req, tl = outcome(eng, requests, sc)
     meta = dict(engine="sim", code_version=code_version(), seed=sc["seed"], wall_time_s=wall,
                 engine_steps_per_s=eng.steps / wall if wall else None, stopped_early=eng.stopped_early,
-                model=model.describe(), hardware=hw.__dict__)
+                model=parts.model.describe(), hardware=parts.hw.__dict__)
     return RunResult(summary, req, tl, meta, sc)
+
+
+def outcome(eng: Engine, requests: list, sc: dict, extra: dict | None = None):
+    """(summary, request table, timeline) of a finished engine, simulated or replayed.
+    extra: the engine's own figures (the replayer's measured copies), before the scheduler's."""
+    req = request_table(requests)
+    tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
+    figures = dict(engine_steps=eng.steps, preemptions=eng.preemptions, budget_bytes=eng.mem.budget,
+                   kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(eng.clock.elapsed_s(eng.env)),
+                   **(extra or {}))
+    figures.update(eng.scheduler.metrics())   # e.g. the eMoE scheduler's admission estimate error
+    peaks = {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}   # the replay keeps CUDA's apart
+    summary = summarize(req, eng.policy.counters(), eng.mem.peak_total, peaks, extra=figures,
+                        model=eng.model.name, calibration=(sc.get("quality") or {}).get("calibration"))
+    return summary, req, tl

@@ -1,3 +1,10 @@
+import os
+
+# One intra-op thread for torch (read when torch is first imported): on a shared 2-core machine
+# two OpenMP threads spin-wait for each other and a tiny replay step takes 0.5 s instead of 25 ms
+# (measured: a 444-step replay, 211 s with two threads under load vs 12 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 
