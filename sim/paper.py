@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sim.policies import POLICIES
+from sim.policies import policy_class
 
 
 def _t(d: Path, name: str) -> pd.DataFrame:
@@ -45,7 +45,7 @@ def _policy(row) -> dict:
 def miss_mode(p: dict) -> str:
     if p["name"] == "resident":
         return "all resident"
-    return p.get("miss") or POLICIES[p["name"]].PARAMS.get("miss", "fetch")
+    return p.get("miss") or policy_class(p["name"]).PARAMS.get("miss", "fetch")
 
 
 def who(p: dict) -> str:

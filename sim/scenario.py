@@ -188,8 +188,9 @@ def _calibration_from_environment(sc: dict) -> None:
 def validate(sc: dict, src: str, base_dir: Path) -> None:
     from sim.hardware import get_hardware
     from sim.models import get_model
-    from sim.policies import POLICIES
-    from sim.schedulers import SCHEDULERS
+    from sim.plugins import PluginError, known
+    from sim.policies import POLICIES, policy_class
+    from sim.schedulers import SCHEDULERS, scheduler_class
 
     if sc["model"] is None:
         raise ScenarioError(f"{src}: 'model' is required (a preset such as mixtral-8x7b, see `emoe models`)")
@@ -239,15 +240,16 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ScenarioError(f"{src}: workload.slo.{task}.{k} must be a positive number of seconds")
 
-    for section, registry in (("policy", POLICIES), ("scheduler", SCHEDULERS)):
+    for section, registry, find in (("policy", POLICIES, policy_class), ("scheduler", SCHEDULERS, scheduler_class)):
         spec = sc[section]
         if not isinstance(spec, dict) or "name" not in spec:
-            raise ScenarioError(f"{src}: '{section}' needs a 'name' (one of {', '.join(registry)})")
-        if not isinstance(spec["name"], str) or spec["name"] not in registry:
-            raise ScenarioError(f"{src}: {section}.name '{spec['name']}' is unknown; "
-                                f"choose one of {', '.join(registry)}")
+            raise ScenarioError(f"{src}: '{section}' needs a 'name' (one of {', '.join(known(section, registry))})")
         try:
-            registry[spec["name"]].check_params({k: v for k, v in spec.items() if k != "name"})
+            cls = find(spec["name"], base_dir)
+        except PluginError as e:
+            raise ScenarioError(f"{src}: {message(e)}") from None
+        try:
+            cls.check_params({k: v for k, v in spec.items() if k != "name"})
         except (KeyError, ValueError, TypeError) as e:
             raise ScenarioError(f"{src}: {section} '{spec['name']}': {message(e)}") from None
         if section == "policy":

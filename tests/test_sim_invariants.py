@@ -15,7 +15,15 @@ FETCH_POLICIES = [
     {"name": "moe_infinity", "capacity": 0.5},
     {"name": "oracle", "capacity": 0.5},
 ]
-ALL = FETCH_POLICIES + [{"name": "resident"}, {"name": "random", "capacity": 0.5}]
+
+
+def registry_policies() -> list[dict]:
+    """Every registered policy at half capacity, and LFU: a policy registered later is covered."""
+    specs = [{"name": n, **({"capacity": 0.5} if "capacity" in c.PARAMS else {})} for n, c in POLICIES.items()]
+    return specs + [{"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}]
+
+
+ALL = registry_policies()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,83 @@
+"""Components from outside the package: a policy, scheduler or predictor of the user's own.
+
+A scenario names a component either by its registered name (`policy: {name: emoe}`),
+or by `module:Class` (`policy: {name: my_policies:MRUPolicy}`), the module found on
+the Python path or beside the scenario file, or by a name an installed package
+registers in an entry-point group (`emoe.policies`, `emoe.schedulers`):
+
+    [project.entry-points."emoe.policies"]
+    mru = "my_package.mru:MRUPolicy"
+
+Whatever the source, the class is validated, simulated, swept and replayed the same
+way as a built-in one: `lookup` is the one place every caller resolves names.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from traces.errors import UserError
+
+
+GROUPS = {"policy": "emoe.policies", "scheduler": "emoe.schedulers"}   # entry-point group per kind
+
+
+class PluginError(UserError):
+    """A component named in a scenario that cannot be found or is not the right kind."""
+
+
+def lookup(kind: str, name, registry: dict, base: type, base_dir=None) -> type:
+    """The class `name` stands for. kind: 'policy' | 'scheduler' (for messages and the
+    entry-point group); base: the class it must derive from."""
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{kind}.name must be a name, got {name!r}")
+    if name in registry:
+        return registry[name]
+    if ":" in name:
+        cls = _from_module(kind, name, base_dir)
+    else:
+        cls = installed(kind).get(name)
+        if cls is None:
+            raise PluginError(f"{kind}.name '{name}' is unknown; choose one of {', '.join(known(kind, registry))}, "
+                              f"or name your own class as module:Class")
+        cls = cls.load()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"{kind}.name '{name}' is {cls!r}, not a subclass of {base.__module__}.{base.__name__}")
+    return cls
+
+
+def known(kind: str, registry: dict) -> list[str]:
+    """Every registered name: built-in, then installed plugins."""
+    return list(registry) + [n for n in installed(kind) if n not in registry]
+
+
+def installed(kind: str) -> dict:
+    """Entry points of installed packages in the kind's group, by name (not yet imported)."""
+    return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
+
+
+def _from_module(kind: str, name: str, base_dir) -> type:
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        raise PluginError(f"{kind}.name '{name}': write module:Class, e.g. my_policies:MRUPolicy")
+    # A module beside the scenario file is found without installing it.
+    extra = str(Path(base_dir).resolve()) if base_dir is not None else None
+    added = extra is not None and extra not in sys.path
+    if added:
+        sys.path.insert(0, extra)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module and not module.startswith(f"{e.name}."):
+            raise      # the user's module imports something missing: its own traceback says what
+        where = f" or beside the scenario ({extra})" if extra else ""
+        raise PluginError(f"{kind}.name '{name}': no module '{module}' on the Python path{where}") from None
+    finally:
+        if added:
+            sys.path.remove(extra)
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise PluginError(f"{kind}.name '{name}': module '{module}' ({mod.__file__}) has no '{attr}'") from None
