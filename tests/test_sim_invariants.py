@@ -5,6 +5,7 @@ import pytest
 
 from sim.models import get_model
 from sim.policies import POLICIES
+from sim.schedulers import SCHEDULERS
 from sim.run import run_scenario
 from simhelpers import tiny_scenario
 
@@ -135,7 +136,7 @@ def test_less_memory_costs_latency(runs):
     assert od["e2e_mean_s"] > res["e2e_mean_s"]
 
 
-@pytest.mark.parametrize("name", ["fcfs", "sjf", "edf", "emoe"])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_waiting_queue_stays_in_scheduler_order(tiny_trace_path, name):
     """Admission follows the scheduler's key: with one request at a time, admissions happen in key order."""
     from sim.engine import Engine

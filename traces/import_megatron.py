@@ -27,7 +27,8 @@ from traces.format import TraceError
 from traces.importer import DEFAULT_TASK, MISSING, ImportReport, RequestRouting, check_expert_ids, read_jsonl
 
 
-def read_megatron(path: Path, model, report: ImportReport, task: str | None) -> list[RequestRouting]:
+def read_megatron(path: Path, model, report: ImportReport, task: str | None,
+                  progress=None) -> list[RequestRouting]:
     L, k = model.n_moe_layers, model.top_k
     steps: dict[int, dict[int, tuple[np.ndarray, int]]] = defaultdict(dict)
     skipped = 0

@@ -43,7 +43,8 @@ class _Request:
         self.first_line = lineno
 
 
-def read_rows(path: Path, model, report: ImportReport, progress=None) -> list[RequestRouting]:
+def read_rows(path: Path, model, report: ImportReport, task: str | None = None,
+              progress=None) -> list[RequestRouting]:
     L, E, k = model.n_moe_layers, model.n_experts, model.top_k
     reqs: dict[tuple[str, str], _Request] = {}
     task_of: dict[str, tuple[str, int]] = {}

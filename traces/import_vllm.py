@@ -62,7 +62,7 @@ def _prompt_text(rec: dict):
     return None
 
 
-def read_vllm(path: Path, model, report: ImportReport, task: str | None) -> list[RequestRouting]:
+def read_vllm(path: Path, model, report: ImportReport, task: str | None, progress=None) -> list[RequestRouting]:
     out, seen = [], {}
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"

@@ -17,6 +17,8 @@ runs the format's one validation path (traces/format.py).
 """
 from __future__ import annotations
 
+import importlib
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,10 @@ import numpy as np
 from sim.models import ModelSpec, get_model
 from traces.format import Trace, TraceError, expert_dtype, validate
 
-FORMATS = ("rows", "vllm", "megatron")
+# Format -> its reader, "module:function", imported when used. A reader takes
+# (path, model, report, task, progress) and returns the requests' RequestRouting.
+FORMATS = {"rows": "traces.import_rows:read_rows", "vllm": "traces.import_vllm:read_vllm",
+           "megatron": "traces.import_megatron:read_megatron"}
 MISSING = -1          # an expert id a record did not give (a dropped row, vLLM's missing-route sentinel)
 DEFAULT_TASK = "unlabelled"
 
@@ -122,15 +127,8 @@ def import_trace(path, model: str | ModelSpec, format: str = "auto", repair: boo
     if fmt not in FORMATS:
         raise TraceError(f"unknown import format '{format}'; choose auto or one of {', '.join(FORMATS)}")
     report = ImportReport(fmt, path.name, repair)
-    if fmt == "rows":
-        from traces.import_rows import read_rows
-        reqs = read_rows(path, model, report, progress)
-    elif fmt == "vllm":
-        from traces.import_vllm import read_vllm
-        reqs = read_vllm(path, model, report, task)
-    else:
-        from traces.import_megatron import read_megatron
-        reqs = read_megatron(path, model, report, task)
+    module, _, function = FORMATS[fmt].partition(":")
+    reqs = getattr(importlib.import_module(module), function)(path, model, report, task, progress)
     return assemble(reqs, model, report, path), report
 
 
