@@ -213,7 +213,13 @@ def _execute(todo, out: Path, jobs: int, dask: str | None, record):
         from dask.distributed import Client, LocalCluster, as_completed
         cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=True,
                                dashboard_address=None) if dask == "local" else None
-        client = Client(cluster if cluster is not None else dask)
+        try:
+            client = Client(cluster if cluster is not None else dask)
+        except OSError as e:          # the user's address: nothing listens there
+            if cluster is not None:
+                raise
+            raise SweepError(f"cannot reach the Dask scheduler at {dask} ({e}); start one there "
+                             "(`dask scheduler`, then `dask worker ADDRESS`), or use --dask local") from None
         try:
             futures = {client.submit(run_point, sc, d, pure=False): pt for pt, sc, d in args}
             for fut in as_completed(futures):

@@ -110,3 +110,14 @@ def test_section_then_key_overrides_and_no_leaks(sweep_file, tmp_path):
     small = t[t["policy.capacity"] == 0.25].peak_experts_bytes
     large = t[t["policy.capacity"] == 0.75].peak_experts_bytes
     assert small.max() < large.min()
+
+
+def test_an_unreachable_dask_scheduler_is_the_users_mistake(sweep_file, tmp_path):
+    """A wrong --dask address: one line naming it and how to start a scheduler, no traceback."""
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("dask.distributed")
+    from sim.sweep import SweepError
+    f = sweep_file({"policy.capacity": [0.5]})
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        with pytest.raises(SweepError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:1 .*--dask local"):
+            run_sweep(load_sweep(f), dask="tcp://127.0.0.1:1", output=tmp_path / "o", progress=False)
