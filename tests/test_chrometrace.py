@@ -1,0 +1,57 @@
+"""Timelines in the Chrome trace event format, from a simulation and from a CPU replay:
+valid JSON with each phase's required fields, times consistent with the results."""
+import json
+
+import pytest
+
+from sim.chrometrace import write_chrome_trace
+from sim.run import run_scenario
+from simhelpers import tiny_scenario
+
+REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "C": {"name", "ph", "ts", "pid", "args"},
+            "b": {"name", "cat", "ph", "id", "ts", "pid"}, "e": {"name", "cat", "ph", "id", "ts", "pid"},
+            "i": {"name", "ph", "ts", "pid", "s"}, "M": {"name", "ph", "pid", "args"}}
+
+
+def check(path, res):
+    trace = json.loads(path.read_text())           # strict JSON: no NaN, no Infinity
+    events = trace["traceEvents"]
+    for e in events:
+        assert REQUIRED[e["ph"]] <= set(e), e
+        assert all(isinstance(e[k], (int, float)) for k in ("ts", "dur") if k in e)
+        assert e.get("dur", 0) >= 0
+    steps = [e for e in events if e["ph"] == "X"]
+    assert len(steps) == len(res.timeline)
+    assert sum(e["dur"] for e in steps) == pytest.approx(res.timeline.step_s.sum() * 1e6)
+    # every request's async slices open and close in pairs, in time order
+    opened = {}
+    for e in sorted((e for e in events if e["ph"] in "be"), key=lambda e: (e["ts"], e["ph"] == "e")):
+        key = (e["id"], e["name"])
+        if e["ph"] == "b":
+            opened[key] = e["ts"]
+        else:
+            assert opened.pop(key) <= e["ts"]
+    assert not opened
+    assert sum(1 for e in events if e["ph"] == "i" and e["name"].startswith("finish")) == len(res.requests)
+    return trace
+
+
+def test_simulated_timeline_is_a_valid_chrome_trace(tiny_trace_path, tmp_path):
+    res = run_scenario(tiny_scenario(tiny_trace_path, workload__requests=10))
+    d = res.write(tmp_path / "run")
+    trace = check(write_chrome_trace(d), res)
+    assert trace["otherData"]["engine"] == "sim"
+    # a window keeps only the steps that overlap it
+    t_mid = float(res.timeline.t_s.median())
+    part = json.loads(write_chrome_trace(d, tmp_path / "w.json", window=(0.0, t_mid)).read_text())
+    n = sum(1 for e in part["traceEvents"] if e["ph"] == "X")
+    assert 0 < n < len(res.timeline)
+
+
+def test_replayed_timeline_is_a_valid_chrome_trace(tiny_trace_path, tmp_path):
+    pytest.importorskip("torch")
+    from replay.run import replay_scenario
+    sc = tiny_scenario(tiny_trace_path, workload__requests=6, hardware__memory_bytes=6.0e6)
+    res = replay_scenario(sc, "cpu")
+    trace = check(write_chrome_trace(res.write(tmp_path / "rp")), res)
+    assert trace["otherData"]["engine"] == "replay"
