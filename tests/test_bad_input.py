@@ -107,6 +107,8 @@ CASES = {
         ("slo", RUN, "workload.slo.default.ttft_s must be a positive number",
          {"s.yaml": scen(workload=work(slo={"default": {"ttft_s": -1}}))}),
         ("requests", RUN, "workload.requests must be a positive integer", {"s.yaml": scen(workload=work(requests=0))}),
+        ("requests-bool", RUN, "workload.requests must be a positive integer, got True",
+         {"s.yaml": scen(workload=work(requests=True))}),
         ("synthetic-keys", RUN, "workload.synthetic needs 'tasks' and 'requests'",
          {"s.yaml": scen(workload={"synthetic": {"tasks": ["qa"]}})}),
         ("synthetic-requests", RUN, "workload.synthetic.requests must be a positive integer",
