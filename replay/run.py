@@ -12,6 +12,7 @@ import torch
 
 from replay.engine import ReplayEngine
 from replay.model import ReplayModel, scaled_spec
+from replay.options import DTYPE_NAMES
 from sim.engine import TIMELINE_COLUMNS
 from sim.hardware import get_hardware
 from sim.models import get_model
@@ -20,7 +21,7 @@ from sim.run import RunResult, scenario_policy
 from sim.schedulers import make_scheduler
 from sim.workload import build_requests, load_workload_trace
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ReplayOOM(RuntimeError):
