@@ -193,7 +193,7 @@ CASES = {
          {"w.yaml": SWEEP_OK, "s.yaml": scen(), "sw": "precious"}),
     ],
     "predictors": [
-        ("kind", ["predictor", "train", "tiny.npz", "--kind", "oracle", "-o", "p.npz"], "--kind must be one of", {}),
+        ("kind", ["predictor", "train", "tiny.npz", "--kind", "oracle", "-o", "p.npz"], "--kind: invalid choice: 'oracle'", {}),
         ("holdout", ["predictor", "train", "tiny.npz", "--holdout", "1.5", "-o", "p.npz"], "--holdout: holdout must", {}),
         ("trace-missing", ["predictor", "train", "gone.npz", "-o", "p.npz"], "trace file 'gone.npz' does not exist", {}),
         ("file-missing", ["predictor", "eval", "nope.npz", "tiny.npz"], "predictor file 'nope.npz' does not exist", {}),
