@@ -15,7 +15,8 @@ from traces.errors import UserError, message
 
 class Registry:
     """argparse choices read from a registry the first time argparse asks: the names stay where they
-    are defined, and a slow module (pandas, torch) loads only when its command runs or shows help."""
+    are defined, and a slow module (pandas, torch) loads only when its command runs or shows help.
+    Give each such option a metavar: without one argparse lists the choices as it builds the parser."""
 
     def __init__(self, module: str, attr: str, first=(), where=None):
         self.module, self.attr, self.first, self.where = module, attr, tuple(first), where
