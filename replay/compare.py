@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from replay.options import DEFAULT_TOLERANCES
 from sim.results import load_results
 from traces.errors import UserError
 
 # Verdict: tolerance name -> the metric it bounds (relative error, sim vs replay).
 VERDICT_METRICS = {"latency": "e2e_mean_s", "throughput": "throughput_tokens_per_s",
                    "memory": "peak_memory_bytes", "ttft": "ttft_mean_s"}
-DEFAULT_TOLERANCES = {"latency": 0.05, "throughput": 0.05, "memory": 0.02, "ttft": 0.15}
 # Model fields that change time or memory: both sides must have run the same values.
 SHAPE_FIELDS = ("hidden", "expert_ffn", "n_layers", "n_moe_layers", "n_experts", "top_k", "n_heads", "n_kv_heads",
                 "head_dim", "vocab", "dtype_bytes", "n_shared_experts", "shared_ffn", "dense_ffn", "kv_cache_dim",

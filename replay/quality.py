@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from replay.options import KEEP_RULES
 from sim.demand import Arrival, coming_demand, invocation_due
 from traces.capture import moe_modules, moe_shape, select
 
@@ -115,8 +116,8 @@ def prompt_records(model, tok, examples: list[dict], policy: str = "emoe", capac
     """Per prompt, in order: its task, NLLs and top-1 agreement with and without the policy's
     experts, and the routing fidelity of the restriction. The experts for prompt j are chosen
     from prompts 0..j only (the routing of 0..j-1, the task and length of j)."""
-    if policy not in ("random", "frequency", "emoe", "all"):
-        raise ValueError(f"policy must be random, frequency, emoe or all, got '{policy}'")
+    if policy not in KEEP_RULES:
+        raise ValueError(f"policy must be one of {', '.join(KEEP_RULES)}, got '{policy}'")
     model.eval()
     ctrl = RouterControl(model, seed)
     n_keep = max(int(round(capacity * ctrl.E)), ctrl.k)

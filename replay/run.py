@@ -10,12 +10,13 @@ import torch
 
 from replay.engine import ReplayEngine
 from replay.model import ReplayModel, scaled_spec
+from replay.options import DTYPE_NAMES
 from sim.models import get_model
 from sim.results import code_version
 from sim.run import RunResult, build, outcome
 from sim.workload import build_requests, load_workload_trace
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ReplayOOM(RuntimeError):

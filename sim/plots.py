@@ -256,3 +256,8 @@ def auto(table: pd.DataFrame, out_dir) -> list[Path]:
     if len(t) >= 2:
         written += save(pareto(t), out_dir, "pareto")
     return written
+
+
+# The figures `emoe plot --kind NAME` draws from a sweep table (`auto`: every one it supports).
+KINDS = {"memory": memory_vs_experts, "quality": quality_vs_memory, "rate": vs_rate, "interval": vs_interval,
+         "pareto": pareto}

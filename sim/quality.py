@@ -138,6 +138,12 @@ def summarize(calib: dict | None, requests, model: str | None = None, calibratio
 
 def write(calib: dict, path) -> Path:
     """Write a user's calibration; never into the package, whose default stays as shipped."""
+    from sim.atomic import write_text
+    return write_text(check_path(path), yaml.safe_dump(calib, sort_keys=False))   # an earlier one: replaced whole
+
+
+def check_path(path) -> Path:
+    """Where a user's calibration may go: a file name outside the package."""
     p = Path(path)
     root = Path(__file__).resolve().parent.parent
     target = p.resolve()
@@ -147,8 +153,7 @@ def write(calib: dict, path) -> Path:
                             f"and name it with the scenario key quality.calibration or {ENV}")
     if p.is_dir():
         raise UserError(f"-o {path}: is a directory; give a file name, e.g. {p / 'quality-calibration.yaml'}")
-    from sim.atomic import write_text
-    return write_text(p, yaml.safe_dump(calib, sort_keys=False))   # an earlier calibration: replaced whole
+    return p
 
 
 def from_accuracy_json(path, model: str) -> dict:

@@ -220,7 +220,9 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
                                 "paths are relative to the scenario file")
     if w["synthetic"] is not None:
         _check_synthetic(w["synthetic"], src)
-    if w["requests"] is not None and (not isinstance(w["requests"], int) or w["requests"] < 1):
+    # a bool is an int to Python; `requests: true` is a mistake, not one request
+    if w["requests"] is not None and (not isinstance(w["requests"], int) or isinstance(w["requests"], bool)
+                                      or w["requests"] < 1):
         raise ScenarioError(f"{src}: workload.requests must be a positive integer, got {w['requests']!r}")
     if w["tasks"] is not None and not (isinstance(w["tasks"], list) and w["tasks"]
                                        and all(isinstance(t, str) for t in w["tasks"])):

@@ -107,6 +107,8 @@ CASES = {
         ("slo", RUN, "workload.slo.default.ttft_s must be a positive number",
          {"s.yaml": scen(workload=work(slo={"default": {"ttft_s": -1}}))}),
         ("requests", RUN, "workload.requests must be a positive integer", {"s.yaml": scen(workload=work(requests=0))}),
+        ("requests-bool", RUN, "workload.requests must be a positive integer, got True",
+         {"s.yaml": scen(workload=work(requests=True))}),
         ("synthetic-keys", RUN, "workload.synthetic needs 'tasks' and 'requests'",
          {"s.yaml": scen(workload={"synthetic": {"tasks": ["qa"]}})}),
         ("synthetic-requests", RUN, "workload.synthetic.requests must be a positive integer",
@@ -191,7 +193,7 @@ CASES = {
          {"w.yaml": SWEEP_OK, "s.yaml": scen(), "sw": "precious"}),
     ],
     "predictors": [
-        ("kind", ["predictor", "train", "tiny.npz", "--kind", "oracle", "-o", "p.npz"], "--kind must be one of", {}),
+        ("kind", ["predictor", "train", "tiny.npz", "--kind", "oracle", "-o", "p.npz"], "--kind: invalid choice: 'oracle'", {}),
         ("holdout", ["predictor", "train", "tiny.npz", "--holdout", "1.5", "-o", "p.npz"], "--holdout: holdout must", {}),
         ("trace-missing", ["predictor", "train", "gone.npz", "-o", "p.npz"], "trace file 'gone.npz' does not exist", {}),
         ("file-missing", ["predictor", "eval", "nope.npz", "tiny.npz"], "predictor file 'nope.npz' does not exist", {}),

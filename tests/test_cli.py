@@ -58,3 +58,21 @@ def test_console_script_and_sim_imports_without_torch():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_version_prints_the_package_and_code_versions(installed, capsys, monkeypatch):
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    from sim.results import code_version
+    if not installed:   # a checkout never pip-installed: the version is pyproject's
+        def missing(name):
+            raise importlib.metadata.PackageNotFoundError(name)
+        monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert capsys.readouterr().out.strip() == f"emoe {version} (code {code_version()})"

@@ -44,8 +44,10 @@ def test_calibrate_quality_writes_where_told_and_never_into_the_package(tmp_path
     assert calib["model"] == "m" and set(calib["curves"]) == {"qa", "code", "all"}
     assert quality.estimate(calib, "qa", 0.6) == pytest.approx(0.5)
     assert digest(quality.DEFAULT) == shipped
-    # Run again: the earlier calibration is replaced whole, no temporary file is left.
-    assert main(["calibrate-quality", str(acc), "--model-name", "m2", "-o", str(out)]) == 0
+    # Run again: refused as it stands; with --force the earlier calibration is replaced whole,
+    # no temporary file is left.
+    assert main(["calibrate-quality", str(acc), "--model-name", "m2", "-o", str(out)]) == 2
+    assert main(["calibrate-quality", str(acc), "--model-name", "m2", "-o", str(out), "--force"]) == 0
     assert yaml.safe_load(out.read_text())["model"] == "m2"
     assert [p.name for p in out.parent.iterdir()] == ["mine.yaml"]
 

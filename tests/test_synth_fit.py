@@ -107,5 +107,5 @@ def test_cli_fit_then_synth(tmp_path, real, capsys):
     out = tmp_path / "s.npz"
     assert main(["trace", "synth", "--profile", str(prof), "--like", str(src), "-o", str(out)]) == 0
     assert load_trace(out).n_requests == real.n_requests
-    assert main(["trace", "synth", "--profile", str(tmp_path / "none.yaml"), "-o", str(out)]) == 2
+    assert main(["trace", "synth", "--profile", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "t.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err

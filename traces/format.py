@@ -199,12 +199,18 @@ def _has_repeat(experts: np.ndarray) -> bool:
     return bool((srt[:, :, 1:] == srt[:, :, :-1]).any())
 
 
-def save_trace(t: Trace, path, compress: bool = False) -> Path:
-    """Validate, then write atomically (a crash never leaves a half-written trace)."""
-    validate(t, str(path))
+def trace_path(path) -> Path:
+    """Where save_trace writes `path`: with .npz added unless it ends so."""
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    return path
+
+
+def save_trace(t: Trace, path, compress: bool = False) -> Path:
+    """Validate, then write atomically (a crash never leaves a half-written trace)."""
+    validate(t, str(path))
+    path = trace_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(meta=np.array(json.dumps(t.meta())), request_id=t.request_id, task=t.task,
                   prompt_tokens=t.prompt_tokens, output_tokens=t.output_tokens,

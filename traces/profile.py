@@ -102,10 +102,14 @@ def _plain(x):
     return x
 
 
-def save_profile(p: RoutingProfile, path) -> Path:
+def profile_path(path) -> Path:
+    """Where save_profile writes `path`: a .yaml (or .yml) file."""
     path = Path(path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = path.with_suffix(".yaml")
+    return path if path.suffix in (".yaml", ".yml") else path.with_suffix(".yaml")
+
+
+def save_profile(p: RoutingProfile, path) -> Path:
+    path = profile_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = dict(format=PROFILE_FORMAT, version=PROFILE_VERSION, name=p.name, shape=p.shape,
                knobs=_plain(p.knobs()), tasks=_plain(p.tasks), fit=_plain(p.fit))

@@ -86,7 +86,5 @@ def heldout_prompts(data_dir, per_task: int = 20, tasks=TASKS, seed: int = 0) ->
 
 
 def write_prompts(rows: list[dict], path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return p
+    from sim.atomic import write_text   # a crash leaves the old file or the new one
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -45,6 +45,7 @@ import numpy as np
 
 from traces.format import Trace
 
+TOKEN_SETS = ("all", "prompt", "decode")   # the tokens a statistic can be taken over
 CHUNK = 1_000_000  # tokens per vectorised pass: bounds memory on large traces
 NMI_DISTANCES = (1, 2, 4, 8)
 REUSE_DISTANCES = (1, 2, 4, 8, 16)

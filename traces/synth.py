@@ -40,6 +40,9 @@ from traces.format import Trace, expert_dtype
 from traces.profile import PROFILES, RoutingProfile, per_layer, profile_dict, resolve_profile  # noqa: F401
 from traces.realdata import TASKS, LengthDist, measured_popularity
 
+# The task mix `emoe trace synth` generates when no --tasks are given (and the profile lists none).
+MIXED_TASKS = ("qa", "summarization", "code", "math", "conversation")
+
 
 @dataclass(frozen=True)
 class RoutingShape:

@@ -1,0 +1,95 @@
+"""`emoe sweep` (a grid of scenarios, resumable, one table) and `emoe choose` (its feasible Pareto set)."""
+from __future__ import annotations
+
+import time
+
+from sim.cli.common import Registry, add_force, output_dir, output_file
+from traces.errors import UserError
+
+
+def add_parsers(sub):
+    add_sweep(sub)
+    add_choose(sub)
+
+
+def add_sweep(sub):
+    s = sub.add_parser("sweep", help="run a grid of scenarios in parallel (resumable), one table out")
+    s.add_argument("sweep", help="sweep YAML (base scenario + grid)")
+    s.add_argument("-j", "--jobs", type=int, default=1, help="local worker processes")
+    s.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster: tcp://host:port, or 'local'")
+    s.add_argument("-o", "--output", help="sweep directory (default: the file's `output`, or runs/sweep-NAME)")
+    s.set_defaults(func=sweep)
+
+
+def sweep(a):
+    from sim.sweep import load_sweep, run_sweep
+    spec = load_sweep(a.sweep)
+    if a.jobs < 1:
+        raise UserError("-j must be at least 1")
+    t0 = time.time()
+    res = run_sweep(spec, jobs=a.jobs, dask=a.dask, output=a.output)
+    df = res["table"]
+    print(f"sweep {spec['name']}: {len(df)} points, ran {res['ran']}, reused {res['skipped']}, "
+          f"failed {res['failed']} in {time.time() - t0:.1f}s; table in {res['output'] / 'table.csv'}")
+    for _, row in df[df.status == "failed"].iterrows():
+        print(f"  point {row.point} failed: {row.error}")
+    if res["failed"]:
+        raise SystemExit(1)
+
+
+def add_choose(sub):
+    s = sub.add_parser("choose", help="the SLO- and quality-feasible Pareto set of a sweep; write the chosen scenario")
+    s.add_argument("sweep_dir", help="a sweep directory (table.csv, points/)")
+    s.add_argument("--slo-attainment", type=float, default=0.0, metavar="SHARE",
+                   help="least SLO attainment, e.g. 0.95")
+    s.add_argument("--min-quality", type=float, default=0.0, metavar="SHARE",
+                   help="least estimated quality, e.g. 0.95")
+    s.add_argument("--max-memory-gb", type=float, help="most peak GPU memory")
+    g = s.add_mutually_exclusive_group()
+    # OBJECTIVES: name -> (column, sign); sign 1 is smaller-is-better
+    g.add_argument("--minimise", choices=Registry("sim.choose", "OBJECTIVES", where=lambda o: o[1] > 0),
+                   metavar="OBJECTIVE", help="%(choices)s (default: memory)")
+    g.add_argument("--maximise", choices=Registry("sim.choose", "OBJECTIVES", where=lambda o: o[1] < 0),
+                   metavar="OBJECTIVE", help="%(choices)s")
+    s.add_argument("-o", "--output", metavar="CHOSEN.yaml", help="write the chosen point's resolved scenario")
+    s.add_argument("--plot", metavar="DIR", help="write the Pareto plot with the feasible set marked")
+    add_force(s)
+    s.set_defaults(func=choose)
+
+
+def choose(a):
+    import pandas as pd
+
+    from sim import choose as ch
+    from sim import plots
+    objective = a.maximise or a.minimise or "memory"
+    if a.output:
+        output_file(a.output, "-o", a.force)
+    if a.plot:
+        output_dir(a.plot, "--plot", a.force)
+    c = ch.choose(a.sweep_dir, a.slo_attainment, a.min_quality, a.max_memory_gb, objective)
+    n_feasible = int(c.pooled.feasible.sum())
+    print(f"{len(c.pooled)} configurations, {n_feasible} meet SLO attainment >= {a.slo_attainment:.0%} and "
+          f"estimated quality >= {a.min_quality:.0%}; Pareto set (memory, latency, quality), best by {objective}:")
+    if c.chosen is None:
+        best = c.pooled.sort_values("slo_attainment", ascending=False).iloc[0]
+        raise UserError(f"no configuration of {a.sweep_dir} meets the constraints (best SLO attainment "
+                        f"{best.slo_attainment:.1%} by {best.label}); relax --slo-attainment/--min-quality or "
+                        "sweep more capacity")
+    print(ch.format_table(c.pareto))
+    q = c.pooled.get("estimated_quality")
+    table = ch.load_table(a.sweep_dir)
+    if "estimated_quality_source" in table and table.estimated_quality_source.notna().any():
+        print(f"(quality: {table.estimated_quality_source.dropna().iloc[0]})")
+    elif q is None or q.isna().all():
+        print("(no quality calibration: quality not constrained)")
+    print(f"chosen: {c.chosen['label']} capacity {c.chosen['policy_capacity']:g}, point {c.chosen['hash']}")
+    if a.output:
+        path = ch.write_chosen(a.sweep_dir, c.chosen, a.output, c.constraints)
+        print(f"wrote {path}  (replay it: emoe replay {path} --device cuda)")
+    if a.plot:
+        # One point per configuration (seeds pooled, with their 95% intervals), as chosen from.
+        pooled = c.pooled.assign(estimated_quality_source=table.get("estimated_quality_source", pd.Series()).iloc[0]
+                                 if "estimated_quality_source" in table else None)
+        written = plots.save(plots.pareto(pooled, a.slo_attainment, a.min_quality), a.plot, "pareto")
+        print(f"wrote {written[0]}")
