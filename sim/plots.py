@@ -225,6 +225,44 @@ def pareto(t: pd.DataFrame, slo_attainment: float | None = None, min_quality: fl
     return fig
 
 
+def timeline(results: dict, window: tuple[float, float] | None = None, title: str = ""):
+    """A window of one run's timeline (a results directory, simulated or replayed): each
+    engine step as a bar (prefill steps dark), the host link's busy time and the stall per
+    step, and requests running and waiting. The same data as `emoe timeline`'s Chrome trace."""
+    plt = _plt()
+    tl = results["timeline"]
+    if window is not None:
+        tl = tl[(tl.t_s + tl.step_s >= window[0]) & (tl.t_s <= window[1])]
+    if tl.empty:
+        raise UserError(f"no engine step in the window {window}; the run spans "
+                        f"0-{results['timeline'].t_s.max() + results['timeline'].step_s.iloc[-1]:.3f} s")
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(9, 6.5), sharex=True, height_ratios=[1, 1.3, 1.3])
+    prefill = tl.prefill_tokens > 0
+    for mask, color, label in ((~prefill, "tab:blue", "decode step"), (prefill, "tab:purple", "step with prefill")):
+        if mask.any():
+            a1.broken_barh(list(zip(tl.t_s[mask], tl.step_s[mask])), (0.1, 0.8), facecolor=color, label=label,
+                           edgecolor="white", linewidth=0.4)    # white edges: where one step ends
+    a1.set_yticks([])
+    a1.set_ylabel("steps")
+    a1.legend(fontsize=8, loc="upper right")
+    a2.step(tl.t_s, tl.step_s * 1e3, where="post", color="0.4", lw=0.8, label="step time")
+    a2.step(tl.t_s, tl.link_busy_s * 1e3, where="post", color="tab:orange", lw=2.2, alpha=0.7, label="host link busy")
+    a2.step(tl.t_s, tl.stall_s * 1e3, where="post", color="tab:red", lw=0.8, ls="--", label="stall (layers waiting)")
+    a2.set_ylabel("per step (ms)")
+    a2.legend(fontsize=8, loc="upper right")
+    a3.step(tl.t_s, tl.running, where="post", label="running")
+    a3.step(tl.t_s, tl.waiting, where="post", label="waiting")
+    a3.set_ylabel("requests")
+    a3.set_xlabel("time (s)")
+    a3.legend(fontsize=8, loc="upper right")
+    for ax in (a1, a2, a3):
+        ax.grid(alpha=0.3)
+    if window is not None:
+        a3.set_xlim(*window)
+    fig.suptitle(title or "Timeline", fontsize=10)
+    return fig
+
+
 def sim_vs_replay(comparison: pd.DataFrame):
     """Bar chart of simulated vs replayed metrics (rows: metric; columns: sim, replay)."""
     plt = _plt()

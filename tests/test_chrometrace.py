@@ -55,3 +55,17 @@ def test_replayed_timeline_is_a_valid_chrome_trace(tiny_trace_path, tmp_path):
     res = replay_scenario(sc, "cpu")
     trace = check(write_chrome_trace(res.write(tmp_path / "rp")), res)
     assert trace["otherData"]["engine"] == "replay"
+
+
+def test_cli_writes_the_trace_and_draws_a_window(tiny_trace_path, tmp_path, capsys):
+    from sim.cli import main
+    d = run_scenario(tiny_scenario(tiny_trace_path, workload__requests=10)).write(tmp_path / "run")
+    assert main(["timeline", str(d)]) in (0, None)
+    assert (d / "timeline.trace.json").exists()
+    assert main(["timeline", str(d)]) == 2                      # the one overwrite rule
+    assert "--force" in capsys.readouterr().err
+    assert main(["timeline", str(d), "--force", "--window", "0:0.5"]) in (0, None)
+    assert main(["plot", str(d), "--kind", "timeline", "--window", "0:0.5", "-o", str(tmp_path / "figs")]) in (0, None)
+    assert (tmp_path / "figs" / "timeline_run.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["plot", str(d), "--kind", "timeline", "--window", "3:1"])

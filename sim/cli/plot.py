@@ -1,20 +1,54 @@
-"""`emoe plot`: the standard figures (sim/plots.py) from sweep tables and results directories."""
+"""`emoe plot`: the standard figures (sim/plots.py) from sweep tables and results directories;
+`emoe timeline`: a run's timeline as Chrome trace JSON (sim/chrometrace.py)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from sim.cli.common import Registry, add_force, output_dir
+from sim.cli.common import Registry, add_force, output_dir, output_file
 from traces.errors import UserError, message
 
 
 def add_parsers(sub):
     s = sub.add_parser("plot", help="standard figures from sweep tables or results directories")
     s.add_argument("inputs", nargs="+", help="sweep directories (table.csv) and/or results directories")
-    s.add_argument("--kind", default="auto", choices=Registry("sim.plots", "KINDS", first=["auto"]), metavar="KIND",
-                   help="%(choices)s (default auto: every figure the table supports)")
+    s.add_argument("--kind", default="auto", choices=Registry("sim.plots", "KINDS", first=["auto", "timeline"]),
+                   metavar="KIND", help="%(choices)s (default auto: every figure the table supports; "
+                   "timeline: a window of each results directory's steps, see --window)")
+    s.add_argument("--window", type=window_arg, default=None, metavar="START:END",
+                   help="--kind timeline: the seconds to draw (default: the whole run)")
     s.add_argument("-o", "--output", default="plots", help="directory for PNG and SVG files")
     add_force(s)
     s.set_defaults(func=plot)
+
+    s = sub.add_parser("timeline", help="a run's timeline as Chrome trace JSON (open in Perfetto or "
+                       "chrome://tracing)")
+    s.add_argument("results", nargs="+", help="results directories (emoe run, emoe replay)")
+    s.add_argument("-o", "--output", default=None,
+                   help="the JSON file (one results directory only; default RESULTS/timeline.trace.json)")
+    s.add_argument("--window", type=window_arg, default=None, metavar="START:END", help="only these seconds")
+    add_force(s)
+    s.set_defaults(func=timeline)
+
+
+def window_arg(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not START:END in seconds (e.g. 2.5:4)") from None
+    if not b > a >= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': need 0 <= START < END")
+    return a, b
+
+
+def timeline(a):
+    from sim.chrometrace import write_chrome_trace
+    if a.output is not None and len(a.results) > 1:
+        raise UserError("-o names one file: give one results directory, or drop -o to write each one's "
+                        "timeline.trace.json")
+    for d in a.results:
+        out = output_file(a.output if a.output is not None else Path(d) / "timeline.trace.json", "-o", a.force)
+        print(f"wrote {write_chrome_trace(d, out, a.window)}")
 
 
 def plot(a):
@@ -40,6 +74,15 @@ def plot(a):
             written += plots.auto(t, sub)
         else:
             written += plots.save(plots.KINDS[a.kind](t), sub, a.kind)
+    if a.kind == "timeline":
+        if tables or not results:
+            raise UserError("--kind timeline draws results directories (from emoe run or emoe replay), "
+                            "not sweep tables")
+        for p in results:
+            r = load_results(p)
+            written += plots.save(plots.timeline(r, a.window, f"{p.name}: {r['scenario']['policy']['name']}"),
+                                  out, f"timeline_{p.name}")
+        results = []
     if results:
         runs = {}
         for p in results:
