@@ -48,7 +48,6 @@ class Engine:
         self.fast_forward = self.fast_forward and bool(limits.get("decode_runs", True))
         self.cost = CostModel(model, hw)
         scheduler.attach(policy, self.cost, self.max_tokens)
-        policy.copy_s = self.cost.copy_s
         self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
         self.waiting: list = []
         self.running: list = []
@@ -138,7 +137,7 @@ class Engine:
         for req in self.scheduler.select(self.waiting, self.running, now, fits):
             self.waiting.remove(req)
             if (req.prompt_tokens + 1) * mem.kv_per_token > mem.kv_budget:
-                req.extra["rejected"] = (f"prompt of {req.prompt_tokens} tokens needs "
+                req.rejected = (f"prompt of {req.prompt_tokens} tokens needs "
                                          f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
                                          f"more than the {mem.kv_budget / 1e9:.2f} GB left")
                 self.rejected.append(req)

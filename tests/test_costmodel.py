@@ -187,7 +187,7 @@ def test_emoe_swap_ins_delay_the_layers_that_use_them():
     plan = pol.plan_step(batch)
     assert [(layer, e) for _, layer, e in plan.prefetch] == [(layer, e) for layer in range(Lt) for e in (2, 3)]
     assert {at for at, _, _ in plan.prefetch} == {as_layer_starts(0)}
-    assert not plan.demand.any() and pol.misses == 2 * Lt and pol.ahead_loads == 0
+    assert not plan.demand.any() and pol.accounting.misses == 2 * Lt and pol.accounting.ahead_loads == 0
     cm = CostModel(tiny, hw)
     s = cm.step(0.0, plan, 1, 1, 1, 1)
     fixed, attn, c = cm.fixed_s(1, 1), cm.attention_s(1, 1, 1), cm.copy_s

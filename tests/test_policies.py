@@ -25,7 +25,7 @@ def test_reroute_goes_to_next_ranked_resident_expert():
     probs[0, :, :] = [0.01, 0.02, 0.3, 0.07, 0.4, 0.1, 0.05, 0.05]
     # Token wants experts 4 (absent) and 0 (resident): 4 -> best resident not chosen = 2.
     ex = np.tile([[4, 0]], (4, 1))[None]
-    new, hit, rerouted = p.reroute(batch(ex, probs))
+    new, hit, rerouted = p.rerouter.reroute(batch(ex, probs))
     assert new[0, 0].tolist() == [2, 0] and rerouted.all()
     assert hit[0, 0].tolist() == [False, True]
     plan = p.plan_step(batch(ex, probs))
@@ -37,9 +37,9 @@ def test_reroute_without_probs_uses_popularity():
     p = make_policy({"name": "random", "capacity": 0.5}, TINY, seed=0)
     p.resident[:] = False
     p.resident[:, [0, 1, 2, 3]] = True
-    p.popularity[:] = 1
-    p.popularity[:, 3] = 50
-    new, _, _ = p.reroute(batch(np.tile([[7, 6]], (4, 1))[None]))
+    p.rerouter.popularity[:] = 1
+    p.rerouter.popularity[:, 3] = 50
+    new, _, _ = p.rerouter.reroute(batch(np.tile([[7, 6]], (4, 1))[None]))
     assert sorted(new[0, 0].tolist()) == [2, 3] or new[0, 0, 0] == 3
 
 
@@ -103,12 +103,12 @@ def test_pregated_learns_the_next_layers_experts_and_prefetches_them_after_the_r
     b = [[4, 5], [6, 7], [0, 1], [2, 3]]
     for t in range(10):
         p.plan_step(_step([a if t % 2 else b], step=t))
-    before = p.ahead_loads
+    before = p.accounting.ahead_loads
     plan = p.plan_step(_step([b], step=10))          # the last step was a: nothing of b is cached
     got = [(at, layer, e) for at, layer, e in plan.prefetch]
     assert got == [(after_router(layer - 1), layer, e) for layer in (1, 2, 3) for e in b[layer]]
     assert plan.demand.tolist() == [2, 0, 0, 0]      # layer 0 has no earlier gate: on demand
-    assert p.ahead_loads == before                    # no wrong guess
+    assert p.accounting.ahead_loads == before                    # no wrong guess
 
 
 @pytest.mark.parametrize("recall,predicted", [(1.0, True), (0.0, False)])
@@ -117,7 +117,7 @@ def test_pregated_recall_is_a_pre_gate_of_that_quality(recall, predicted):
     plan = p.plan_step(_step(np.tile([[4, 5]], (4, 1))[None]))
     assert bool(plan.prefetch) == predicted
     assert plan.demand[0] == 2 and plan.demand[1:].sum() == (0 if predicted else 6)
-    assert p.ahead_loads == 0
+    assert p.accounting.ahead_loads == 0
 
 
 def test_moe_infinity_prefetches_the_matched_requests_experts_nearest_layer_first():

@@ -106,8 +106,7 @@ class EmoePolicy(ExpertPolicy):
     def __init__(self, model, params, trace=None, seed=0, base_dir=None):
         super().__init__(model, params, trace, seed, base_dir)
         p = self.params
-        self.sens = load_sensitivity(p["sensitivity"], self.L, base_dir)
-        self.truth_sens = self.sens   # fidelity in sensitive layers is judged by the same table
+        self.sens = self.accounting.sensitivity
         tasks = trace.tasks if trace is not None else []
         self.taskid = TaskIdentifier(tasks, p["task_id"], p["misid_rate"], seed)
         self.file_tasks: set = set()           # tasks whose prior a predictor file fitted
@@ -143,7 +142,10 @@ class EmoePolicy(ExpertPolicy):
             self._learn_from_trace(p["warm_trace"])
         self._extra_s = 0.0
         self.last_loads = 0
-        self.copy_s = 0.0      # set by the engine from its cost model
+
+    def judged_sensitivity(self):
+        """Fidelity in sensitive layers is judged by the table the skip rule reads."""
+        return load_sensitivity(self.params["sensitivity"], self.L, self.base_dir)
 
     # ---- hooks ----------------------------------------------------------------------
     def on_arrival(self, req, now):
@@ -152,7 +154,7 @@ class EmoePolicy(ExpertPolicy):
         if self.params["task_id"] == "keywords":
             pt = self.trace.prompt_text if self.trace is not None else None
             text = None if pt is None else str(pt[req.index])
-        task = req.extra["task_id"] = self.taskid.identify(label, text)
+        task = req.task_id = self.taskid.identify(label, text)
         self.recent.append(Arrival(task, req.prompt_tokens, req.expected_output, req.index))
         self.arrivals += 1
         if invocation_due(self.arrivals, self.params["interval"]):
@@ -161,7 +163,7 @@ class EmoePolicy(ExpertPolicy):
     def on_finish(self, req, now):
         rows = slice(req.row0, req.row0 + req.prompt_tokens + req.output_tokens)
         counts = self._needed(self.trace.experts[rows]).astype(float)
-        self._learn(req.extra.get("task_id", req.task), counts)
+        self._learn(req.task_id or req.task, counts)
         if not self.warm:
             self.warm = True
             self.pending = True    # first knowledge: predict now rather than wait p prompts
@@ -274,11 +276,12 @@ class EmoePolicy(ExpertPolicy):
         self._extra_s += float(self.params["invoke_s"])
         return loads
 
-    def expected_load_s(self) -> float:
-        """dE for the scheduler: the copies (and prediction) of an invocation that is due."""
+    def expected_load_s(self, copy_s: float) -> float:
+        """dE for the scheduler: the copies (and prediction) of an invocation that is due,
+        copy_s seconds per expert copy (the scheduler's cost model)."""
         if not self.pending:
             return 0.0
-        return self.last_loads * self.copy_s + float(self.params["invoke_s"])
+        return self.last_loads * copy_s + float(self.params["invoke_s"])
 
     def reroute_rank_from(self, popularity):
         # Predicted demand first; popularity only breaks ties.

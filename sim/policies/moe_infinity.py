@@ -45,6 +45,10 @@ class MoEInfinityPolicy(ExpertPolicy):
         self.score = np.zeros((self.L, self.E))       # summed predicted activation of running requests
         self.last_used = np.zeros((self.L, self.E))
         self.clock = 0
+        # per running request (by index): its EAM, tokens seen, and current prediction
+        self.eam: dict[int, np.ndarray] = {}
+        self.seen: dict[int, int] = {}
+        self.pred: dict[int, np.ndarray] = {}
 
     # ---- the activation matrices -------------------------------------------------------
     def _predict(self, eam: np.ndarray) -> np.ndarray:
@@ -58,28 +62,29 @@ class MoEInfinityPolicy(ExpertPolicy):
         return self.library[int(np.argmax(sims))].reshape(self.L, self.E)
 
     def _update_prediction(self, req):
-        old = req.extra.get("mi_pred")
-        new = self._predict(req.extra["mi_eam"])
+        old = self.pred.get(req.index)
+        new = self._predict(self.eam[req.index])
         if old is not None:
             self.score -= old
         self.score += new
-        req.extra["mi_pred"] = new
+        self.pred[req.index] = new
 
     def on_admit(self, req, now):
-        if "mi_eam" not in req.extra:
-            req.extra["mi_eam"] = np.zeros((self.L, self.E))
-            req.extra["mi_seen"] = 0
+        if req.index not in self.eam:   # (a preempted request keeps what it had)
+            self.eam[req.index] = np.zeros((self.L, self.E))
+            self.seen[req.index] = 0
 
     def on_finish(self, req, now):
-        eam = req.extra.pop("mi_eam", None)
-        pred = req.extra.pop("mi_pred", None)
+        eam = self.eam.pop(req.index, None)
+        self.seen.pop(req.index, None)
+        pred = self.pred.pop(req.index, None)
         if pred is not None:
             self.score -= pred
         if eam is not None and eam.sum() > 0:
             row = (eam / eam.sum()).ravel()[None, :]
             self.library = np.concatenate([self.library, row])[-int(self.params["library_size"]):]
 
-    def evict_key(self):
+    def evict_key(self, batch):
         # Lowest predicted activation first; ties broken by least recent use.
         return self.score + 1e-9 * self.last_used / (self.clock + 1)
 
@@ -96,14 +101,14 @@ class MoEInfinityPolicy(ExpertPolicy):
             order = np.lexsort((-share[layers, experts], layers))      # nearest layer first
             budget = int(self.params["prefetch_per_step"]) or len(order)
             wanted = [(STEP_START, int(layers[i]), int(experts[i])) for i in order[:budget]]
-        copies, fresh = self.admit_prefetch(wanted, protect=predicted, only_if_better=True)
+        copies, fresh = self.admit_prefetch(batch, wanted, protect=predicted, only_if_better=True)
         plan = self.serve(batch, copies, fresh)
         self._observe(batch)
         return plan
 
     def _predicted(self, batch: StepBatch):
         """(L, E) experts the step's requests are predicted to use, and their summed shares."""
-        preds = [r.extra.get("mi_pred") for r in batch.requests]
+        preds = [self.pred.get(r.index) for r in batch.requests]
         have = [i for i, p in enumerate(preds) if p is not None]
         if not have:
             return None, None
@@ -124,8 +129,8 @@ class MoEInfinityPolicy(ExpertPolicy):
         every = self.params["rematch_every"]
         for i, r in enumerate(batch.requests):
             self.on_admit(r, 0.0)
-            r.extra["mi_eam"] += per_req[i]
-            seen = r.extra["mi_seen"]
-            r.extra["mi_seen"] = seen + int(tokens[i])
-            if "mi_pred" not in r.extra or r.extra["mi_seen"] // every != seen // every:
+            self.eam[r.index] += per_req[i]
+            seen = self.seen[r.index]
+            self.seen[r.index] = seen + int(tokens[i])
+            if r.index not in self.pred or self.seen[r.index] // every != seen // every:
                 self._update_prediction(r)

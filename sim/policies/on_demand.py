@@ -21,7 +21,7 @@ class OnDemandPolicy(ExpertPolicy):
         self.freq = np.zeros((self.L, self.E))
         self.clock = 0
 
-    def evict_key(self):
+    def evict_key(self, batch):
         return self.last_used if self.params["eviction"] == "lru" else self.freq
 
     def touch(self, used, needed):
@@ -73,4 +73,4 @@ class OnDemandPolicy(ExpertPolicy):
         self.last_used = np.where(states[-1] >= 0, self.clock + 1 + states[-1], self.last_used)
         self.freq += counts.sum(axis=0)
         self.clock += T
-        return RunPlan(counts, miss.sum(axis=2), resident[1:].sum(axis=(1, 2)))
+        return RunPlan(counts=counts, demand=miss.sum(axis=2), resident=resident[1:].sum(axis=(1, 2)))

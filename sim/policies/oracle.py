@@ -14,20 +14,19 @@ class OraclePolicy(ExpertPolicy):
     PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch", "horizon": 64}
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
-        self._batch = batch
         used = self._needed(batch.experts) > 0
         layers, experts = np.nonzero(used & ~self.resident)
         if len(layers):   # where a layer cannot hold them all, those used again soonest stay cached
-            order = np.lexsort((-self.evict_key()[layers, experts], layers))
+            order = np.lexsort((-self.evict_key(batch)[layers, experts], layers))
             layers, experts = layers[order], experts[order]
         wanted = [(as_layer_starts(max(int(l) - 1, 0)), int(l), int(e)) for l, e in zip(layers, experts)]
-        copies, fresh = self.admit_prefetch(wanted, protect=used)
+        copies, fresh = self.admit_prefetch(batch, wanted, protect=used)
         return self.serve(batch, copies, fresh)
 
-    def evict_key(self):
-        """Minus the number of steps until the running requests next use each expert."""
+    def evict_key(self, batch):
+        """Minus the number of steps until the batch's requests next use each expert."""
         H = int(self.params["horizon"])
-        reqs = self._batch.requests
+        reqs = batch.requests
         t = self.trace
         rows = np.array([r.next_row for r in reqs])[:, None] + 1 + np.arange(H)[None, :]   # (m, H)
         ends = np.array([r.row0 + r.prompt_tokens + r.output_tokens for r in reqs])[:, None]

@@ -42,7 +42,7 @@ class PregatedPolicy(OnDemandPolicy):
         layers, experts = np.nonzero(predicted & ~self.resident)
         order = np.lexsort((-score[layers, experts], layers))
         wanted = [(after_router(int(layers[i]) - 1), int(layers[i]), int(experts[i])) for i in order]
-        copies, fresh = self.admit_prefetch(wanted, protect=predicted)
+        copies, fresh = self.admit_prefetch(batch, wanted, protect=predicted)
         plan = self.serve(batch, copies, fresh)
         self._learn(batch.experts)
         return plan

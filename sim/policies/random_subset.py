@@ -8,16 +8,14 @@ class RandomPolicy(ExpertPolicy):
     name = "random"
     PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "reroute"}
 
+    fixed_set = True   # miss=fetch: a fetched expert streams through and is dropped
+
     def initial_load(self):
         for layer in range(self.L):
             self.resident[layer, self.rng.choice(self.E, self.capacity[layer], replace=False)] = True
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         return self.serve(batch)
-
-    def _admit(self, missing, used):
-        """miss=fetch: the subset is fixed, so a fetched expert streams through and is dropped."""
-        return missing.sum(axis=1)
 
     # Light load under rerouting: the subset is fixed, so a decode run's reroutes are computed at once.
     decode_runs = True

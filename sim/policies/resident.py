@@ -24,4 +24,5 @@ class ResidentPolicy(ExpertPolicy):
         counts = self._run_counts(run.experts)
         self._account_run(run.experts, counts, np.zeros(counts.shape, dtype=bool), run.requests[0])
         T = len(run.experts)
-        return RunPlan(counts, np.zeros((T, self.L), dtype=np.int64), np.full(T, int(self.resident.sum())))
+        return RunPlan(counts=counts, demand=np.zeros((T, self.L), dtype=np.int64),
+                       resident=np.full(T, int(self.resident.sum())))

@@ -95,7 +95,10 @@ class EmoeScheduler(Scheduler):
 
     def expert_load_s(self) -> float:
         est = getattr(self.policy, "expected_load_s", None)
-        return float(est()) if callable(est) else float(self.params["expert_load_s"])
+        if not callable(est):
+            return float(self.params["expert_load_s"])
+        cost = self.costs.cost
+        return float(est(cost.copy_s if cost is not None else 0.0))
 
     @staticmethod
     def _decode_ctx(req) -> int:
