@@ -12,9 +12,11 @@ TINY = get_model("tiny")   # 4 layers, 8 experts, top-2
 def batch(experts, probs=None, step=0):
     ex = np.asarray(experts, dtype=np.uint8)
     n = len(ex)
-    r = Request(0, "r0", "qa", 4, 4, 0, 0.0, {}, 4.0)
+    r = Request(index=0, rid="r0", task="qa", prompt_tokens=4, output_tokens=4, row0=0, arrival_s=0.0, slo={},
+                expected_output=4.0)
     g = np.full(ex.shape, 0.5, dtype=np.float16)
-    return StepBatch(step, ex, g, probs, np.zeros(n, dtype=np.int64), [r])
+    return StepBatch(step=step, experts=ex, gates=g, probs=probs, token_req=np.zeros(n, dtype=np.int64),
+                     requests=[r])
 
 
 def test_reroute_goes_to_next_ranked_resident_expert():
@@ -88,9 +90,11 @@ def test_every_policy_is_registered_and_checks_params():
 # ---- baselines' prefetch, each after its own paper -------------------------------------------
 def _step(experts, probs=None, step=0, req=None):
     ex = np.asarray(experts, dtype=np.uint8)
-    r = req or Request(0, "r0", "qa", 4, 64, 0, 0.0, {}, 4.0)
+    r = req or Request(index=0, rid="r0", task="qa", prompt_tokens=4, output_tokens=64, row0=0, arrival_s=0.0,
+                       slo={}, expected_output=4.0)
     g = np.full(ex.shape, 0.5, dtype=np.float16)
-    return StepBatch(step, ex, g, probs, np.zeros(len(ex), dtype=np.int64), [r])
+    return StepBatch(step=step, experts=ex, gates=g, probs=probs, token_req=np.zeros(len(ex), dtype=np.int64),
+                     requests=[r])
 
 
 def test_pregated_learns_the_next_layers_experts_and_prefetches_them_after_the_router():
@@ -123,11 +127,13 @@ def test_pregated_recall_is_a_pre_gate_of_that_quality(recall, predicted):
 def test_moe_infinity_prefetches_the_matched_requests_experts_nearest_layer_first():
     from sim.policies.base import STEP_START
     p = make_policy({"name": "moe_infinity", "capacity": 0.25}, TINY)
-    done = Request(9, "r9", "qa", 4, 4, 0, 0.0, {}, 4.0)
+    done = Request(index=9, rid="r9", task="qa", prompt_tokens=4, output_tokens=4, row0=0, arrival_s=0.0,
+                   slo={}, expected_output=4.0)
     p.on_admit(done, 0.0)
     p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], req=done))
     p.on_finish(done, 1.0)                            # the library holds one request: experts 6, 7
-    r = Request(0, "r0", "qa", 4, 64, 0, 0.0, {}, 4.0)
+    r = Request(index=0, rid="r0", task="qa", prompt_tokens=4, output_tokens=64, row0=0, arrival_s=0.0, slo={},
+                expected_output=4.0)
     p.on_admit(r, 1.0)
     first = p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], req=r))
     assert first.prefetch == ()                       # nothing known of r yet: no peeking at its routing

@@ -36,7 +36,7 @@ from sim.policies.reroute import Rerouter
 MISS_MODES = ("fetch", "reroute")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepBatch:
     """The tokens of one engine step and their routing from the trace."""
     step: int
@@ -61,7 +61,7 @@ def after_router(layer: int) -> int:
     return 2 * layer + 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepPlan:
     counts: np.ndarray       # (L, E) tokens each expert computes (after reroutes)
     demand: np.ndarray       # (L,) experts copied on demand once layer l's router has run (layer waits)
@@ -77,7 +77,7 @@ class StepPlan:
         return int(self.demand.sum()) + len(self.prefetch)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunPlan:
     """T consecutive single-token decode steps of one request, planned at once (light load).
 
