@@ -247,8 +247,8 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
             raise ScenarioError(f"{src}: {section}.name '{spec['name']}' is unknown; "
                                 f"choose one of {', '.join(registry)}")
         try:
-            registry[spec["name"]].check_params({k: v for k, v in spec.items() if k != "name"})
-        except (KeyError, ValueError, TypeError) as e:
+            registry[spec["name"]].Params.of({k: v for k, v in spec.items() if k != "name"})
+        except (UserError, KeyError, ValueError, TypeError) as e:
             raise ScenarioError(f"{src}: {section} '{spec['name']}': {message(e)}") from None
         if section == "policy":
             _check_policy_files(spec, src, base_dir)

@@ -53,9 +53,9 @@ class MRUProbe(OnDemandPolicy):
 def registry_specs(capacity=0.5):
     """Every registered policy in each of its miss modes: a policy registered later is covered."""
     for name, cls in sorted(POLICIES.items()):
-        for miss in MISS_MODES if "miss" in cls.PARAMS else (None,):
+        for miss in MISS_MODES if "miss" in cls.Params.names() else (None,):
             spec = {"name": name}
-            if "capacity" in cls.PARAMS:
+            if "capacity" in cls.Params.names():
                 spec["capacity"] = capacity
             if miss:
                 spec["miss"] = miss

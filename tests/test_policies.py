@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from sim.models import get_model
+from sim.params import ParamError
 from sim.policies import POLICIES, StepBatch, make_policy
 from sim.request import Request
 
@@ -83,8 +84,8 @@ def test_capacity_below_top_k_is_rejected():
 def test_every_policy_is_registered_and_checks_params():
     assert set(POLICIES) >= {"resident", "on_demand", "random", "pregated", "moe_infinity", "oracle"}
     for cls in POLICIES.values():
-        with pytest.raises(KeyError, match="unknown parameter"):
-            cls.check_params({"no_such_knob": 1})
+        with pytest.raises(ParamError, match=r"unknown parameter\(s\) \['no_such_knob'\]; allowed: "):
+            cls.Params.of({"no_such_knob": 1})
 
 
 # ---- baselines' prefetch, each after its own paper -------------------------------------------

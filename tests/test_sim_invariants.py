@@ -143,7 +143,7 @@ def test_waiting_queue_stays_in_scheduler_order(tiny_trace_path, name):
     assert keys == sorted(keys)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in POLICIES.items() if "miss" in c.PARAMS))
+@pytest.mark.parametrize("name", sorted(n for n, c in POLICIES.items() if "miss" in c.Params.names()))
 def test_every_cache_policy_offers_both_miss_modes_and_names_its_copies(tiny_trace_path, name, monkeypatch):
     """Both miss modes for every cache policy (fetch: exact routing; reroute: no demand copy,
     gate mass lost instead), and every expert a plan makes resident is one of its copies: a

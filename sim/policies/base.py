@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim.params import Params
 from sim.policies.accounting import Accounting
 from sim.policies.cache import NO_COPIES, ExpertCache, row_sums
+from sim.policies.params import MISS_MODES, CacheParams  # noqa: F401 (MISS_MODES: re-exported)
 from sim.policies.reroute import Rerouter
-
-MISS_MODES = ("fetch", "reroute")
 
 
 @dataclass(kw_only=True)
@@ -93,8 +93,7 @@ class ExpertPolicy:
     the policy's evict_key), `rerouter` (where a route to a missing expert goes) and
     `accounting` (the counters). The policy decides; they keep state."""
     name = "base"
-    # Parameter name -> default. check_params rejects anything else.
-    PARAMS: dict = {"capacity": 1.0, "capacity_bytes": None, "miss": "fetch"}
+    Params: type[Params] = CacheParams   # the policy's parameters (a frozen dataclass that checks itself)
     uses_cache = True          # False: the expert set is fixed by the policy alone
     fixed_set = False          # True: a miss fetched under miss=fetch streams through, never cached
 
@@ -115,11 +114,10 @@ class ExpertPolicy:
         if "decode_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
             cls.decode_runs = False
 
-    def __init__(self, model, params: dict, trace=None, seed: int = 0, base_dir=None):
+    def __init__(self, model, params: dict | Params, trace=None, seed: int = 0, base_dir=None):
         self.model = model
         self.base_dir = base_dir
-        self.params = {**self.PARAMS, **params}
-        self.check_params(params)
+        self.params = params if isinstance(params, self.Params) else self.Params.of(params)
         self.trace = trace
         self.rng = np.random.default_rng(seed)
         L, E = model.n_moe_layers, model.n_experts
@@ -129,34 +127,18 @@ class ExpertPolicy:
         self._layer_offset = (np.arange(L) * E)[None, :, None]   # flat (layer, expert) index base
         self._layer_idx = np.arange(L)[None, :, None]
         self._zeros_L = np.zeros(L, dtype=np.int64)
-        self.miss_mode = self.params.get("miss", "fetch")
+        self.miss_mode = getattr(self.params, "miss", "fetch")
         self.predictor_bytes = 0
         self.accounting = Accounting(L, self.k, self.judged_sensitivity())
         self.initial_load()
 
-    # ---- parameters --------------------------------------------------------
-    @classmethod
-    def check_params(cls, params: dict) -> None:
-        unknown = set(params) - set(cls.PARAMS)
-        if unknown:
-            raise KeyError(f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.PARAMS)}")
-        p = {**cls.PARAMS, **params}
-        if "capacity" in cls.PARAMS:
-            c = p["capacity"]
-            if not isinstance(c, (int, float)) or not 0 < c <= 1:
-                raise ValueError(f"capacity must be a fraction of experts in (0, 1], got {c!r}")
-        if p.get("capacity_bytes") is not None and not (isinstance(p["capacity_bytes"], (int, float))
-                                                       and p["capacity_bytes"] > 0):
-            raise ValueError(f"capacity_bytes must be a positive number, got {p['capacity_bytes']!r}")
-        if "miss" in cls.PARAMS and p["miss"] not in MISS_MODES:
-            raise ValueError(f"miss must be one of {MISS_MODES}, got {p['miss']!r}")
-
+    # ---- the cache's size --------------------------------------------------
     def _capacity_per_layer(self) -> np.ndarray:
         """Experts per layer the cache holds (uniform over layers)."""
-        if self.params.get("capacity_bytes") is not None:
-            per_layer = int(self.params["capacity_bytes"] // (self.model.bytes_per_expert * self.L))
+        if self.params.capacity_bytes is not None:
+            per_layer = int(self.params.capacity_bytes // (self.model.bytes_per_expert * self.L))
         else:
-            per_layer = int(round(self.params.get("capacity", 1.0) * self.E))
+            per_layer = int(round(self.params.capacity * self.E))
         if per_layer < self.k:
             raise ValueError(f"policy '{self.name}': capacity of {per_layer} experts per layer is below "
                              f"top_k={self.k}; a layer could not compute one token. Raise the capacity "

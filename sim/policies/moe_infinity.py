@@ -18,26 +18,36 @@ matched EAM predicts the request's expert shares per layer.
   routing is added to the EAMs after it is served.
 - A miss (a needed expert neither resident nor prefetched) is fetched on demand or,
   with `miss: reroute`, sent to the next-ranked available expert."""
+from dataclasses import dataclass
+
 import numpy as np
 
+from sim.params import ParamError
 from sim.policies.base import STEP_START, ExpertPolicy, StepBatch, StepPlan
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class MoEInfinityParams(CacheParams):
+    capacity: float = 0.6
+    library_size: int = 512      # finished requests' EAMs kept for matching
+    rematch_every: int = 16      # tokens between a request's matches
+    prefetch_per_step: int = 0   # copies per step at most (0: no limit)
+
+    def check(self) -> None:
+        super().check()
+        for k in ("library_size", "rematch_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ParamError(f"{k} must be a positive integer, got {v!r}")
+        if not isinstance(self.prefetch_per_step, int) or self.prefetch_per_step < 0:
+            raise ParamError(f"prefetch_per_step must be a non-negative integer (0: no limit), "
+                             f"got {self.prefetch_per_step!r}")
 
 
 class MoEInfinityPolicy(ExpertPolicy):
     name = "moe_infinity"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch", "library_size": 512,
-              "rematch_every": 16, "prefetch_per_step": 0}
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        p = {**cls.PARAMS, **params}
-        for k in ("library_size", "rematch_every"):
-            if not isinstance(p[k], int) or p[k] < 1:
-                raise ValueError(f"{k} must be a positive integer, got {p[k]!r}")
-        if not isinstance(p["prefetch_per_step"], int) or p["prefetch_per_step"] < 0:
-            raise ValueError(f"prefetch_per_step must be a non-negative integer (0: no limit), "
-                             f"got {p['prefetch_per_step']!r}")
+    Params = MoEInfinityParams
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -82,7 +92,7 @@ class MoEInfinityPolicy(ExpertPolicy):
             self.score -= pred
         if eam is not None and eam.sum() > 0:
             row = (eam / eam.sum()).ravel()[None, :]
-            self.library = np.concatenate([self.library, row])[-int(self.params["library_size"]):]
+            self.library = np.concatenate([self.library, row])[-int(self.params.library_size):]
 
     def evict_key(self, batch):
         # Lowest predicted activation first; ties broken by least recent use.
@@ -99,7 +109,7 @@ class MoEInfinityPolicy(ExpertPolicy):
         if predicted is not None:
             layers, experts = np.nonzero(predicted & ~self.resident)
             order = np.lexsort((-share[layers, experts], layers))      # nearest layer first
-            budget = int(self.params["prefetch_per_step"]) or len(order)
+            budget = int(self.params.prefetch_per_step) or len(order)
             wanted = [(STEP_START, int(layers[i]), int(experts[i])) for i in order[:budget]]
         copies, fresh = self.admit_prefetch(batch, wanted, protect=predicted, only_if_better=True)
         plan = self.serve(batch, copies, fresh)
@@ -126,7 +136,7 @@ class MoEInfinityPolicy(ExpertPolicy):
         idx = ((batch.token_req[:, None, None] * L + np.arange(L)[None, :, None]) * E + batch.experts).ravel()
         per_req = np.bincount(idx, minlength=n_req * L * E).reshape(n_req, L, E)
         tokens = np.bincount(batch.token_req, minlength=n_req)
-        every = self.params["rematch_every"]
+        every = self.params.rematch_every
         for i, r in enumerate(batch.requests):
             self.on_admit(r, 0.0)
             self.eam[r.index] += per_req[i]

@@ -1,12 +1,20 @@
 """`random`: a fixed random subset of the experts per layer (the paper's Random baseline).
 A route to any other expert goes to its next-ranked resident one."""
+from dataclasses import dataclass
 
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class RandomParams(CacheParams):
+    capacity: float = 0.6
+    miss: str = "reroute"
 
 
 class RandomPolicy(ExpertPolicy):
     name = "random"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "reroute"}
+    Params = RandomParams
 
     fixed_set = True   # miss=fetch: a fetched expert streams through and is dropped
 

@@ -1,12 +1,13 @@
 """`resident`: every expert on the GPU (vLLM / DeepSpeed-FastGen style). The memory ceiling."""
 import numpy as np
 
+from sim.params import Params
 from sim.policies.base import ExpertPolicy, RunPlan, StepBatch, StepPlan
 
 
 class ResidentPolicy(ExpertPolicy):
     name = "resident"
-    PARAMS: dict = {}
+    Params = Params     # none: every expert, always
 
     def _capacity_per_layer(self):
         return np.full(self.L, self.E, dtype=np.int64)
