@@ -104,7 +104,7 @@ class ExpertPolicy:
     decode_runs = False
     DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "initial_load", "reroute_rank_from",
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
-                        "decode_run_ready", "judged_sensitivity", "fixed_set")
+                        "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run")
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
