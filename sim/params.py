@@ -8,7 +8,7 @@ section, rejecting names it does not have and naming those it has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 from traces.errors import UserError
 
@@ -29,7 +29,7 @@ class Params:
 
     @classmethod
     def defaults(cls) -> dict:
-        return {f.name: f.default for f in fields(cls)}
+        return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)}
 
     @classmethod
     def of(cls, section: dict) -> "Params":

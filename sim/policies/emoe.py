@@ -106,7 +106,7 @@ class EmoeParams(CacheParams):
                              "{synthetic: {tasks: [...], requests: N, seed: S}}) of requests served before this run")
         wt = self.warm_trace
         if isinstance(wt, dict):
-            from sim.scenario import SYNTH_KEYS
+            from sim.workload_params import SYNTH_KEYS
             spec = wt.get("synthetic")
             if set(wt) != {"synthetic"} or not isinstance(spec, dict) or not {"tasks", "requests"} <= set(spec) \
                     or set(spec) - SYNTH_KEYS:
