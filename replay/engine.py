@@ -90,7 +90,7 @@ class ReplayEngine(Engine):
         for r, c in work.chunks:
             if r.prefilled == 0:
                 rt.kv_free(r.index)       # a recomputed (preempted) request starts over
-                r.extra["generated_ids"] = []
+                r.generated_ids = []
             rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
             segments.append((r.index, start, c, r.prefilled))
             start += c
@@ -102,14 +102,14 @@ class ReplayEngine(Engine):
             token_ids = torch.as_tensor(work.rows % rt.spec.vocab, dtype=torch.long)
             rt.step(token_ids, segments, routes, work.batch.gates, sampled, load_plan)
         else:
-            ids = [r.extra["generated_ids"][-1] for r in work.decode]
+            ids = [r.generated_ids[-1] for r in work.decode]
             for r, c in work.chunks:
                 ids.extend(self.prompt_ids[r.index][r.prefilled:r.prefilled + c].tolist())
             next_ids, taken = rt.step(torch.as_tensor(ids, dtype=torch.long), segments, None, None, sampled,
                                       load_plan, planned=used)
             sampled_reqs = work.decode + [r for r, c in work.chunks if r.prefilled + c >= r.prompt_tokens]
             for r, t in zip(sampled_reqs, next_ids.tolist()):
-                r.extra.setdefault("generated_ids", []).append(int(t))
+                r.generated_ids.append(int(t))
             self.router_routes[work.rows] = taken.cpu().numpy()
         if self.cuda:   # the step's compute; prefetches for later steps go on on the copy stream
             torch.cuda.current_stream(rt.device).synchronize()

@@ -107,7 +107,7 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     if cfg is not None:
         extra.update(eng.router_summary())
         files["generations.jsonl"] = "".join(
-            json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.extra.get("generated_ids", []))) + "\n"
+            json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.generated_ids)) + "\n"
             for r in requests)
     if error:
         extra["error"] = error

@@ -24,9 +24,10 @@ from sim.clock import VirtualClock
 from sim.costmodel import CostModel, StepTiming
 from sim.memory import MemoryLedger
 from sim.policies.base import StepBatch
+from sim.timeline import TIMELINE_COLUMNS, TimelineRow, rows_from_columns  # noqa: F401 (TIMELINE_COLUMNS: re-exported)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepWork:
     """The tokens of one engine step: who is in it and which trace rows they process."""
     decode: list            # requests generating one token
@@ -54,13 +55,12 @@ class Engine:
         self.decode_runs = self.clock.decode_runs and bool(limits.get("decode_runs", True))
         self.cost = CostModel(model, hw)
         scheduler.attach(policy, self.cost, self.max_tokens)
-        policy.copy_s = self.cost.copy_s
         self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
         self.waiting: list = []
         self.running: list = []
         self.finished: list = []
         self.rejected: list = []
-        self.timeline: list[tuple] = []
+        self.timeline: list[tuple] = []     # TimelineRow fields, in order (decode runs add plain tuples)
         self.steps = 0
         self.preemptions = 0
         self.progress = progress
@@ -144,7 +144,7 @@ class Engine:
         for req in self.scheduler.select(self.waiting, self.running, now, fits):
             self.waiting.remove(req)
             if (req.prompt_tokens + 1) * mem.kv_per_token > mem.kv_budget:
-                req.extra["rejected"] = (f"prompt of {req.prompt_tokens} tokens needs "
+                req.rejected = (f"prompt of {req.prompt_tokens} tokens needs "
                                          f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
                                          f"more than the {mem.kv_budget / 1e9:.2f} GB left")
                 self.rejected.append(req)
@@ -186,12 +186,13 @@ class Engine:
         timing = self.execute(now, work, plan)
         self.mem.kv_used += work.n_new * self.mem.kv_per_token
         parts = self.memory_parts(plan, work)
-        self.timeline.append((now, timing.duration_s, work.n_tokens, len(work.batch.requests), len(self.running),
-                              len(self.waiting), len(work.decode), work.n_tokens - len(work.decode),
-                              parts["dense"], parts["experts"], parts["kv"], parts["activations"],
-                              parts["predictor"], timing.link_busy_s, timing.stall_s,
-                              plan.copies,
-                              int((plan.counts > 0).sum()), work.attn_ctx, work.n_sampled))
+        self.timeline.append(TimelineRow(
+            t_s=now, step_s=timing.duration_s, tokens=work.n_tokens, batch_requests=len(work.batch.requests),
+            running=len(self.running), waiting=len(self.waiting), decode_tokens=len(work.decode),
+            prefill_tokens=work.n_tokens - len(work.decode), mem_dense=parts["dense"], mem_experts=parts["experts"],
+            mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
+            link_busy_s=timing.link_busy_s, stall_s=timing.stall_s, expert_loads=plan.copies,
+            active_experts=int((plan.counts > 0).sum()), attn_ctx=work.attn_ctx, sampled=work.n_sampled))
         self._chunks = work.chunks
         self._decode = work.decode
         self.steps += 1
@@ -215,10 +216,12 @@ class Engine:
             token_req = np.concatenate([token_req] + [np.full(c, len(decode) + i) for i, (_, c) in enumerate(chunks)])
             attn_ctx += sum(c * r.prefilled + c * (c + 1) / 2 for r, c in chunks)
         t = self.trace
-        batch = StepBatch(self.steps, t.experts[rows], t.gates[rows],
-                          None if t.router_probs is None else t.router_probs[rows], token_req, reqs)
+        batch = StepBatch(step=self.steps, experts=t.experts[rows], gates=t.gates[rows],
+                          probs=None if t.router_probs is None else t.router_probs[rows], token_req=token_req,
+                          requests=reqs)
         n_sampled = len(decode) + sum(1 for r, c in chunks if r.prefilled + c >= r.prompt_tokens)
-        return StepWork(decode, chunks, rows, batch, n_new, len(rows), n_sampled, attn_ctx, kv_read)
+        return StepWork(decode=decode, chunks=chunks, rows=rows, batch=batch, n_new=n_new, n_tokens=len(rows),
+                        n_sampled=n_sampled, attn_ctx=attn_ctx, kv_read=kv_read)
 
     # ---- light load: a lone request's decode steps at once ----------------------------------
     # (limits.decode_runs: false steps one by one instead: same results, for checking)
@@ -250,9 +253,9 @@ class Engine:
             return None
         contexts = contexts[:n]
         row, tr = req.next_row, self.trace
-        run = StepBatch(self.steps, tr.experts[row: row + n], tr.gates[row: row + n],
-                        None if tr.router_probs is None else tr.router_probs[row: row + n],
-                        np.zeros(n, dtype=np.int64), [req])
+        run = StepBatch(step=self.steps, experts=tr.experts[row: row + n], gates=tr.gates[row: row + n],
+                        probs=None if tr.router_probs is None else tr.router_probs[row: row + n],
+                        token_req=np.zeros(n, dtype=np.int64), requests=[req])
         plan = self.policy.plan_decode_run(run)
         starts, durations, copies = self.cost.decode_run(now, plan, contexts)
         mem = self.mem
@@ -263,10 +266,13 @@ class Engine:
         active = np.count_nonzero(plan.counts, axis=(1, 2))
         attn_ctx = contexts.astype(float) + 1
         one, zero = [1] * n, [0] * n
-        self.timeline.extend(zip(starts.tolist(), durations.tolist(), one, one, one, zero, one, zero,
-                                 parts["dense"].tolist(), parts["experts"].tolist(), parts["kv"].tolist(),
-                                 parts["activations"].tolist(), parts["predictor"].tolist(), copies.tolist(),
-                                 copies.tolist(), loads.tolist(), active.tolist(), attn_ctx.tolist(), one))
+        self.timeline.extend(rows_from_columns(
+            t_s=starts.tolist(), step_s=durations.tolist(), tokens=one, batch_requests=one, running=one,
+            waiting=zero, decode_tokens=one, prefill_tokens=zero, mem_dense=parts["dense"].tolist(),
+            mem_experts=parts["experts"].tolist(), mem_kv=parts["kv"].tolist(),
+            mem_activations=parts["activations"].tolist(), mem_predictor=parts["predictor"].tolist(),
+            link_busy_s=copies.tolist(), stall_s=copies.tolist(), expert_loads=loads.tolist(),
+            active_experts=active.tolist(), attn_ctx=attn_ctx.tolist(), sampled=one))
         for start, d in zip(starts.tolist(), durations.tolist()):
             self.scheduler.on_step(self.running, d, start)
         self.steps += n
@@ -318,7 +324,3 @@ class Engine:
         if not self.running:
             self.mem.kv_used = 0.0   # guard float drift
 
-
-TIMELINE_COLUMNS = ("t_s", "step_s", "tokens", "batch_requests", "running", "waiting", "decode_tokens",
-                    "prefill_tokens", "mem_dense", "mem_experts", "mem_kv", "mem_activations", "mem_predictor",
-                    "link_busy_s", "stall_s", "expert_loads", "active_experts", "attn_ctx", "sampled")

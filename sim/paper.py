@@ -45,7 +45,7 @@ def _policy(row) -> dict:
 def miss_mode(p: dict) -> str:
     if p["name"] == "resident":
         return "all resident"
-    return p.get("miss") or policy_class(p["name"]).PARAMS.get("miss", "fetch")
+    return p.get("miss") or policy_class(p["name"]).Params.defaults().get("miss", "fetch")
 
 
 def who(p: dict) -> str:

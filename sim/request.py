@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Request:
     index: int              # position in the workload
     rid: str
@@ -28,7 +28,9 @@ class Request:
     reroutes: int = 0
     gate_kept: float = 0.0
     routes: int = 0         # token-layer routes served
-    extra: dict = field(default_factory=dict)
+    task_id: str | None = None   # the task the policy identified (eMoE), None: not identified
+    rejected: str = ""           # why the engine refused it ("" if it did not)
+    generated_ids: list[int] = field(default_factory=list)   # real-weights replay: tokens generated
 
     @property
     def in_prefill(self) -> bool:

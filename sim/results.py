@@ -63,7 +63,7 @@ def request_table(requests) -> pd.DataFrame:
                          generated_tokens=r.generated if done else 0, arrival_s=r.arrival_s,
                          admitted_s=r.admitted_s, first_token_s=r.first_token_s, finish_s=r.finish_s,
                          ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, slo_met=bool(done and slo_met(r)),
-                         completed=done, rejected=r.extra.get("rejected", ""), preemptions=r.preemptions,
+                         completed=done, rejected=r.rejected, preemptions=r.preemptions,
                          hits=r.hits, misses=r.misses, reroutes=r.reroutes,
                          gate_mass_kept=r.gate_kept / r.routes if r.routes else np.nan))
     return pd.DataFrame(rows)

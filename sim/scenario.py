@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from sim.params import ParamError
+from sim.workload_params import SYNTH_KEYS, WorkloadParams, check_keys  # noqa: F401 (SYNTH_KEYS: re-exported)
 from traces.errors import UserError, message
 
 
@@ -42,22 +44,12 @@ DEFAULTS = {
     "seed": 0,
     "model": None,
     "hardware": "a100-40gb",
-    "workload": {
-        "trace": None,
-        "synthetic": None,
-        "requests": None,
-        "tasks": None,
-        "arrival": {"process": "poisson", "rate": 0.5},
-        "slo": {"default": {"ttft_s": 10.0, "e2e_s": 300.0}},
-    },
+    "workload": WorkloadParams.defaults(),
     "policy": {"name": "resident"},
     "scheduler": {"name": "fcfs"},
     "limits": {"max_batch_tokens": 8192, "max_running": 64, "memory_utilization": 0.9,
                "max_steps": 0, "max_sim_time_s": 0.0, "decode_runs": True},
 }
-ARRIVALS = {"poisson": {"process", "rate"}, "trace": {"process", "time_scale"}, "batch": {"process"}}
-SLO_KEYS = {"ttft_s", "tpot_s", "e2e_s"}
-SYNTH_KEYS = {"tasks", "requests", "profile", "seed", "prompt_mean", "output_mean", "task_weights"}
 QUALITY_KEYS = {"calibration"}
 TOP_KEYS = set(DEFAULTS) | {"quality"}   # `quality` only when named: default runs keep their sweep hashes
 POLICY_FILES = ("predictor_file", "sensitivity", "warm_trace")   # policy keys that may name a file
@@ -105,12 +97,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _check_keys(where: str, d: dict, allowed, src: str):
-    if not isinstance(d, dict):
-        raise ScenarioError(f"{src}: '{where}' must be a mapping, got {type(d).__name__}")
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise ScenarioError(f"{src}: unknown key(s) {', '.join(where + '.' + u if where else u for u in unknown)}; "
-                            f"allowed under '{where or 'top level'}': {', '.join(sorted(allowed))}")
+    try:
+        check_keys(where, d, allowed)
+    except ParamError as e:
+        raise ScenarioError(f"{src}: {e}") from None
 
 
 def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
@@ -207,40 +197,16 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
 
     w = sc["workload"]
     _check_keys("workload", w, DEFAULTS["workload"], src)
-    if (w["trace"] is None) == (w["synthetic"] is None):
-        raise ScenarioError(f"{src}: workload needs exactly one of 'trace' (a .npz path) or 'synthetic' "
-                            "({tasks: [...], requests: N})")
+    try:
+        WorkloadParams(**w)
+    except ParamError as e:
+        raise ScenarioError(f"{src}: {e}") from None
     if w["trace"] is not None:
-        if not (isinstance(w["trace"], str) and w["trace"]):
-            raise ScenarioError(f"{src}: workload.trace must be the path of a trace (.npz), got {w['trace']!r}")
         tp = Path(w["trace"])
         tp = tp if tp.is_absolute() else base_dir / tp
         if not tp.is_file():
             raise ScenarioError(f"{src}: workload.trace '{w['trace']}' not found (looked at {tp}); "
                                 "paths are relative to the scenario file")
-    if w["synthetic"] is not None:
-        _check_synthetic(w["synthetic"], src)
-    # a bool is an int to Python; `requests: true` is a mistake, not one request
-    if w["requests"] is not None and (not isinstance(w["requests"], int) or isinstance(w["requests"], bool)
-                                      or w["requests"] < 1):
-        raise ScenarioError(f"{src}: workload.requests must be a positive integer, got {w['requests']!r}")
-    if w["tasks"] is not None and not (isinstance(w["tasks"], list) and w["tasks"]
-                                       and all(isinstance(t, str) for t in w["tasks"])):
-        raise ScenarioError(f"{src}: workload.tasks must be a non-empty list of task names")
-    arr = w["arrival"]
-    if not isinstance(arr, dict) or not isinstance(arr.get("process"), str) or arr["process"] not in ARRIVALS:
-        raise ScenarioError(f"{src}: workload.arrival.process must be one of {', '.join(ARRIVALS)}")
-    _check_keys("workload.arrival", arr, ARRIVALS[arr["process"]], src)
-    if arr["process"] == "poisson" and not (isinstance(arr.get("rate"), (int, float)) and arr["rate"] > 0):
-        raise ScenarioError(f"{src}: workload.arrival.rate must be a positive number (requests/s), "
-                            f"got {arr.get('rate')!r}")
-    if not isinstance(w["slo"], dict):
-        raise ScenarioError(f"{src}: workload.slo must map task names (or 'default') to targets")
-    for task, targets in w["slo"].items():
-        _check_keys(f"workload.slo.{task}", targets, SLO_KEYS, src)
-        for k, v in targets.items():
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ScenarioError(f"{src}: workload.slo.{task}.{k} must be a positive number of seconds")
 
     for section, registry, find in (("policy", POLICIES, policy_class), ("scheduler", SCHEDULERS, scheduler_class)):
         spec = sc[section]
@@ -251,8 +217,8 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
         except PluginError as e:
             raise ScenarioError(f"{src}: {message(e)}") from None
         try:
-            cls.check_params({k: v for k, v in spec.items() if k != "name"})
-        except (KeyError, ValueError, TypeError) as e:
+            cls.Params.of({k: v for k, v in spec.items() if k != "name"})
+        except (UserError, KeyError, ValueError, TypeError) as e:
             raise ScenarioError(f"{src}: {section} '{spec['name']}': {message(e)}") from None
         if section == "policy":
             _check_policy_files(spec, src, base_dir)
@@ -275,30 +241,6 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_synthetic(syn, src: str) -> None:
-    _check_keys("workload.synthetic", syn, SYNTH_KEYS, src)
-    if "tasks" not in syn or "requests" not in syn:
-        raise ScenarioError(f"{src}: workload.synthetic needs 'tasks' and 'requests'")
-    tasks = syn["tasks"]
-    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
-        raise ScenarioError(f"{src}: workload.synthetic.tasks must be a non-empty list of task names, got {tasks!r}")
-    if not (isinstance(syn["requests"], int) and not isinstance(syn["requests"], bool) and syn["requests"] >= 1):
-        raise ScenarioError(f"{src}: workload.synthetic.requests must be a positive integer, got {syn['requests']!r}")
-    if "seed" in syn and not (isinstance(syn["seed"], int) and not isinstance(syn["seed"], bool)):
-        raise ScenarioError(f"{src}: workload.synthetic.seed must be an integer, got {syn['seed']!r}")
-    if "profile" in syn and not isinstance(syn["profile"], str):
-        raise ScenarioError(f"{src}: workload.synthetic.profile must be a profile name (real, paper), "
-                            f"got {syn['profile']!r}")
-    for k in ("prompt_mean", "output_mean"):
-        if syn.get(k) is not None and not (_is_number(syn[k]) and syn[k] > 0):
-            raise ScenarioError(f"{src}: workload.synthetic.{k} must be a positive number of tokens, got {syn[k]!r}")
-    tw = syn.get("task_weights")
-    if tw is not None and not (isinstance(tw, list) and len(tw) == len(tasks) and all(_is_number(x) and x >= 0
-                                                                                      for x in tw) and sum(tw) > 0):
-        raise ScenarioError(f"{src}: workload.synthetic.task_weights must be one non-negative number per task "
-                            f"(not all zero), got {tw!r}")
 
 
 def _check_policy_files(spec: dict, src: str, base_dir: Path) -> None:

@@ -67,6 +67,7 @@ def build_requests(sc: dict, trace: Trace) -> list[Request]:
         p, o = int(trace.prompt_tokens[i]), int(trace.output_tokens[i])
         if p == 0:   # decode-only traces: the first routed token stands in for the prompt
             p, o = 1, o - 1
-        reqs.append(Request(i, str(trace.request_id[i]), task, p, max(o, 1), int(trace.offsets[i]),
-                            float(arrivals[i]), slo_for(sc, task), expected[task]))
+        reqs.append(Request(index=i, rid=str(trace.request_id[i]), task=task, prompt_tokens=p,
+                            output_tokens=max(o, 1), row0=int(trace.offsets[i]), arrival_s=float(arrivals[i]),
+                            slo=slo_for(sc, task), expected_output=expected[task]))
     return reqs

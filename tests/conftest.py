@@ -18,8 +18,9 @@ def make_trace(experts, prompt, output, n_experts=4, tasks=None, gates=None, **k
     R = len(prompt)
     if gates is None:
         gates = np.full((T, L, k), 1.0 / k, dtype=np.float16)
-    return Trace("hand", L, n_experts, k, [f"r{i}" for i in range(R)], tasks or ["t"] * R,
-                 prompt, output, experts, gates, **kw)
+    return Trace(model="hand", n_layers=L, n_experts=n_experts, top_k=k, request_id=[f"r{i}" for i in range(R)],
+                 task=tasks or ["t"] * R, prompt_tokens=prompt, output_tokens=output, experts=experts, gates=gates,
+                 **kw)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def plan(demand=None, prefetch=(), counts=None):
         counts = np.zeros((L, M.n_experts), dtype=np.int64)
         counts[:, :2] = 1
     z = np.zeros(L, dtype=np.int64)
-    return StepPlan(counts, z if demand is None else demand, list(prefetch), 0)
+    return StepPlan(counts=counts, demand=z if demand is None else demand, prefetch=list(prefetch), staged=0)
 
 
 def one_layer_ahead(layers, expert=0):
@@ -178,16 +178,18 @@ def test_emoe_swap_ins_delay_the_layers_that_use_them():
                       tiny, None, 0)
     pol.predictor.prior = {"qa": np.tile([0, 0, 0.5, 0.4, 0.1, 0, 0, 0], (tiny.n_moe_layers, 1))}
     pol.warm = True                       # as if a request had finished: the predictor knows qa
-    req = Request(0, "r0", "qa", 1, 4, 0, 0.0, {}, 4.0)
+    req = Request(index=0, rid="r0", task="qa", prompt_tokens=1, output_tokens=4, row0=0, arrival_s=0.0, slo={},
+                  expected_output=4.0)
     pol.on_arrival(req, 0.0)
     Lt = tiny.n_moe_layers
     ex = np.tile([[2, 3]], (Lt, 1))[None].astype(np.uint8)          # one token, experts 2 and 3 everywhere
-    batch = StepBatch(0, ex, np.full(ex.shape, 0.5, dtype=np.float32), None, np.zeros(1, dtype=np.int64), [req])
+    batch = StepBatch(step=0, experts=ex, gates=np.full(ex.shape, 0.5, dtype=np.float32), probs=None,
+                      token_req=np.zeros(1, dtype=np.int64), requests=[req])
     assert set(np.flatnonzero(pol.resident[0])) == {0, 1}
     plan = pol.plan_step(batch)
     assert [(layer, e) for _, layer, e in plan.prefetch] == [(layer, e) for layer in range(Lt) for e in (2, 3)]
     assert {at for at, _, _ in plan.prefetch} == {as_layer_starts(0)}
-    assert not plan.demand.any() and pol.misses == 2 * Lt and pol.ahead_loads == 0
+    assert not plan.demand.any() and pol.accounting.misses == 2 * Lt and pol.accounting.ahead_loads == 0
     cm = CostModel(tiny, hw)
     s = cm.step(0.0, plan, 1, 1, 1, 1)
     fixed, attn, c = cm.fixed_s(1, 1), cm.attention_s(1, 1, 1), cm.copy_s
@@ -198,7 +200,8 @@ def test_emoe_swap_ins_delay_the_layers_that_use_them():
     router = np.concatenate([[fixed], ready[:-1] + ffn[:-1]]) + attn
     assert s.stall_s == pytest.approx((ready - router).sum())
     assert s.duration_s == pytest.approx(fixed + 2 * Lt * c + ffn[-1])
-    no_copies = CostModel(tiny, hw).step(0.0, StepPlan(plan.counts, plan.demand, [], 0), 1, 1, 1, 1)
+    no_copies = CostModel(tiny, hw).step(0.0, StepPlan(counts=plan.counts, demand=plan.demand, prefetch=[], staged=0),
+                                         1, 1, 1, 1)
     assert no_copies.stall_s == 0
     assert s.duration_s - no_copies.duration_s == pytest.approx(s.stall_s)
 
@@ -212,7 +215,7 @@ def _streamed_plan(n, active=4):
     d[0] = n
     streamed = np.zeros(L, dtype=np.int64)
     streamed[0] = n
-    return StepPlan(counts, d, [], n, streamed=streamed)
+    return StepPlan(counts=counts, demand=d, prefetch=[], staged=n, streamed=streamed)
 
 
 def test_streamed_experts_compute_as_they_land():

@@ -26,7 +26,8 @@ def routing(rng, n, L, E, k):
 
 def token_batch(ex, req, probs=None):
     gates = np.full(ex.shape, 1 / ex.shape[-1], dtype=np.float32)
-    return StepBatch(0, ex, gates, probs, np.zeros(len(ex), dtype=np.int64), [req])
+    return StepBatch(step=0, experts=ex, gates=gates, probs=probs, token_req=np.zeros(len(ex), dtype=np.int64),
+                     requests=[req])
 
 
 def step_by_step(policy, experts, req, probs=None):
@@ -45,16 +46,16 @@ class MRUProbe(OnDemandPolicy):
     decode run does not describe it, so it must be stepped."""
     name = "mru_probe"
 
-    def evict_key(self):
+    def evict_key(self, batch):
         return -self.last_used
 
 
 def registry_specs(capacity=0.5):
     """Every registered policy in each of its miss modes: a policy registered later is covered."""
     for name, cls in sorted(POLICIES.items()):
-        for miss in MISS_MODES if "miss" in cls.PARAMS else (None,):
+        for miss in MISS_MODES if "miss" in cls.Params.names() else (None,):
             spec = {"name": name}
-            if "capacity" in cls.PARAMS:
+            if "capacity" in cls.Params.names():
                 spec["capacity"] = capacity
             if miss:
                 spec["miss"] = miss
@@ -88,33 +89,40 @@ def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
     rng = np.random.default_rng(seed)
     pol = make_policy(spec, m, None, seed)
     # An irregular starting state: a few multi-token steps (several experts per layer at once).
-    warm = Request(0, "w", "qa", 8, 8, 0, 0.0, {}, 8.0)
+    warm = Request(index=0, rid="w", task="qa", prompt_tokens=8, output_tokens=8, row0=0, arrival_s=0.0, slo={},
+                   expected_output=8.0)
     for t in range(3):
         ex = routing(rng, 5, m.n_moe_layers, m.n_experts, m.top_k)
-        pol.plan_step(StepBatch(t, ex, np.full(ex.shape, 1 / m.top_k, dtype=np.float32), None,
-                                np.zeros(5, dtype=np.int64), [warm]))
+        pol.plan_step(StepBatch(step=t, experts=ex, gates=np.full(ex.shape, 1 / m.top_k, dtype=np.float32),
+                                probs=None, token_req=np.zeros(5, dtype=np.int64), requests=[warm]))
     experts = routing(rng, 120, m.n_moe_layers, m.n_experts, m.top_k)
     probs = rng.dirichlet(np.ones(m.n_experts), size=(120, m.n_moe_layers)).astype(np.float32) if with_probs \
         else None
-    ref, req_ref = copy.deepcopy(pol), Request(1, "r", "qa", 8, 200, 0, 0.0, {}, 8.0)
+    ref, req_ref = copy.deepcopy(pol), Request(index=1, rid="r", task="qa", prompt_tokens=8, output_tokens=200,
+                                               row0=0, arrival_s=0.0, slo={}, expected_output=8.0)
     demand, resident, counts = step_by_step(ref, experts, req_ref, probs)
     assert pol.plans_decode_runs
-    req = Request(1, "r", "qa", 8, 200, 0, 0.0, {}, 8.0)
+    req = Request(index=1, rid="r", task="qa", prompt_tokens=8, output_tokens=200, row0=0, arrival_s=0.0,
+                  slo={}, expected_output=8.0)
     run = pol.plan_decode_run(token_batch(experts, req, probs))
     np.testing.assert_array_equal(run.demand, demand)
     np.testing.assert_array_equal(run.resident, resident)
     np.testing.assert_array_equal(run.counts, counts)
     assert demand.sum() > 0 or spec["name"] in ("resident", "random") or spec.get("miss") == "reroute"
-    assert ref.reroutes > 0 or spec["name"] in ("resident", "on_demand") and spec.get("miss") != "reroute"
+    assert ref.accounting.reroutes > 0 or spec["name"] in ("resident", "on_demand") \
+        and spec.get("miss") != "reroute"
     np.testing.assert_array_equal(pol.resident, ref.resident)
-    for name in ("hits", "misses", "loads", "routes", "reroutes", "clock"):
-        assert getattr(pol, name, None) == getattr(ref, name, None), name
-    for name in ("popularity", "last_used", "freq"):
+    acc, acc_ref = pol.accounting, ref.accounting
+    for name in ("hits", "misses", "loads", "ahead_loads", "routes", "reroutes"):
+        assert getattr(acc, name) == getattr(acc_ref, name), name
+    assert getattr(pol, "clock", None) == getattr(ref, "clock", None)
+    np.testing.assert_array_equal(pol.rerouter.popularity, ref.rerouter.popularity)
+    for name in ("last_used", "freq"):
         if hasattr(ref, name):
             np.testing.assert_array_equal(getattr(pol, name), getattr(ref, name), err_msg=name)
     # Float sums over many steps: same terms, possibly another order.
     for name in ("gate_kept", "sensitive_kept", "sensitive_routes"):
-        assert getattr(pol, name) == pytest.approx(getattr(ref, name), rel=1e-12), name
+        assert getattr(acc, name) == pytest.approx(getattr(acc_ref, name), rel=1e-12), name
     assert (req.hits, req.misses, req.routes, req.reroutes) == (req_ref.hits, req_ref.misses, req_ref.routes,
                                                                  req_ref.reroutes)
     assert req.gate_kept == pytest.approx(req_ref.gate_kept, rel=1e-12)
@@ -137,7 +145,7 @@ def test_decode_run_eligibility_is_declared_per_class():
     class Redeclared(OnDemandPolicy):
         decode_runs = True
 
-        def evict_key(self):
+        def evict_key(self, batch):
             return self.last_used
 
     class Bookkeeping(OnDemandPolicy):      # overrides nothing the runs assume

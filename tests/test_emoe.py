@@ -18,7 +18,8 @@ TINY = get_model("tiny")
 
 
 def req(i, task, prompt=10, out=10, arrival=0.0, slo=None, expected=10.0):
-    return Request(i, f"r{i}", task, prompt, out, 0, arrival, slo or {}, expected)
+    return Request(index=i, rid=f"r{i}", task=task, prompt_tokens=prompt, output_tokens=out, row0=0,
+                   arrival_s=arrival, slo=slo or {}, expected_output=expected)
 
 
 # ---- task identification -------------------------------------------------------------

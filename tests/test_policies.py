@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from sim.models import get_model
+from sim.params import ParamError
 from sim.policies import POLICIES, StepBatch, make_policy
 from sim.request import Request
 
@@ -12,9 +13,11 @@ TINY = get_model("tiny")   # 4 layers, 8 experts, top-2
 def batch(experts, probs=None, step=0):
     ex = np.asarray(experts, dtype=np.uint8)
     n = len(ex)
-    r = Request(0, "r0", "qa", 4, 4, 0, 0.0, {}, 4.0)
+    r = Request(index=0, rid="r0", task="qa", prompt_tokens=4, output_tokens=4, row0=0, arrival_s=0.0, slo={},
+                expected_output=4.0)
     g = np.full(ex.shape, 0.5, dtype=np.float16)
-    return StepBatch(step, ex, g, probs, np.zeros(n, dtype=np.int64), [r])
+    return StepBatch(step=step, experts=ex, gates=g, probs=probs, token_req=np.zeros(n, dtype=np.int64),
+                     requests=[r])
 
 
 def test_reroute_goes_to_next_ranked_resident_expert():
@@ -25,7 +28,7 @@ def test_reroute_goes_to_next_ranked_resident_expert():
     probs[0, :, :] = [0.01, 0.02, 0.3, 0.07, 0.4, 0.1, 0.05, 0.05]
     # Token wants experts 4 (absent) and 0 (resident): 4 -> best resident not chosen = 2.
     ex = np.tile([[4, 0]], (4, 1))[None]
-    new, hit, rerouted = p.reroute(batch(ex, probs))
+    new, hit, rerouted = p.rerouter.reroute(batch(ex, probs))
     assert new[0, 0].tolist() == [2, 0] and rerouted.all()
     assert hit[0, 0].tolist() == [False, True]
     plan = p.plan_step(batch(ex, probs))
@@ -37,9 +40,9 @@ def test_reroute_without_probs_uses_popularity():
     p = make_policy({"name": "random", "capacity": 0.5}, TINY, seed=0)
     p.resident[:] = False
     p.resident[:, [0, 1, 2, 3]] = True
-    p.popularity[:] = 1
-    p.popularity[:, 3] = 50
-    new, _, _ = p.reroute(batch(np.tile([[7, 6]], (4, 1))[None]))
+    p.rerouter.popularity[:] = 1
+    p.rerouter.popularity[:, 3] = 50
+    new, _, _ = p.rerouter.reroute(batch(np.tile([[7, 6]], (4, 1))[None]))
     assert sorted(new[0, 0].tolist()) == [2, 3] or new[0, 0, 0] == 3
 
 
@@ -81,16 +84,18 @@ def test_capacity_below_top_k_is_rejected():
 def test_every_policy_is_registered_and_checks_params():
     assert set(POLICIES) >= {"resident", "on_demand", "random", "pregated", "moe_infinity", "oracle"}
     for cls in POLICIES.values():
-        with pytest.raises(KeyError, match="unknown parameter"):
-            cls.check_params({"no_such_knob": 1})
+        with pytest.raises(ParamError, match=r"unknown parameter\(s\) \['no_such_knob'\]; allowed: "):
+            cls.Params.of({"no_such_knob": 1})
 
 
 # ---- baselines' prefetch, each after its own paper -------------------------------------------
 def _step(experts, probs=None, step=0, req=None):
     ex = np.asarray(experts, dtype=np.uint8)
-    r = req or Request(0, "r0", "qa", 4, 64, 0, 0.0, {}, 4.0)
+    r = req or Request(index=0, rid="r0", task="qa", prompt_tokens=4, output_tokens=64, row0=0, arrival_s=0.0,
+                       slo={}, expected_output=4.0)
     g = np.full(ex.shape, 0.5, dtype=np.float16)
-    return StepBatch(step, ex, g, probs, np.zeros(len(ex), dtype=np.int64), [r])
+    return StepBatch(step=step, experts=ex, gates=g, probs=probs, token_req=np.zeros(len(ex), dtype=np.int64),
+                     requests=[r])
 
 
 def test_pregated_learns_the_next_layers_experts_and_prefetches_them_after_the_router():
@@ -103,12 +108,12 @@ def test_pregated_learns_the_next_layers_experts_and_prefetches_them_after_the_r
     b = [[4, 5], [6, 7], [0, 1], [2, 3]]
     for t in range(10):
         p.plan_step(_step([a if t % 2 else b], step=t))
-    before = p.ahead_loads
+    before = p.accounting.ahead_loads
     plan = p.plan_step(_step([b], step=10))          # the last step was a: nothing of b is cached
     got = [(at, layer, e) for at, layer, e in plan.prefetch]
     assert got == [(after_router(layer - 1), layer, e) for layer in (1, 2, 3) for e in b[layer]]
     assert plan.demand.tolist() == [2, 0, 0, 0]      # layer 0 has no earlier gate: on demand
-    assert p.ahead_loads == before                    # no wrong guess
+    assert p.accounting.ahead_loads == before                    # no wrong guess
 
 
 @pytest.mark.parametrize("recall,predicted", [(1.0, True), (0.0, False)])
@@ -117,17 +122,19 @@ def test_pregated_recall_is_a_pre_gate_of_that_quality(recall, predicted):
     plan = p.plan_step(_step(np.tile([[4, 5]], (4, 1))[None]))
     assert bool(plan.prefetch) == predicted
     assert plan.demand[0] == 2 and plan.demand[1:].sum() == (0 if predicted else 6)
-    assert p.ahead_loads == 0
+    assert p.accounting.ahead_loads == 0
 
 
 def test_moe_infinity_prefetches_the_matched_requests_experts_nearest_layer_first():
     from sim.policies.base import STEP_START
     p = make_policy({"name": "moe_infinity", "capacity": 0.25}, TINY)
-    done = Request(9, "r9", "qa", 4, 4, 0, 0.0, {}, 4.0)
+    done = Request(index=9, rid="r9", task="qa", prompt_tokens=4, output_tokens=4, row0=0, arrival_s=0.0,
+                   slo={}, expected_output=4.0)
     p.on_admit(done, 0.0)
     p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], req=done))
     p.on_finish(done, 1.0)                            # the library holds one request: experts 6, 7
-    r = Request(0, "r0", "qa", 4, 64, 0, 0.0, {}, 4.0)
+    r = Request(index=0, rid="r0", task="qa", prompt_tokens=4, output_tokens=64, row0=0, arrival_s=0.0, slo={},
+                expected_output=4.0)
     p.on_admit(r, 1.0)
     first = p.plan_step(_step(np.tile([[6, 7]], (4, 1))[None], req=r))
     assert first.prefetch == ()                       # nothing known of r yet: no peeking at its routing

@@ -47,7 +47,8 @@ def test_policy_predicts_from_arrived_prompts_only():
     pol.predictor.prior = f
     arrivals = [("qa", 10), ("code", 50), ("code", 70)]
     for i, (task, p) in enumerate(arrivals):
-        pol.on_arrival(Request(i, f"r{i}", task, p, 5, 0, 0.0, {}, 5.0), 0.0)
+        pol.on_arrival(Request(index=i, rid=f"r{i}", task=task, prompt_tokens=p, output_tokens=5, row0=0,
+                               arrival_s=0.0, slo={}, expected_output=5.0), 0.0)
     N = pol.expected_tokens()
     # The first qa prompt left the window of p = 2: only code (50 + 5 + 70 + 5) remains.
     assert N[0, 0] == 0 and N[0, 1] == pytest.approx(130)

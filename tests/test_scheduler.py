@@ -20,7 +20,8 @@ A100x4 = get_hardware({"preset": "a100-40gb", "count": 4})
 
 
 def req(i, prompt=100, out=150, arrival=0.0, e2e=None, expected=150.0, prefilled=None, generated=0):
-    r = Request(i, f"r{i}", "code", prompt, out, 0, arrival, {"e2e_s": e2e} if e2e else {}, expected)
+    r = Request(index=i, rid=f"r{i}", task="code", prompt_tokens=prompt, output_tokens=out, row0=0,
+                arrival_s=arrival, slo={"e2e_s": e2e} if e2e else {}, expected_output=expected)
     r.prefilled = prompt if prefilled is None else prefilled
     r.generated = generated
     return r

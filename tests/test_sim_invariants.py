@@ -20,7 +20,7 @@ FETCH_POLICIES = [
 
 def registry_policies() -> list[dict]:
     """Every registered policy at half capacity, and LFU: a policy registered later is covered."""
-    specs = [{"name": n, **({"capacity": 0.5} if "capacity" in c.PARAMS else {})} for n, c in POLICIES.items()]
+    specs = [{"name": n, **({"capacity": 0.5} if "capacity" in c.Params.names() else {})} for n, c in POLICIES.items()]
     return specs + [{"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}]
 
 
@@ -152,7 +152,7 @@ def test_waiting_queue_stays_in_scheduler_order(tiny_trace_path, name):
     assert keys == sorted(keys)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in POLICIES.items() if "miss" in c.PARAMS))
+@pytest.mark.parametrize("name", sorted(n for n, c in POLICIES.items() if "miss" in c.Params.names()))
 def test_every_cache_policy_offers_both_miss_modes_and_names_its_copies(tiny_trace_path, name, monkeypatch):
     """Both miss modes for every cache policy (fetch: exact routing; reroute: no demand copy,
     gate mass lost instead), and every expert a plan makes resident is one of its copies: a

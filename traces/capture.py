@@ -158,9 +158,10 @@ def capture(model, tokenizer, prompts: list[dict], max_new_tokens: int = 32, bat
     L = experts[0].shape[1]
     name = name or getattr(config, "_name_or_path", "") or mt
     model_name = Path(str(name)).name or mt
-    return Trace(model_name, L, E, k, [f"p{i:05d}" for i in range(len(prompts))],
-                 [p["task"] for p in prompts], n_prompt, n_out,
-                 np.concatenate(experts).astype(expert_dtype(E)), np.concatenate(gates).astype(np.float16),
+    return Trace(model=model_name, n_layers=L, n_experts=E, top_k=k,
+                 request_id=[f"p{i:05d}" for i in range(len(prompts))], task=[p["task"] for p in prompts],
+                 prompt_tokens=n_prompt, output_tokens=n_out, experts=np.concatenate(experts).astype(expert_dtype(E)),
+                 gates=np.concatenate(gates).astype(np.float16),
                  prompt_text=np.array([p["prompt"] for p in prompts]),
                  router_probs=np.concatenate(probs_all).astype(np.float16),
                  n_shared_experts=getattr(config, "n_shared_experts", 0) or 0,

@@ -47,7 +47,7 @@ class TraceError(UserError):
     """A trace that cannot be used; the message names the problem and the fix."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trace:
     model: str
     n_layers: int          # MoE layers
@@ -108,12 +108,13 @@ class Trace:
         rows = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in idx]) \
             if len(idx) else np.zeros(0, dtype=np.int64)
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return Trace(self.model, self.n_layers, self.n_experts, self.top_k,
-                     self.request_id[idx], self.task[idx], self.prompt_tokens[idx], self.output_tokens[idx],
-                     self.experts[rows], self.gates[rows], pick(self.arrival_s), pick(self.prompt_text),
-                     None if self.router_probs is None else self.router_probs[rows],
-                     self.n_shared_experts, dict(self.extra),
-                     None if self.model_shape is None else dict(self.model_shape))
+        return Trace(model=self.model, n_layers=self.n_layers, n_experts=self.n_experts, top_k=self.top_k,
+                     request_id=self.request_id[idx], task=self.task[idx], prompt_tokens=self.prompt_tokens[idx],
+                     output_tokens=self.output_tokens[idx], experts=self.experts[rows], gates=self.gates[rows],
+                     arrival_s=pick(self.arrival_s), prompt_text=pick(self.prompt_text),
+                     router_probs=None if self.router_probs is None else self.router_probs[rows],
+                     n_shared_experts=self.n_shared_experts, extra=dict(self.extra),
+                     model_shape=None if self.model_shape is None else dict(self.model_shape))
 
     def meta(self) -> dict:
         m = dict(format=FORMAT_NAME, version=FORMAT_VERSION, model=self.model, n_layers=self.n_layers,
@@ -281,10 +282,12 @@ def load_trace(path, validate_routing: bool = True) -> Trace:
         if missing:
             raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
         get = lambda a: z[a] if a in z.files else None  # noqa: E731
-        t = Trace(meta["model"], int(meta["n_layers"]), int(meta["n_experts"]), int(meta["top_k"]),
-                  z["request_id"], z["task"], z["prompt_tokens"], z["output_tokens"], z["experts"], z["gates"],
-                  get("arrival_s"), get("prompt_text"), get("router_probs"),
-                  int(meta.get("n_shared_experts", 0)), meta.get("extra", {}), meta.get("model_shape"))
+        t = Trace(model=meta["model"], n_layers=int(meta["n_layers"]), n_experts=int(meta["n_experts"]),
+                  top_k=int(meta["top_k"]), request_id=z["request_id"], task=z["task"],
+                  prompt_tokens=z["prompt_tokens"], output_tokens=z["output_tokens"], experts=z["experts"],
+                  gates=z["gates"], arrival_s=get("arrival_s"), prompt_text=get("prompt_text"),
+                  router_probs=get("router_probs"), n_shared_experts=int(meta.get("n_shared_experts", 0)),
+                  extra=meta.get("extra", {}), model_shape=meta.get("model_shape"))
     if validate_routing:
         validate(t, str(path))
     return t

@@ -191,12 +191,12 @@ def assemble(reqs: list[RequestRouting], model: ModelSpec, report: ImportReport,
     experts = np.concatenate([r.experts for r in reqs])
     gates = np.concatenate([r.gates for r in reqs]).astype(np.float16) if all(have_gates) \
         else np.full(experts.shape, 1.0 / k, dtype=np.float16)
-    t = Trace(model.name, L, E, k, np.array(ids), np.array([r.task for r in reqs]),
-              [r.n_prompt for r in reqs], [len(r.experts) - r.n_prompt for r in reqs],
-              experts.astype(expert_dtype(E)), gates,
-              arrival if np.isfinite(arrival).any() else None,
-              np.array([x or "" for x in texts]) if any(x is not None for x in texts) else None,
-              None, model.n_shared_experts, extra)
+    t = Trace(model=model.name, n_layers=L, n_experts=E, top_k=k, request_id=np.array(ids),
+              task=np.array([r.task for r in reqs]), prompt_tokens=[r.n_prompt for r in reqs],
+              output_tokens=[len(r.experts) - r.n_prompt for r in reqs], experts=experts.astype(expert_dtype(E)),
+              gates=gates, arrival_s=arrival if np.isfinite(arrival).any() else None,
+              prompt_text=np.array([x or "" for x in texts]) if any(x is not None for x in texts) else None,
+              router_probs=None, n_shared_experts=model.n_shared_experts, extra=extra)
     validate(t, str(path))
     return t
 

@@ -428,6 +428,7 @@ def synthesize(model, tasks, n_requests: int | None, seed: int = 0, profile="rea
                  tasks=tasks, rate=rate)
     if like is not None:
         extra["like"] = like.extra.get("source", getattr(like, "model", "template"))
-    return Trace(model.name, L, E, k, np.array([f"r{i:06d}" for i in range(n_requests)]),
-                 np.array(tasks)[task_idx], prompt, output, experts, gates, arrival, None, probs,
-                 model.n_shared_experts, extra)
+    return Trace(model=model.name, n_layers=L, n_experts=E, top_k=k,
+                 request_id=np.array([f"r{i:06d}" for i in range(n_requests)]), task=np.array(tasks)[task_idx],
+                 prompt_tokens=prompt, output_tokens=output, experts=experts, gates=gates, arrival_s=arrival,
+                 prompt_text=None, router_probs=probs, n_shared_experts=model.n_shared_experts, extra=extra)

@@ -39,12 +39,15 @@ otherwise, unless `allow_overlap: true`).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sim.demand import Arrival, coming_demand, invocation_due
+from sim.params import ParamError
 from sim.policies.base import NO_COPIES, ExpertPolicy, StepBatch, StepPlan, as_layer_starts
+from sim.policies.params import CacheParams
 from sim.predictors import load_predictor, make_predictor
 from sim.predictors.base import normalise
 from sim.predictors.overlap import check_disjoint, request_digests
@@ -52,116 +55,135 @@ from sim.sensitivity import load_sensitivity
 from sim.taskid import TaskIdentifier
 
 
-class EmoePolicy(ExpertPolicy):
-    name = "emoe"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "reroute", "interval": 40,
-              "predictor": "emoe_a", "predictor_file": None, "alpha": 0.5, "skip": True,
-              "sensitivity": None, "task_aware": True, "per_layer": "uniform", "task_id": "label",
-              "misid_rate": 0.0, "invoke_s": 0.1, "predictor_memory_share": 0.005,
-              "warm_start": "none", "warm_trace": None, "allow_overlap": False}
-    WARM_STARTS = ("none", "predictor", "trace")
-    HISTORY_PRIOR = 64     # online priors: mean of the task's last 64 finished requests
+WARM_STARTS = ("none", "predictor", "trace")
 
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        p = {**cls.PARAMS, **params}
-        if not isinstance(p["interval"], int) or p["interval"] < 1:
-            raise ValueError(f"interval must be a positive integer (prompts), got {p['interval']!r}")
-        if p["predictor"] not in ("emoe_a", "frequency", "perfect") and p["predictor_file"] is None:
-            raise ValueError(f"predictor '{p['predictor']}' cannot learn online; use emoe_a, frequency or "
+
+@dataclass(frozen=True)
+class EmoeParams(CacheParams):
+    capacity: float = 0.6
+    miss: str = "reroute"
+    interval: int = 40                   # p: prompts between predictor invocations
+    predictor: str = "emoe_a"            # learnt online: emoe_a | frequency | perfect
+    predictor_file: str | None = None    # or fitted by `emoe predictor train`
+    alpha: float = 0.5
+    skip: bool = True                    # insensitive tasks do not drive loading
+    sensitivity: str | dict | None = None   # per-task layer sensitivity (None: the shipped table)
+    task_aware: bool = True
+    per_layer: str = "uniform"           # uniform | adaptive
+    task_id: str = "label"               # label | keywords
+    misid_rate: float = 0.0
+    invoke_s: float = 0.1                # the predictor's own time per invocation
+    predictor_memory_share: float = 0.005
+    warm_start: str = "none"             # none | predictor | trace
+    warm_trace: str | dict | None = None
+    allow_overlap: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ParamError(f"interval must be a positive integer (prompts), got {self.interval!r}")
+        if self.predictor not in ("emoe_a", "frequency", "perfect") and self.predictor_file is None:
+            raise ParamError(f"predictor '{self.predictor}' cannot learn online; use emoe_a, frequency or "
                              "perfect, or give predictor_file from `emoe predictor train`")
-        if p["per_layer"] not in ("uniform", "adaptive"):
-            raise ValueError(f"per_layer must be 'uniform' or 'adaptive', got {p['per_layer']!r}")
-        if p["task_id"] not in ("label", "keywords"):
-            raise ValueError(f"task_id must be 'label' or 'keywords', got {p['task_id']!r}")
+        if self.per_layer not in ("uniform", "adaptive"):
+            raise ParamError(f"per_layer must be 'uniform' or 'adaptive', got {self.per_layer!r}")
+        if self.task_id not in ("label", "keywords"):
+            raise ParamError(f"task_id must be 'label' or 'keywords', got {self.task_id!r}")
         for k in ("invoke_s", "predictor_memory_share", "misid_rate", "alpha"):
-            if not isinstance(p[k], (int, float)) or p[k] < 0:
-                raise ValueError(f"{k} must be a non-negative number, got {p[k]!r}")
-        cls._check_warm(p)
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ParamError(f"{k} must be a non-negative number, got {v!r}")
+        self._check_warm()
 
-    @classmethod
-    def _check_warm(cls, p):
-        if p["warm_start"] not in cls.WARM_STARTS:
-            raise ValueError(f"warm_start must be one of {', '.join(cls.WARM_STARTS)}, got {p['warm_start']!r}")
-        if p["warm_start"] == "predictor" and not p["predictor_file"]:
-            raise ValueError("warm_start: predictor needs predictor_file (from `emoe predictor train`); "
+    def _check_warm(self) -> None:
+        if self.warm_start not in WARM_STARTS:
+            raise ParamError(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
+        if self.warm_start == "predictor" and not self.predictor_file:
+            raise ParamError("warm_start: predictor needs predictor_file (from `emoe predictor train`); "
                              "or use warm_start: trace with warm_trace")
-        if (p["warm_start"] == "trace") != (p["warm_trace"] is not None):
-            raise ValueError("warm_start: trace and warm_trace go together: warm_trace is a trace file (or "
+        if (self.warm_start == "trace") != (self.warm_trace is not None):
+            raise ParamError("warm_start: trace and warm_trace go together: warm_trace is a trace file (or "
                              "{synthetic: {tasks: [...], requests: N, seed: S}}) of requests served before this run")
-        wt = p["warm_trace"]
+        wt = self.warm_trace
         if isinstance(wt, dict):
-            from sim.scenario import SYNTH_KEYS
+            from sim.workload_params import SYNTH_KEYS
             spec = wt.get("synthetic")
             if set(wt) != {"synthetic"} or not isinstance(spec, dict) or not {"tasks", "requests"} <= set(spec) \
                     or set(spec) - SYNTH_KEYS:
-                raise ValueError(f"warm_trace must be a trace path or {{synthetic: {{tasks, requests, ...}}}} with "
+                raise ParamError(f"warm_trace must be a trace path or {{synthetic: {{tasks, requests, ...}}}} with "
                                  f"keys among {', '.join(sorted(SYNTH_KEYS))}, got {wt!r}")
         elif wt is not None and not isinstance(wt, str):
-            raise ValueError(f"warm_trace must be a trace path or {{synthetic: {{...}}}}, got {wt!r}")
-        if not isinstance(p["allow_overlap"], bool):
-            raise ValueError(f"allow_overlap must be true or false, got {p['allow_overlap']!r}")
+            raise ParamError(f"warm_trace must be a trace path or {{synthetic: {{...}}}}, got {wt!r}")
+        if not isinstance(self.allow_overlap, bool):
+            raise ParamError(f"allow_overlap must be true or false, got {self.allow_overlap!r}")
+
+
+class EmoePolicy(ExpertPolicy):
+    name = "emoe"
+    Params = EmoeParams
+    HISTORY_PRIOR = 64     # online priors: mean of the task's last 64 finished requests
 
     def __init__(self, model, params, trace=None, seed=0, base_dir=None):
         super().__init__(model, params, trace, seed, base_dir)
         p = self.params
-        self.sens = load_sensitivity(p["sensitivity"], self.L, base_dir)
-        self.truth_sens = self.sens   # fidelity in sensitive layers is judged by the same table
+        self.sens = self.accounting.sensitivity
         tasks = trace.tasks if trace is not None else []
-        self.taskid = TaskIdentifier(tasks, p["task_id"], p["misid_rate"], seed)
+        self.taskid = TaskIdentifier(tasks, p.task_id, p.misid_rate, seed)
         self.file_tasks: set = set()           # tasks whose prior a predictor file fitted
-        if p["predictor_file"]:
-            path = self._path(p["predictor_file"])
+        if p.predictor_file:
+            path = self._path(p.predictor_file)
             self.predictor = load_predictor(path)
             if (self.predictor.L, self.predictor.E) != (self.L, self.E):
                 raise ValueError(f"predictor file is for {self.predictor.L} layers x {self.predictor.E} experts, "
                                  f"the model has {self.L} x {self.E}")
             if trace is not None:
                 check_disjoint(f"predictor file '{path}'", trace, self.predictor.train_ids,
-                               self.predictor.train_digests, p["allow_overlap"])
+                               self.predictor.train_digests, p.allow_overlap)
             self.file_tasks = set(self.predictor.prior)
             self.online = False
         else:
-            kind = p["predictor"]
+            kind = p.predictor
             self.predictor = make_predictor(kind, trace=trace) if kind == "perfect" else make_predictor(kind)
             self.predictor.L, self.predictor.E = self.L, self.E
             if kind == "emoe_a":
-                self.predictor.alpha = float(p["alpha"])
+                self.predictor.alpha = float(p.alpha)
             self.online = kind != "perfect"
-        self.predictor_bytes = int(p["predictor_memory_share"] * (model.dense_bytes + model.expert_bytes_total))
+        self.predictor_bytes = int(p.predictor_memory_share * (model.dense_bytes + model.expert_bytes_total))
         self.history: dict[str, list] = {}     # task -> finished requests' (L, E) counts, oldest first
-        self.recent: deque = deque(maxlen=p["interval"])   # the last p arrivals: the task mix
+        self.recent: deque = deque(maxlen=p.interval)   # the last p arrivals: the task mix
         self.arrivals = 0
         self.invocations = 0
         self.pending = False                   # an invocation is due at the next step
         self.demand = np.zeros((self.L, self.E))
         self._output_mean = None               # the oracle's W_o per task (from the trace)
         # Warm: something is known, so predict from the first arrival on (the oracle always is).
-        self.warm = p["warm_start"] != "none" or (not p["predictor_file"] and p["predictor"] == "perfect")
-        if p["warm_start"] == "trace":
-            self._learn_from_trace(p["warm_trace"])
+        self.warm = p.warm_start != "none" or (not p.predictor_file and p.predictor == "perfect")
+        if p.warm_start == "trace":
+            self._learn_from_trace(p.warm_trace)
         self._extra_s = 0.0
         self.last_loads = 0
-        self.copy_s = 0.0      # set by the engine from its cost model
+
+    def judged_sensitivity(self):
+        """Fidelity in sensitive layers is judged by the table the skip rule reads."""
+        return load_sensitivity(self.params.sensitivity, self.L, self.base_dir)
 
     # ---- hooks ----------------------------------------------------------------------
     def on_arrival(self, req, now):
         label = req.task
         text = None
-        if self.params["task_id"] == "keywords":
+        if self.params.task_id == "keywords":
             pt = self.trace.prompt_text if self.trace is not None else None
             text = None if pt is None else str(pt[req.index])
-        task = req.extra["task_id"] = self.taskid.identify(label, text)
+        task = req.task_id = self.taskid.identify(label, text)
         self.recent.append(Arrival(task, req.prompt_tokens, req.expected_output, req.index))
         self.arrivals += 1
-        if invocation_due(self.arrivals, self.params["interval"]):
+        if invocation_due(self.arrivals, self.params.interval):
             self.pending = True
 
     def on_finish(self, req, now):
         rows = slice(req.row0, req.row0 + req.prompt_tokens + req.output_tokens)
         counts = self._needed(self.trace.experts[rows]).astype(float)
-        self._learn(req.extra.get("task_id", req.task), counts)
+        self._learn(req.task_id or req.task, counts)
         if not self.warm:
             self.warm = True
             self.pending = True    # first knowledge: predict now rather than wait p prompts
@@ -201,7 +223,7 @@ class EmoePolicy(ExpertPolicy):
             where = f"warm_trace '{path}'"
         if self.trace is not None:
             check_disjoint(where, self.trace, warm.request_id.tolist(), request_digests(warm),
-                           self.params["allow_overlap"], saw="holds")
+                           self.params.allow_overlap, saw="holds")
         counts = request_counts(warm, token_mask(warm, "all")).astype(float)
         for i in range(warm.n_requests):
             self._learn(str(warm.task[i]), counts[i])
@@ -212,10 +234,10 @@ class EmoePolicy(ExpertPolicy):
         def shares(task, arrivals):
             return self.predictor.predict(task, self.history.get(task, []), upcoming=[a.index for a in arrivals])
 
-        sens = (lambda task: self.sens.row(task)) if self.params["skip"] else None
+        sens = (lambda task: self.sens.row(task)) if self.params.skip else None
         window = self._oracle_window() if self.predictor.kind == "perfect" else self.recent
-        return coming_demand(window, self.params["interval"], (self.L, self.E), shares, sens,
-                             self.params["task_aware"])
+        return coming_demand(window, self.params.interval, (self.L, self.E), shares, sens,
+                             self.params.task_aware)
 
     def _oracle_window(self) -> list:
         """The perfect predictor's window: the p prompts from the latest arrival on, with their
@@ -227,14 +249,14 @@ class EmoePolicy(ExpertPolicy):
             self._output_mean = {task: float(t.output_tokens[t.task == task].mean()) for task in t.tasks}
         j0 = self.recent[-1].index
         return [Arrival(str(t.task[j]), int(t.prompt_tokens[j]), self._output_mean[str(t.task[j])], j)
-                for j in range(j0, min(j0 + self.params["interval"], t.n_requests))]
+                for j in range(j0, min(j0 + self.params.interval, t.n_requests))]
 
     def choose(self, N: np.ndarray) -> np.ndarray:
         """(L, E) the experts to keep resident, from expected tokens N."""
         target = self.resident.copy()
         live = N.sum(axis=1) > 0           # layers no sensitive task needs keep their experts
         order = np.argsort(-N, axis=1, kind="stable")
-        if self.params["per_layer"] == "uniform":
+        if self.params.per_layer == "uniform":
             for layer in np.flatnonzero(live):
                 target[layer] = False
                 target[layer, order[layer, : self.capacity[layer]]] = True
@@ -271,14 +293,15 @@ class EmoePolicy(ExpertPolicy):
         loads = len(self.swap_in)
         self.last_loads = loads
         self.resident = target
-        self._extra_s += float(self.params["invoke_s"])
+        self._extra_s += float(self.params.invoke_s)
         return loads
 
-    def expected_load_s(self) -> float:
-        """dE for the scheduler: the copies (and prediction) of an invocation that is due."""
+    def expected_load_s(self, copy_s: float) -> float:
+        """dE for the scheduler: the copies (and prediction) of an invocation that is due,
+        copy_s seconds per expert copy (the scheduler's cost model)."""
         if not self.pending:
             return 0.0
-        return self.last_loads * self.copy_s + float(self.params["invoke_s"])
+        return self.last_loads * copy_s + float(self.params.invoke_s)
 
     def reroute_rank_from(self, popularity):
         # Predicted demand first; popularity only breaks ties.

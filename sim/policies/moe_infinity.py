@@ -18,26 +18,36 @@ matched EAM predicts the request's expert shares per layer.
   routing is added to the EAMs after it is served.
 - A miss (a needed expert neither resident nor prefetched) is fetched on demand or,
   with `miss: reroute`, sent to the next-ranked available expert."""
+from dataclasses import dataclass
+
 import numpy as np
 
+from sim.params import ParamError
 from sim.policies.base import STEP_START, ExpertPolicy, StepBatch, StepPlan
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class MoEInfinityParams(CacheParams):
+    capacity: float = 0.6
+    library_size: int = 512      # finished requests' EAMs kept for matching
+    rematch_every: int = 16      # tokens between a request's matches
+    prefetch_per_step: int = 0   # copies per step at most (0: no limit)
+
+    def check(self) -> None:
+        super().check()
+        for k in ("library_size", "rematch_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ParamError(f"{k} must be a positive integer, got {v!r}")
+        if not isinstance(self.prefetch_per_step, int) or self.prefetch_per_step < 0:
+            raise ParamError(f"prefetch_per_step must be a non-negative integer (0: no limit), "
+                             f"got {self.prefetch_per_step!r}")
 
 
 class MoEInfinityPolicy(ExpertPolicy):
     name = "moe_infinity"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch", "library_size": 512,
-              "rematch_every": 16, "prefetch_per_step": 0}
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        p = {**cls.PARAMS, **params}
-        for k in ("library_size", "rematch_every"):
-            if not isinstance(p[k], int) or p[k] < 1:
-                raise ValueError(f"{k} must be a positive integer, got {p[k]!r}")
-        if not isinstance(p["prefetch_per_step"], int) or p["prefetch_per_step"] < 0:
-            raise ValueError(f"prefetch_per_step must be a non-negative integer (0: no limit), "
-                             f"got {p['prefetch_per_step']!r}")
+    Params = MoEInfinityParams
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -45,6 +55,10 @@ class MoEInfinityPolicy(ExpertPolicy):
         self.score = np.zeros((self.L, self.E))       # summed predicted activation of running requests
         self.last_used = np.zeros((self.L, self.E))
         self.clock = 0
+        # per running request (by index): its EAM, tokens seen, and current prediction
+        self.eam: dict[int, np.ndarray] = {}
+        self.seen: dict[int, int] = {}
+        self.pred: dict[int, np.ndarray] = {}
 
     # ---- the activation matrices -------------------------------------------------------
     def _predict(self, eam: np.ndarray) -> np.ndarray:
@@ -58,28 +72,29 @@ class MoEInfinityPolicy(ExpertPolicy):
         return self.library[int(np.argmax(sims))].reshape(self.L, self.E)
 
     def _update_prediction(self, req):
-        old = req.extra.get("mi_pred")
-        new = self._predict(req.extra["mi_eam"])
+        old = self.pred.get(req.index)
+        new = self._predict(self.eam[req.index])
         if old is not None:
             self.score -= old
         self.score += new
-        req.extra["mi_pred"] = new
+        self.pred[req.index] = new
 
     def on_admit(self, req, now):
-        if "mi_eam" not in req.extra:
-            req.extra["mi_eam"] = np.zeros((self.L, self.E))
-            req.extra["mi_seen"] = 0
+        if req.index not in self.eam:   # (a preempted request keeps what it had)
+            self.eam[req.index] = np.zeros((self.L, self.E))
+            self.seen[req.index] = 0
 
     def on_finish(self, req, now):
-        eam = req.extra.pop("mi_eam", None)
-        pred = req.extra.pop("mi_pred", None)
+        eam = self.eam.pop(req.index, None)
+        self.seen.pop(req.index, None)
+        pred = self.pred.pop(req.index, None)
         if pred is not None:
             self.score -= pred
         if eam is not None and eam.sum() > 0:
             row = (eam / eam.sum()).ravel()[None, :]
-            self.library = np.concatenate([self.library, row])[-int(self.params["library_size"]):]
+            self.library = np.concatenate([self.library, row])[-int(self.params.library_size):]
 
-    def evict_key(self):
+    def evict_key(self, batch):
         # Lowest predicted activation first; ties broken by least recent use.
         return self.score + 1e-9 * self.last_used / (self.clock + 1)
 
@@ -94,16 +109,16 @@ class MoEInfinityPolicy(ExpertPolicy):
         if predicted is not None:
             layers, experts = np.nonzero(predicted & ~self.resident)
             order = np.lexsort((-share[layers, experts], layers))      # nearest layer first
-            budget = int(self.params["prefetch_per_step"]) or len(order)
+            budget = int(self.params.prefetch_per_step) or len(order)
             wanted = [(STEP_START, int(layers[i]), int(experts[i])) for i in order[:budget]]
-        copies, fresh = self.admit_prefetch(wanted, protect=predicted, only_if_better=True)
+        copies, fresh = self.admit_prefetch(batch, wanted, protect=predicted, only_if_better=True)
         plan = self.serve(batch, copies, fresh)
         self._observe(batch)
         return plan
 
     def _predicted(self, batch: StepBatch):
         """(L, E) experts the step's requests are predicted to use, and their summed shares."""
-        preds = [r.extra.get("mi_pred") for r in batch.requests]
+        preds = [self.pred.get(r.index) for r in batch.requests]
         have = [i for i, p in enumerate(preds) if p is not None]
         if not have:
             return None, None
@@ -121,11 +136,11 @@ class MoEInfinityPolicy(ExpertPolicy):
         idx = ((batch.token_req[:, None, None] * L + np.arange(L)[None, :, None]) * E + batch.experts).ravel()
         per_req = np.bincount(idx, minlength=n_req * L * E).reshape(n_req, L, E)
         tokens = np.bincount(batch.token_req, minlength=n_req)
-        every = self.params["rematch_every"]
+        every = self.params.rematch_every
         for i, r in enumerate(batch.requests):
             self.on_admit(r, 0.0)
-            r.extra["mi_eam"] += per_req[i]
-            seen = r.extra["mi_seen"]
-            r.extra["mi_seen"] = seen + int(tokens[i])
-            if "mi_pred" not in r.extra or r.extra["mi_seen"] // every != seen // every:
+            self.eam[r.index] += per_req[i]
+            seen = self.seen[r.index]
+            self.seen[r.index] = seen + int(tokens[i])
+            if r.index not in self.pred or self.seen[r.index] // every != seen // every:
                 self._update_prediction(r)

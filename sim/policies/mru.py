@@ -6,21 +6,29 @@ routing with a stable hot set it loses to LRU, which is what the comparison show
 Everything else - fetching, counting, the copy rule, memory - is ExpertPolicy's.
 Decode runs: not declared, so the engine steps it (same results, slower at light load).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class MRUParams(CacheParams):     # capacity, capacity_bytes, miss: checked by CacheParams
+    capacity: float = 0.6
 
 
 class MRUPolicy(ExpertPolicy):
     name = "mru"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch"}
+    Params = MRUParams
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_used = np.zeros((self.L, self.E))   # step of each expert's last use
         self.steps = 0
 
-    def evict_key(self) -> np.ndarray:
+    def evict_key(self, batch: StepBatch) -> np.ndarray:
         return -self.last_used                        # smaller is evicted first: the latest use
 
     def touch(self, used: np.ndarray, needed: np.ndarray) -> None:

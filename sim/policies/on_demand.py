@@ -1,19 +1,28 @@
 """`on_demand`: fetch a missing expert when the router asks for it, into an LRU or LFU
 cache of fixed capacity (Mixtral-offloading style)."""
+from dataclasses import dataclass
+
 import numpy as np
 
+from sim.params import ParamError
 from sim.policies.base import ExpertPolicy, RunPlan, StepBatch, StepPlan
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class OnDemandParams(CacheParams):
+    capacity: float = 0.6
+    eviction: str = "lru"        # lru | lfu
+
+    def check(self) -> None:
+        super().check()
+        if self.eviction not in ("lru", "lfu"):
+            raise ParamError(f"eviction must be 'lru' or 'lfu', got {self.eviction!r}")
 
 
 class OnDemandPolicy(ExpertPolicy):
     name = "on_demand"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "eviction": "lru", "miss": "fetch"}
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        if params.get("eviction", "lru") not in ("lru", "lfu"):
-            raise ValueError(f"eviction must be 'lru' or 'lfu', got {params['eviction']!r}")
+    Params = OnDemandParams
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -21,8 +30,8 @@ class OnDemandPolicy(ExpertPolicy):
         self.freq = np.zeros((self.L, self.E))
         self.clock = 0
 
-    def evict_key(self):
-        return self.last_used if self.params["eviction"] == "lru" else self.freq
+    def evict_key(self, batch):
+        return self.last_used if self.params.eviction == "lru" else self.freq
 
     def touch(self, used, needed):
         self.clock += 1
@@ -40,7 +49,7 @@ class OnDemandPolicy(ExpertPolicy):
     decode_runs = True
 
     def decode_run_ready(self) -> bool:
-        return self.miss_mode == "reroute" or (self.params["eviction"] == "lru" and self.E <= self.LRU_RUN_MAX_EXPERTS)
+        return self.miss_mode == "reroute" or (self.params.eviction == "lru" and self.E <= self.LRU_RUN_MAX_EXPERTS)
 
     @property
     def max_decode_loads(self) -> int:
@@ -73,4 +82,4 @@ class OnDemandPolicy(ExpertPolicy):
         self.last_used = np.where(states[-1] >= 0, self.clock + 1 + states[-1], self.last_used)
         self.freq += counts.sum(axis=0)
         self.clock += T
-        return RunPlan(counts, miss.sum(axis=2), resident[1:].sum(axis=(1, 2)))
+        return RunPlan(counts=counts, demand=miss.sum(axis=2), resident=resident[1:].sum(axis=(1, 2)))

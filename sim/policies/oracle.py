@@ -4,30 +4,44 @@ expert layer l needs and lacks is copied from the start of layer l-1): the bound
 cache of the same capacity beats on misses. Where a layer needs more experts than
 its cache holds, those used again soonest are cached and the rest stream through the
 staging buffer (`miss: fetch`) or are rerouted (`miss: reroute`)."""
+from dataclasses import dataclass
+
 import numpy as np
 
+from sim.params import ParamError
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan, as_layer_starts
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class OracleParams(CacheParams):
+    capacity: float = 0.6
+    horizon: int = 64            # steps of the running requests' routing it looks ahead
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ParamError(f"horizon must be a positive integer (steps), got {self.horizon!r}")
 
 
 class OraclePolicy(ExpertPolicy):
     name = "oracle"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "fetch", "horizon": 64}
+    Params = OracleParams
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
-        self._batch = batch
         used = self._needed(batch.experts) > 0
         layers, experts = np.nonzero(used & ~self.resident)
         if len(layers):   # where a layer cannot hold them all, those used again soonest stay cached
-            order = np.lexsort((-self.evict_key()[layers, experts], layers))
+            order = np.lexsort((-self.evict_key(batch)[layers, experts], layers))
             layers, experts = layers[order], experts[order]
         wanted = [(as_layer_starts(max(int(l) - 1, 0)), int(l), int(e)) for l, e in zip(layers, experts)]
-        copies, fresh = self.admit_prefetch(wanted, protect=used)
+        copies, fresh = self.admit_prefetch(batch, wanted, protect=used)
         return self.serve(batch, copies, fresh)
 
-    def evict_key(self):
-        """Minus the number of steps until the running requests next use each expert."""
-        H = int(self.params["horizon"])
-        reqs = self._batch.requests
+    def evict_key(self, batch):
+        """Minus the number of steps until the batch's requests next use each expert."""
+        H = int(self.params.horizon)
+        reqs = batch.requests
         t = self.trace
         rows = np.array([r.next_row for r in reqs])[:, None] + 1 + np.arange(H)[None, :]   # (m, H)
         ends = np.array([r.row0 + r.prompt_tokens + r.output_tokens for r in reqs])[:, None]

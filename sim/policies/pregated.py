@@ -15,22 +15,30 @@ The cache is small (default: a quarter of the experts, LRU); a prefetch evicts t
 recently used expert of its layer that is not predicted. A needed expert that was not
 predicted is fetched on demand or, with `miss: reroute`, sent to the next-ranked
 available expert."""
+from dataclasses import dataclass
+
 import numpy as np
 
+from sim.params import ParamError
 from sim.policies.base import StepBatch, StepPlan, after_router
-from sim.policies.on_demand import OnDemandPolicy
+from sim.policies.on_demand import OnDemandParams, OnDemandPolicy
+
+
+@dataclass(frozen=True)
+class PregatedParams(OnDemandParams):
+    capacity: float = 0.25
+    recall: float | None = None  # None: learnt prediction; r: each needed expert predicted with probability r
+
+    def check(self) -> None:
+        super().check()
+        r = self.recall
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1):
+            raise ParamError(f"recall must be null (learnt prediction) or a number in [0, 1], got {r!r}")
 
 
 class PregatedPolicy(OnDemandPolicy):
     name = "pregated"
-    PARAMS = {"capacity": 0.25, "capacity_bytes": None, "eviction": "lru", "miss": "fetch", "recall": None}
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        r = params.get("recall")
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1):
-            raise ValueError(f"recall must be null (learnt prediction) or a number in [0, 1], got {r!r}")
+    Params = PregatedParams
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -42,7 +50,7 @@ class PregatedPolicy(OnDemandPolicy):
         layers, experts = np.nonzero(predicted & ~self.resident)
         order = np.lexsort((-score[layers, experts], layers))
         wanted = [(after_router(int(layers[i]) - 1), int(layers[i]), int(experts[i])) for i in order]
-        copies, fresh = self.admit_prefetch(wanted, protect=predicted)
+        copies, fresh = self.admit_prefetch(batch, wanted, protect=predicted)
         plan = self.serve(batch, copies, fresh)
         self._learn(batch.experts)
         return plan
@@ -54,7 +62,7 @@ class PregatedPolicy(OnDemandPolicy):
         score = np.zeros((L, E))
         if L < 2:
             return predicted, score
-        recall = self.params["recall"]
+        recall = self.params.recall
         if recall is not None:
             needed = self._needed(batch.experts) > 0
             predicted[1:] = needed[1:] & (self.rng.random((L - 1, E)) < recall)

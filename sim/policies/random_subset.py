@@ -1,12 +1,22 @@
 """`random`: a fixed random subset of the experts per layer (the paper's Random baseline).
 A route to any other expert goes to its next-ranked resident one."""
+from dataclasses import dataclass
 
 from sim.policies.base import ExpertPolicy, StepBatch, StepPlan
+from sim.policies.params import CacheParams
+
+
+@dataclass(frozen=True)
+class RandomParams(CacheParams):
+    capacity: float = 0.6
+    miss: str = "reroute"
 
 
 class RandomPolicy(ExpertPolicy):
     name = "random"
-    PARAMS = {"capacity": 0.6, "capacity_bytes": None, "miss": "reroute"}
+    Params = RandomParams
+
+    fixed_set = True   # miss=fetch: a fetched expert streams through and is dropped
 
     def initial_load(self):
         for layer in range(self.L):
@@ -14,10 +24,6 @@ class RandomPolicy(ExpertPolicy):
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         return self.serve(batch)
-
-    def _admit(self, missing, used):
-        """miss=fetch: the subset is fixed, so a fetched expert streams through and is dropped."""
-        return missing.sum(axis=1)
 
     # Light load under rerouting: the subset is fixed, so a decode run's reroutes are computed at once.
     decode_runs = True

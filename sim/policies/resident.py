@@ -1,12 +1,13 @@
 """`resident`: every expert on the GPU (vLLM / DeepSpeed-FastGen style). The memory ceiling."""
 import numpy as np
 
+from sim.params import Params
 from sim.policies.base import ExpertPolicy, RunPlan, StepBatch, StepPlan
 
 
 class ResidentPolicy(ExpertPolicy):
     name = "resident"
-    PARAMS: dict = {}
+    Params = Params     # none: every expert, always
 
     def _capacity_per_layer(self):
         return np.full(self.L, self.E, dtype=np.int64)
@@ -24,4 +25,5 @@ class ResidentPolicy(ExpertPolicy):
         counts = self._run_counts(run.experts)
         self._account_run(run.experts, counts, np.zeros(counts.shape, dtype=bool), run.requests[0])
         T = len(run.experts)
-        return RunPlan(counts, np.zeros((T, self.L), dtype=np.int64), np.full(T, int(self.resident.sum())))
+        return RunPlan(counts=counts, demand=np.zeros((T, self.L), dtype=np.int64),
+                       resident=np.full(T, int(self.resident.sum())))

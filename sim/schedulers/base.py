@@ -7,24 +7,19 @@ so a large request is not starved by smaller ones behind it.
 """
 from __future__ import annotations
 
+from sim.params import Params
+
 
 class Scheduler:
     name = "base"
-    PARAMS: dict = {}
+    Params: type[Params] = Params     # the scheduler's parameters (a frozen dataclass that checks itself)
     # True when key() does not depend on `now`: the engine then keeps the waiting queue
     # in key order as requests arrive, and select() never re-sorts it (O(admitted) per step).
     static_key = True
 
-    def __init__(self, params: dict | None = None):
+    def __init__(self, params: dict | Params | None = None):
         params = params or {}
-        self.check_params(params)
-        self.params = {**self.PARAMS, **params}
-
-    @classmethod
-    def check_params(cls, params: dict) -> None:
-        unknown = set(params) - set(cls.PARAMS)
-        if unknown:
-            raise KeyError(f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.PARAMS) or 'none'}")
+        self.params = params if isinstance(params, self.Params) else self.Params.of(params)
 
     def key(self, req, now: float):
         """Sort key of the waiting queue: smaller goes first."""

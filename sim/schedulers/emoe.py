@@ -45,35 +45,43 @@ realised of each of its predictions goes into `admission_estimate_error_p50/p90`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from sim.params import ParamError, Params
 from sim.schedulers.base import Scheduler
 from sim.schedulers.stepcost import StepCosts
 
 
+@dataclass(frozen=True)
+class EmoeSchedulerParams(Params):
+    per_token_s: float = 0.05    # seconds per token when no cost model is attached (a scheduler on its own)
+    expert_load_s: float = 0.0   # dE when the policy does not estimate it
+    smoothing: float = 0.2       # weight of the newest step in the overhead's moving average
+    reset_share: float = 0.05    # G's floor, as a share of the task's mean output
+    correction: bool = True      # add the observed step overhead to step estimates
+
+    def check(self) -> None:
+        super().check()
+        for k in ("per_token_s", "expert_load_s", "smoothing", "reset_share"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ParamError(f"{k} must be a non-negative number, got {v!r}")
+        if not isinstance(self.correction, bool):
+            raise ParamError(f"correction must be true or false, got {self.correction!r}")
+        if not 0 <= float(self.smoothing) <= 1:
+            raise ParamError(f"smoothing must be between 0 and 1, got {self.smoothing!r}")
+
+
 class EmoeScheduler(Scheduler):
     name = "emoe"
-    # per_token_s: seconds per token when no cost model is attached (a scheduler on its own).
-    PARAMS = {"per_token_s": 0.05, "expert_load_s": 0.0, "smoothing": 0.2, "reset_share": 0.05,
-              "correction": True}
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        for k, v in params.items():
-            if k == "correction":
-                if not isinstance(v, bool):
-                    raise ValueError(f"correction must be true or false, got {v!r}")
-            elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{k} must be a non-negative number, got {v!r}")
-        if not 0 <= float(params.get("smoothing", 0.2)) <= 1:
-            raise ValueError(f"smoothing must be between 0 and 1, got {params['smoothing']!r}")
+    Params = EmoeSchedulerParams
 
     def __init__(self, params=None):
         super().__init__(params)
         self.policy = None
-        self.costs = StepCosts(per_token_s=self.params["per_token_s"])
+        self.costs = StepCosts(per_token_s=self.params.per_token_s)
         self.overhead_s = 0.0                       # moving average: observed - estimated step time
         self._predicted: dict[int, list] = {}       # request index -> predicted completions (from arrival)
         self.errors: list[float] = []               # relative errors of finished requests' predictions
@@ -82,7 +90,7 @@ class EmoeScheduler(Scheduler):
 
     def attach(self, policy, cost=None, max_batch_tokens=None) -> None:
         self.policy = policy
-        self.costs = StepCosts(cost, max_batch_tokens, self.params["per_token_s"])
+        self.costs = StepCosts(cost, max_batch_tokens, self.params.per_token_s)
 
     def key(self, req, now):
         return (req.deadline("ttft_s"), req.deadline("e2e_s"), req.arrival_s, req.index)
@@ -91,11 +99,14 @@ class EmoeScheduler(Scheduler):
     def G(self, req) -> float:
         """Tokens req still has to generate, by the task's mean output."""
         start = req.expected_output
-        return max(start - req.generated, self.params["reset_share"] * start)
+        return max(start - req.generated, self.params.reset_share * start)
 
     def expert_load_s(self) -> float:
         est = getattr(self.policy, "expected_load_s", None)
-        return float(est()) if callable(est) else float(self.params["expert_load_s"])
+        if not callable(est):
+            return float(self.params.expert_load_s)
+        cost = self.costs.cost
+        return float(est(cost.copy_s if cost is not None else 0.0))
 
     @staticmethod
     def _decode_ctx(req) -> int:
@@ -103,7 +114,7 @@ class EmoeScheduler(Scheduler):
         return req.context if not req.in_prefill else req.prompt_tokens
 
     def _correction(self) -> float:
-        return self.overhead_s if self.params["correction"] else 0.0
+        return self.overhead_s if self.params.correction else 0.0
 
     def batch_view(self, members: list, now: float, dE: float) -> dict:
         """Eq. 3's terms for a batch: per member (arrays) and for the batch as a whole."""
@@ -167,7 +178,7 @@ class EmoeScheduler(Scheduler):
 
     def on_step(self, running, step_s, now):
         """Learn the part of step time the compute estimate misses (copies, stalls, the real clock)."""
-        a = float(self.params["smoothing"])
+        a = float(self.params.smoothing)
         self.overhead_s = (1 - a) * self.overhead_s + a * (step_s - self._step_estimate(running))
 
     def _step_estimate(self, running) -> float:

@@ -38,8 +38,9 @@ def sample_trace():
             experts[t, layer] = pair
     top = rng.uniform(0.5, 0.95, size=(T, L))
     gates = np.stack([top, 1 - top], axis=2).astype(np.float16)
-    return Trace("tiny", L, E, k, [f"r{i:06d}" for i in range(4)], ["code", "math", "code", "math"],
-                 prompt, output, experts, gates)
+    return Trace(model="tiny", n_layers=L, n_experts=E, top_k=k, request_id=[f"r{i:06d}" for i in range(4)],
+                 task=["code", "math", "code", "math"], prompt_tokens=prompt, output_tokens=output, experts=experts,
+                 gates=gates)
 
 
 def _dump(path: Path, records):
