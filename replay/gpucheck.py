@@ -26,9 +26,9 @@ from replay.compare import compare
 from replay.model import scaled_spec
 from replay.profile import run_profile, write_profile
 from replay.run import DTYPES, replay_scenario
-from sim.models import get_model
 from sim.run import run_scenario
 from sim.scenario import load_scenario
+from traces.model_shape import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "traces" / "samples" / "mixtral-8x7b-mixed.npz"

@@ -14,11 +14,11 @@ from replay.engine import ReplayEngine
 from replay.model import ReplayModel, scaled_spec
 from sim.engine import TIMELINE_COLUMNS
 from sim.hardware import get_hardware
-from sim.models import get_model
 from sim.results import code_version, request_table, summarize
 from sim.run import RunResult, scenario_policy
 from sim.schedulers import make_scheduler
 from sim.workload import build_requests, load_workload_trace
+from traces.model_shape import get_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _preset(name: str, option: str = "--model"):
     """A model preset named on the command line."""
-    from sim.models import get_model
+    from traces.model_shape import get_model
     try:
         return get_model(name)
     except (KeyError, ValueError, TypeError) as e:   # get_model's own input checks
@@ -191,7 +191,7 @@ def cmd_trace_stats(a):
 
 
 def cmd_models(a):
-    from sim.models import PRESETS
+    from traces.model_shape import PRESETS
     print(f"{'preset':20s}{'params':>9s}{'MoE layers':>11s}{'experts':>8s}{'top-k':>6s}{'shared':>7s}"
           f"{'MB/expert':>10s}{'dense GB':>9s}{'experts GB':>11s}{'KV KB/tok':>10s}")
     for m in PRESETS.values():
@@ -565,12 +565,12 @@ def cmd_profile(a):
     dtype = DTYPES[dtype_name]
     spec, calib = None, None
     if a.scenario:
-        from sim.models import get_model
+        from traces.model_shape import get_model
         sc = _scenario(a)
         spec = scaled_spec(get_model(sc["model"]), a.scale, torch.tensor([], dtype=dtype).element_size())
         calib = load_calibration(a, sc)
     else:
-        from sim.models import get_model
+        from traces.model_shape import get_model
         spec = scaled_spec(get_model("tiny"), 1, torch.tensor([], dtype=dtype).element_size())
     max_bytes = a.max_copy_mb * 2 ** 20
     prof = run_profile(a.device, spec, dtype, calib, max_bytes, a.scale, threads=a.threads)

@@ -187,9 +187,9 @@ def _calibration_from_environment(sc: dict) -> None:
 
 def validate(sc: dict, src: str, base_dir: Path) -> None:
     from sim.hardware import get_hardware
-    from sim.models import get_model
     from sim.policies import POLICIES
     from sim.schedulers import SCHEDULERS
+    from traces.model_shape import get_model
 
     if sc["model"] is None:
         raise ScenarioError(f"{src}: 'model' is required (a preset such as mixtral-8x7b, see `emoe models`)")

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from sim.models import get_model
 from sim.policies import make_policy
 from sim.predictors import load_predictor, make_predictor
 from sim.predictors.evaluate import evaluate, split_requests
@@ -11,6 +10,7 @@ from sim.run import run_scenario
 from sim.schedulers.emoe import EmoeScheduler
 from sim.taskid import TaskIdentifier, classify
 from simhelpers import tiny_scenario
+from traces.model_shape import get_model
 from traces.stats import request_counts, token_mask
 from traces.synth import synthesize
 

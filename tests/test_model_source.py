@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from sim.cli import main
-from sim.models import get_model
 from sim.scenario import ScenarioError, load_scenario
 from traces.format import TraceError, load_trace, read_meta, save_trace
+from traces.model_shape import get_model
 
 SMALL = __import__("pathlib").Path(__file__).parent.parent / "traces" / "models" / "emoe-small-moe"
 SHAPE = {**asdict(get_model("tiny")), "name": "tiny-captured", "dtype_bytes": 4}

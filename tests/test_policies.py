@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from sim.models import get_model
 from sim.policies import POLICIES, StepBatch, make_policy
 from sim.request import Request
+from traces.model_shape import get_model
 
 TINY = get_model("tiny")   # 4 layers, 8 experts, top-2
 

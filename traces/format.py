@@ -6,7 +6,7 @@ columnar numpy arrays that load with `np.load` and no pickling.
     meta                 JSON string: format, version, model, n_layers, n_experts,
                          top_k, n_shared_experts, has_router_probs, extra (free dict),
                          model_shape (optional: the model's full shape, the fields of
-                         sim.models.ModelSpec as plain values, e.g. from `emoe capture`;
+                         traces.model_shape.ModelSpec as plain values, e.g. from `emoe capture`;
                          a scenario's `model: from_trace` runs it; traces without it,
                          written before it existed, read as before)
     request_id  (R,)     str      unique per request

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.models import ModelSpec, get_model
 from traces.format import Trace, TraceError, expert_dtype, validate
+from traces.model_shape import ModelSpec, get_model
 
 FORMATS = ("rows", "vllm", "megatron")
 MISSING = -1          # an expert id a record did not give (a dropped row, vLLM's missing-route sentinel)

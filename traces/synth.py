@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from sim.models import get_model
 from traces.errors import UserError
 from traces.format import Trace, expert_dtype
+from traces.model_shape import get_model
 from traces.profile import PROFILES, RoutingProfile, per_layer, profile_dict, resolve_profile  # noqa: F401
 from traces.realdata import TASKS, LengthDist, measured_popularity
 

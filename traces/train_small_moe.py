@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from traces.prompts import load_task_examples  # noqa: E402
@@ -51,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    # Here, not at the top: `traces` imports without torch (tests/test_layering.py).
+    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
     torch.manual_seed(a.seed)
     random.seed(a.seed)
