@@ -35,11 +35,6 @@ def scaled_spec(spec, scale: int, dtype_bytes: int):
                    dtype_bytes=dtype_bytes, kv_cache_dim=0, attn_params=0)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class ExpertCache:
     """Device slots for experts, filled over one host link (replay/link.py: the copy rule).
 

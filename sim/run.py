@@ -37,7 +37,7 @@ class RunResult:
 
 
 def build(sc: dict, trace=None):
-    """Everything a run needs, from a resolved scenario (also used by capacity and replay)."""
+    """Everything a run needs, from a resolved scenario (also used by `emoe capacity`)."""
     model = get_model(sc["model"])
     hw = get_hardware(sc["hardware"], Path(sc.get("_base_dir", ".")))
     if trace is None:

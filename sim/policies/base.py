@@ -494,12 +494,6 @@ class ExpertPolicy:
     def touch(self, used: np.ndarray, needed: np.ndarray) -> None:
         """Recency/frequency bookkeeping after a step (LRU/LFU override)."""
 
-    def set_resident(self, layer: int, target: np.ndarray) -> int:
-        """Replace a layer's resident set with `target` (bool E); returns experts loaded."""
-        new = target & ~self.resident[layer]
-        self.resident[layer] = target
-        return int(new.sum())
-
     def counters(self) -> dict:
         accesses = self.hits + self.misses
         return dict(hits=self.hits, misses=self.misses, reroutes=self.reroutes,
