@@ -149,7 +149,7 @@ def test_adaptive_per_layer_spends_the_same_budget():
 # ---- the scheduler (Algorithm 1) ----------------------------------------------------------
 def test_algorithm1_never_breaks_a_running_slo_under_its_estimate():
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    for _ in range(200):
         s = EmoeScheduler({"per_token_s": float(rng.uniform(0.01, 0.1))})
         now = float(rng.uniform(0, 20))
         running = []

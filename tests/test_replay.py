@@ -5,12 +5,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from replay.compare import compare  # noqa: E402
-from replay.run import replay_scenario  # noqa: E402
-from sim.cli import main  # noqa: E402
-from sim.run import run_scenario  # noqa: E402
-from sim.scenario import load_scenario  # noqa: E402
-from simhelpers import TINY_HW  # noqa: E402
+from replay.compare import compare
+from replay.run import replay_scenario
+from sim.cli import main
+from sim.run import run_scenario
+from sim.scenario import load_scenario
+from simhelpers import TINY_HW
 
 
 def scenario(trace_path, policy, arrival=None, requests=16):

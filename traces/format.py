@@ -102,12 +102,12 @@ class Trace:
         """Request index of every token row."""
         return np.repeat(np.arange(self.n_requests), np.diff(self.offsets))
 
-    def subset(self, idx) -> "Trace":
+    def subset(self, idx) -> Trace:
         """A new trace holding the requests `idx` (in that order)."""
         idx = np.asarray(idx, dtype=np.int64)
         rows = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in idx]) \
             if len(idx) else np.zeros(0, dtype=np.int64)
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        pick = lambda a: None if a is None else a[idx]
         return Trace(self.model, self.n_layers, self.n_experts, self.top_k,
                      self.request_id[idx], self.task[idx], self.prompt_tokens[idx], self.output_tokens[idx],
                      self.experts[rows], self.gates[rows], pick(self.arrival_s), pick(self.prompt_text),
@@ -123,7 +123,7 @@ class Trace:
             m["model_shape"] = self.model_shape
         return m
 
-    def validate(self, source: str = "trace") -> "Trace":
+    def validate(self, source: str = "trace") -> Trace:
         validate(self, source)
         return self
 
@@ -254,7 +254,7 @@ def read_meta(path) -> dict:
         raise TraceError(f"trace file '{path}' does not exist")
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:  # zip/npz errors come in many types
+    except Exception as e:  # noqa: BLE001 - zip/npz errors come in many types
         raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
     with z:
         return _meta(z, path)
@@ -267,14 +267,14 @@ def load_trace(path, validate_routing: bool = True) -> Trace:
                          "or `emoe trace import`")
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:  # zip/npz errors come in many types
+    except Exception as e:  # noqa: BLE001 - zip/npz errors come in many types
         raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
     with z:
         meta = _meta(z, path)
         missing = [a for a in REQUIRED_ARRAYS if a not in z.files]
         if missing:
             raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
-        get = lambda a: z[a] if a in z.files else None  # noqa: E731
+        get = lambda a: z[a] if a in z.files else None
         t = Trace(meta["model"], int(meta["n_layers"]), int(meta["n_experts"]), int(meta["top_k"]),
                   z["request_id"], z["task"], z["prompt_tokens"], z["output_tokens"], z["experts"], z["gates"],
                   get("arrival_s"), get("prompt_text"), get("router_probs"),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from traces.prompts import load_task_examples  # noqa: E402
+from traces.prompts import load_task_examples
 
 SOURCES = ["math", "code", "qa", "summarization", "translation", "general"]
 
@@ -42,7 +42,8 @@ def build_tokenizer(texts, vocab_size: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpora"))
+    repo = Path(__file__).resolve().parent.parent
+    ap.add_argument("--data", default=str(repo.parent / "shared" / "data" / "corpora"))
     ap.add_argument("-o", "--output", default=str(Path(__file__).resolve().parent / "models" / "emoe-small-moe"))
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--seq", type=int, default=256)
