@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from replay.confirm import confirm  # noqa: E402
-from replay.gpucheck import POLICIES, scenario  # noqa: E402
+from replay.confirm import confirm
+from replay.gpucheck import POLICIES, scenario
 
 CHECKS = ("latency", "throughput", "memory", "ttft")
 

@@ -56,12 +56,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--light", type=int, default=200, help="requests in the light-load run")
     a = ap.parse_args()
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}")
     path = trace_for(a.requests)
     trace = load_trace(path)
     sc = scenario(path, {"process": "batch"}, 32)
     w, steps, res, walls = measure(sc, trace, a.repeats)
-    print(f"saturated: {a.requests} requests, {steps} steps, median {w:.2f}s wall (runs {[round(x, 2) for x in walls]}); "
+    print(f"saturated: {a.requests} requests, {steps} steps, median {w:.2f}s wall "
+          f"(runs {[round(x, 2) for x in walls]}); "
           f"{steps / w:,.0f} steps/s, {a.requests / w:,.0f} requests/s; mean running "
           f"{res.timeline.batch_requests.mean():.1f}")
     light = trace.subset(range(a.light))

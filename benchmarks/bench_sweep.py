@@ -29,7 +29,8 @@ def main():
                 times[jobs].append(time.perf_counter() - t0)
                 assert res["failed"] == 0 and res["ran"] == 40
     m1, m2 = statistics.median(times[1]), statistics.median(times[2])
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}")
     print(f"-j 1 median {m1:.1f}s {[round(x, 1) for x in times[1]]}; -j 2 median {m2:.1f}s "
           f"{[round(x, 1) for x in times[2]]}; speed-up {m1 / m2:.2f}x")
 

@@ -37,8 +37,10 @@ def main():
         assert back.n_tokens == tr.n_tokens
     size = path.stat().st_size
     path.unlink()
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"trace: {tr.n_requests} requests, {tr.n_tokens} tokens, {size / 1e6:.0f} MB on disk; generated in {gen:.1f}s")
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}")
+    print(f"trace: {tr.n_requests} requests, {tr.n_tokens} tokens, {size / 1e6:.0f} MB on disk; "
+          f"generated in {gen:.1f}s")
     print(f"write (validate + save) median {statistics.median(writes):.2f}s  runs {[round(x, 2) for x in writes]}")
     print(f"load  (read + validate) median {statistics.median(loads):.2f}s  runs {[round(x, 2) for x in loads]}")
 

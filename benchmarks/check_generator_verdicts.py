@@ -32,13 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sim.run import run_scenario  # noqa: E402
-from sim.scenario import load_scenario  # noqa: E402
-from traces.compare import compare, flatten  # noqa: E402
-from traces.fit import fit_profile  # noqa: E402
-from traces.format import load_trace, save_trace  # noqa: E402
-from traces.stats import summary_stats  # noqa: E402
-from traces.synth import synthesize  # noqa: E402
+from sim.run import run_scenario
+from sim.scenario import load_scenario
+from traces.compare import compare, flatten
+from traces.fit import fit_profile
+from traces.format import load_trace, save_trace
+from traces.stats import summary_stats
+from traces.synth import synthesize
 
 POLICIES = {
     "on_demand LRU": {"name": "on_demand", "eviction": "lru"},

@@ -101,7 +101,7 @@ piv.plot(marker="o", ylabel="fidelity in sensitive layers", xlabel="interval p")
 from replay.profile import run_profile, write_profile
 from replay.model import scaled_spec
 from replay.run import replay_scenario
-from sim.models import get_model
+from traces.model_shape import get_model
 from sim.run import run_scenario
 from sim.scenario import load_scenario
 import torch

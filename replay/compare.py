@@ -88,7 +88,7 @@ def _side(d) -> dict:
     p = Path(d)
     res = load_results(p)
     meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").exists() else {}
-    from sim.models import get_model
+    from traces.model_shape import get_model
     model = meta.get("model") or vars(get_model(res["scenario"]["model"]))
     return dict(dir=p, engine=meta.get("engine", "sim"), model=model, hardware=meta.get("hardware") or {},
                 device=meta.get("device"), device_name=meta.get("device_name"), dtype=meta.get("dtype"),
@@ -123,7 +123,7 @@ def check_comparable(sim_dir, replay_dir) -> tuple[list[str], list[str]]:
                             f"of the replay's device ({b['device_name']}): its times predict another machine")
         else:
             from sim.costmodel import measured_for
-            from sim.models import ModelSpec
+            from traces.model_shape import ModelSpec
             spec = ModelSpec(**{k: v for k, v in a["model"].items() if k in ModelSpec.__dataclass_fields__})
             if measured_for(type("H", (), {"measured": measured})(), spec) is None:
                 warnings.append(f"the simulation's profile was measured for {measured.get('model', {}).get('name')}, "

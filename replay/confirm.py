@@ -40,10 +40,10 @@ from replay.profile import busy_steps, run_profile, step_wall, write_profile
 from replay.run import DTYPES, replay_scenario
 from sim.costmodel import measured_for
 from sim.hardware import get_hardware
-from sim.models import get_model
 from sim.run import run_scenario
 from sim.scenario import load_scenario
 from traces.errors import UserError
+from traces.model_shape import get_model
 
 CALIBRATION_REQUESTS = 24   # the profile's step-overhead replay: a short all-at-once batch
 

@@ -38,7 +38,7 @@ class ReplayEngine(Engine):
         self._initial = int(self.policy.resident.sum())             # copies made before the first step
         self._resident = self.policy.resident.copy()
 
-    def run(self) -> "ReplayEngine":
+    def run(self) -> ReplayEngine:
         super().run()            # the simulator's loop, on the wall clock
         self.rt.cache.drain()    # prefetches still on the link: land them, so the copy counters are final
         return self

@@ -26,9 +26,9 @@ from replay.compare import compare
 from replay.model import scaled_spec
 from replay.profile import run_profile, write_profile
 from replay.run import DTYPES, replay_scenario
-from sim.models import get_model
 from sim.run import run_scenario
 from sim.scenario import load_scenario
+from traces.model_shape import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "traces" / "samples" / "mixtral-8x7b-mixed.npz"
@@ -62,7 +62,8 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--policies", default="resident,emoe", help=f"comma-separated, from {list(POLICIES)}")
     ap.add_argument("--calibration-requests", type=int, default=24)
-    ap.add_argument("--max-copy-mb", type=int, default=0, help="largest copy profiled (default: 512 on cuda, 64 on cpu)")
+    ap.add_argument("--max-copy-mb", type=int, default=0,
+                    help="largest copy profiled (default: 512 on cuda, 64 on cpu)")
     a = ap.parse_args(argv)
     out = Path(a.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +116,8 @@ def main(argv=None):
             lines.append(f"| {row['metric']} | {row['sim']:.4g} | {row['replay']:.4g} | {err} |")
         if "h2d_share_of_profile" in entry:
             lines.append(f"\nreplay host-to-device {entry['h2d_replay_bytes_per_s'] / 1e9:.2f} GB/s = "
-                         f"{entry['h2d_share_of_profile']:.0%} of the profiled {entry['h2d_profile_bytes_per_s'] / 1e9:.2f}"
-                         " GB/s at one expert's size")
+                         f"{entry['h2d_share_of_profile']:.0%} of the profiled "
+                         f"{entry['h2d_profile_bytes_per_s'] / 1e9:.2f} GB/s at one expert's size")
         lines.append("")
     (out / "comparison.md").write_text("\n".join(lines + ["", "```", *log, "```"]))
     say(f"wrote {out / 'comparison.md'}")

@@ -7,10 +7,10 @@ Every routed expert lives in host memory (pinned on CUDA) as one flat tensor
 slots the policy's resident experts occupy, plus a staging slot per top-k for
 experts streamed through a full cache. Copies go over one host link under the
 simulator's copy rule (replay/link.py; sim/costmodel.py states it): one expert at a
-time, demand before queued prefetches, and a layer computes once its experts landed. Weights are random unless real ones are
-loaded (replay/weights.py): memory and time do not depend on the values. Routing
-is forced from the trace, or with real weights decided by the model's own router
-as each layer runs (`step(..., routes=None)`).
+time, demand before queued prefetches, and a layer computes once its experts landed.
+Weights are random unless real ones are loaded (replay/weights.py): memory and time
+do not depend on the values. Routing is forced from the trace, or with real weights
+decided by the model's own router as each layer runs (`step(..., routes=None)`).
 """
 from __future__ import annotations
 
@@ -33,11 +33,6 @@ def scaled_spec(spec, scale: int, dtype_bytes: int):
                    expert_ffn=max(spec.expert_ffn // scale, 1), vocab=max(spec.vocab // scale, 16),
                    shared_ffn=spec.shared_ffn // scale, dense_ffn=spec.dense_ffn // scale,
                    dtype_bytes=dtype_bytes, kv_cache_dim=0, attn_params=0)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class ExpertCache:

@@ -346,7 +346,8 @@ def _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host
         measured["spread"]["step_s"] = measured["step_s"].pop("spread")
     measured["threads"] = threads
     measured["spread"]["copies"] = copies["spread"]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()})")
     mem = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else _host_memory()
     hw = dict(name=f"profile:{name}", memory_bytes=float(mem), hbm_bytes_per_s=float(copies["bytes_per_s"]),
               flops_per_s=1e12, h2d_bytes_per_s=copies["bytes_per_s"], h2d_latency_s=copies["latency_s"],

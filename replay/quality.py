@@ -198,7 +198,8 @@ def sensitivity(model, tok, examples: list[dict], threshold: float = 0.85, seed:
             agree = []
             for m in range(1, L + 1):
                 ctrl.random_layers = set(range(m))
-                hits = [float((_score(model, ids, p, r)[0] == ref).float().mean()) for (ids, p, r), ref in zip(enc, refs)]
+                hits = [float((_score(model, ids, p, r)[0] == ref).float().mean())
+                        for (ids, p, r), ref in zip(enc, refs)]
                 agree.append(float(np.mean(hits)))
             ctrl.random_layers = set()
             curves[task] = agree

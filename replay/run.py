@@ -11,7 +11,7 @@ import torch
 from replay.engine import ReplayEngine
 from replay.model import ReplayModel, scaled_spec
 from replay.options import DTYPE_NAMES
-from sim.models import get_model
+from traces.model_shape import get_model
 from sim.results import code_version
 from sim.run import RunResult, build, outcome
 from sim.workload import build_requests, load_workload_trace

@@ -146,9 +146,11 @@ def prompt_ids(weights_dir, trace, indices) -> dict:
         text = str(trace.prompt_text[i])
         if not text:
             with_text = sorted({str(t) for t, p in zip(trace.task, trace.prompt_text) if str(p)})
+            which = ("tasks with text: " + ", ".join(with_text) if with_text
+                     else "no selected task has prompt text")
             raise WeightsError(f"request {trace.request_id[i]} ({trace.task[i]}) has no prompt text in the "
                                "trace (licence-restricted prompts are not shipped); select requests that have "
-                               f"it with workload.tasks ({'tasks with text: ' + ', '.join(with_text) if with_text else 'no selected task has prompt text'})")
+                               f"it with workload.tasks ({which})")
         ids = np.asarray(tok(text)["input_ids"], dtype=np.int64)
         if len(ids) != trace.prompt_tokens[i]:
             raise WeightsError(f"request {trace.request_id[i]}: the tokenizer in {weights_dir} gives "

@@ -25,7 +25,6 @@ import yaml
 
 from sim.plots import pareto_mask
 from traces.errors import UserError
-from traces.errors import UserError
 
 # objective name -> (column, sign): smaller sign * value is better
 OBJECTIVES = {"memory": ("peak_memory_bytes", 1), "latency": ("e2e_mean_s", 1), "p99": ("e2e_p99_s", 1),

@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from sim.atomic import write_text
+from traces.atomic import write_text
 
 US = 1e6
 STEPS, SCHED = 1, 2          # thread ids

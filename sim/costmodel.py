@@ -185,7 +185,8 @@ class CostModel:
         n = int(demand.sum())
         self.copies["demand"] += n
         copies = n * c
-        self.link_free_at = t0 + fixed + wait + (last + 1) * attn + ffn_before[last] + float(demand[:last + 1].sum()) * c
+        self.link_free_at = (t0 + fixed + wait + (last + 1) * attn + ffn_before[last]
+                             + float(demand[:last + 1].sum()) * c)
         return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + copies + wait, copies, copies + wait)
 
     def decode_run(self, t0: float, run, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ over the interval (the ranking does not depend on it). The simulator's eMoE poli
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -69,7 +69,7 @@ class Engine:
         self.stopped_early = ""
 
     # ---- SimPy processes ----------------------------------------------------------
-    def run(self) -> "Engine":
+    def run(self) -> Engine:
         env = self.clock.environment()
         self.env = env
         env.process(self._arrivals(env))
@@ -199,7 +199,7 @@ class Engine:
         self.scheduler.on_step(self.running, timing.duration_s, now)
         return timing.duration_s
 
-    def _build_step(self) -> "StepWork":
+    def _build_step(self) -> StepWork:
         decode, chunks = self._plan_tokens()
         n_new = len(decode) + sum(c for _, c in chunks)
         if not self.mem.kv_fits(n_new):
@@ -285,12 +285,12 @@ class Engine:
             self._finish([req], now)
 
     # ---- what differs between the simulator and the replayer ---------------------------------
-    def execute(self, now: float, work: "StepWork", plan) -> StepTiming:
+    def execute(self, now: float, work: StepWork, plan) -> StepTiming:
         """The step's time: the cost model here, real execution in the replayer."""
         return self.cost.step(now, plan, work.n_tokens, work.n_sampled, work.attn_ctx, work.kv_read,
                               len(work.batch.requests), held=self.policy.resident)
 
-    def memory_parts(self, plan, work: "StepWork") -> dict:
+    def memory_parts(self, plan, work: StepWork) -> dict:
         """The step's memory by part: the ledger here, measured bytes in the replayer."""
         return self.mem.sample(int(self.policy.resident.sum()), plan.staged, work.n_tokens, work.n_sampled)
 

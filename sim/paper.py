@@ -93,7 +93,8 @@ def rows(d) -> list[tuple[str, str, str, str]]:
     out.append(("estimated quality (routing fidelity), eMoE vs Random, both rerouting (25%/50%/75%)",
                 "accuracy 93.7%-99.8%; Random 4%-9% worse",
                 " / ".join(f"{emoe.estimated_quality[c]:.2f} ({emoe.routing_fidelity[c]:.2f}) vs "
-                           f"{rnd.estimated_quality[c]:.2f} ({rnd.routing_fidelity[c]:.2f})" for c in (0.25, 0.5, 0.75)),
+                           f"{rnd.estimated_quality[c]:.2f} ({rnd.routing_fidelity[c]:.2f})"
+                           for c in (0.25, 0.5, 0.75)),
                 "memory-fidelity"))
     at = 0.625
     m = mf[mf["policy.capacity"] == at]

@@ -32,7 +32,7 @@ class Params:
         return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)}
 
     @classmethod
-    def of(cls, section: dict) -> "Params":
+    def of(cls, section: dict) -> Params:
         unknown = set(section) - set(cls.names())
         if unknown:
             raise ParamError(f"unknown parameter(s) {sorted(unknown)}; allowed: {cls.names() or 'none'}")

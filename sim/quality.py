@@ -138,7 +138,7 @@ def summarize(calib: dict | None, requests, model: str | None = None, calibratio
 
 def write(calib: dict, path) -> Path:
     """Write a user's calibration; never into the package, whose default stays as shipped."""
-    from sim.atomic import write_text
+    from traces.atomic import write_text
     return write_text(check_path(path), yaml.safe_dump(calib, sort_keys=False))   # an earlier one: replaced whole
 
 

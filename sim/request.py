@@ -37,10 +37,6 @@ class Request:
         return self.prefilled < self.prompt_tokens
 
     @property
-    def done(self) -> bool:
-        return self.finish_s is not None
-
-    @property
     def context(self) -> int:
         """Tokens whose KV is held: prompt processed so far plus generated tokens fed back."""
         return self.prefilled + max(self.generated - 1, 0)

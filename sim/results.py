@@ -58,7 +58,8 @@ def request_table(requests) -> pd.DataFrame:
         done = r.finish_s is not None
         ttft = r.first_token_s - r.arrival_s if r.first_token_s is not None else np.nan
         e2e = r.finish_s - r.arrival_s if done else np.nan
-        tpot = (r.finish_s - r.first_token_s) / (r.generated - 1) if done and r.generated > 1 else (0.0 if done else np.nan)
+        tpot = ((r.finish_s - r.first_token_s) / (r.generated - 1) if done and r.generated > 1
+                else (0.0 if done else np.nan))
         rows.append(dict(request_id=r.rid, task=r.task, prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens,
                          generated_tokens=r.generated if done else 0, arrival_s=r.arrival_s,
                          admitted_s=r.admitted_s, first_token_s=r.first_token_s, finish_s=r.finish_s,

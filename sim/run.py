@@ -13,13 +13,13 @@ import yaml
 
 from sim.engine import TIMELINE_COLUMNS, Engine
 from sim.hardware import get_hardware
-from sim.models import get_model
 from sim.policies import make_policy
 from sim.results import code_version, request_table, summarize, write_results
 from sim.scenario import ScenarioError, dump
 from sim.schedulers import make_scheduler
 from sim.workload import build_requests, load_workload_trace
 from traces.errors import UserError, message
+from traces.model_shape import get_model
 
 
 @dataclass

@@ -177,7 +177,7 @@ def _calibration_from_environment(sc: dict) -> None:
 
 def validate(sc: dict, src: str, base_dir: Path) -> None:
     from sim.hardware import get_hardware
-    from sim.models import get_model
+    from traces.model_shape import get_model
     from sim.plugins import PluginError, known
     from sim.policies import POLICIES, policy_class
     from sim.schedulers import SCHEDULERS, scheduler_class

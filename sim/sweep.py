@@ -243,7 +243,7 @@ def _execute(todo, out: Path, jobs: int, dask: str | None, record):
             for fut in as_completed(futures):
                 try:
                     res = fut.result()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - any failure is this point's, recorded and reported
                     res = dict(status="failed", error=f"{type(e).__name__}: {e}")
                 record(futures[fut], res)
 

@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hfmodels import save_tiny  # noqa: E402
-from sim.cli import main  # noqa: E402
-from traces.capture import moe_modules, select, spec_from_config  # noqa: E402
-from traces.format import check_matches_model, load_trace  # noqa: E402
+from hfmodels import save_tiny
+from sim.cli import main
+from traces.capture import moe_modules, select, spec_from_config
+from traces.format import check_matches_model, load_trace
 
 ARCHS = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 PROMPTS = [{"task": "summarization", "prompt": "Summarize the dialogue: hello there"},

@@ -4,7 +4,7 @@ import pytest
 
 from sim.costmodel import CostModel
 from sim.hardware import get_hardware
-from sim.models import get_model
+from traces.model_shape import get_model
 from sim.policies.base import STEP_START, StepPlan, after_router, as_layer_starts
 
 M = get_model("mixtral-8x7b")

@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from sim.engine import Engine
-from sim.models import get_model
 from sim.policies import POLICIES, make_policy
 from sim.policies.base import MISS_MODES, ExpertPolicy, StepBatch
 from sim.policies.on_demand import OnDemandPolicy
 from sim.request import Request
 from sim.run import run_scenario
 from sim.scenario import load_scenario
+from traces.model_shape import get_model
 
 SAMPLE = Path(__file__).parent.parent / "traces" / "samples" / "mixtral-8x7b-mixed.npz"
 

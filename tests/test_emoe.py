@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from sim.models import get_model
 from sim.policies import make_policy
 from sim.predictors import load_predictor, make_predictor
 from sim.predictors.evaluate import evaluate, split_requests
@@ -11,6 +10,7 @@ from sim.run import run_scenario
 from sim.schedulers.emoe import EmoeScheduler
 from sim.taskid import TaskIdentifier, classify
 from simhelpers import tiny_scenario
+from traces.model_shape import get_model
 from traces.stats import request_counts, token_mask
 from traces.synth import synthesize
 
@@ -150,7 +150,7 @@ def test_adaptive_per_layer_spends_the_same_budget():
 # ---- the scheduler (Algorithm 1) ----------------------------------------------------------
 def test_algorithm1_never_breaks_a_running_slo_under_its_estimate():
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    for _ in range(200):
         s = EmoeScheduler({"per_token_s": float(rng.uniform(0.01, 0.1))})
         now = float(rng.uniform(0, 20))
         running = []

@@ -4,7 +4,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from sim.models import get_model
+from traces.model_shape import get_model
 from traces.format import TraceError, check_matches_model, load_trace, save_trace
 from conftest import make_trace
 

@@ -12,7 +12,7 @@ def test_gpucheck_flow_on_cpu(tmp_path):
           "--calibration-requests", "4", "--max-copy-mb", "1", "--policies", "resident,emoe"])
     report = json.loads((tmp_path / "comparison.json").read_text())
     assert set(report["runs"]) == {"resident", "emoe"}
-    for name, run in report["runs"].items():
+    for run in report["runs"].values():
         metrics = {row["metric"]: row for row in run["comparison"]}
         assert metrics["requests_completed"]["sim"] == metrics["requests_completed"]["replay"] == 4
         assert abs(metrics["weights_plus_cache_bytes"]["rel_error"]) < 0.02

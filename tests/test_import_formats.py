@@ -14,7 +14,7 @@ from traces.stats import request_nmi, token_mask
 
 DATA = Path(__file__).parent / "data" / "import"
 sys.path.insert(0, str(DATA.parent))
-import make_import_samples as samples  # noqa: E402
+import make_import_samples as samples
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from sim.cli import main
-from sim.models import get_model
 from sim.scenario import ScenarioError, load_scenario
 from traces.format import TraceError, load_trace, read_meta, save_trace
+from traces.model_shape import get_model
 
 SMALL = __import__("pathlib").Path(__file__).parent.parent / "traces" / "models" / "emoe-small-moe"
 SHAPE = {**asdict(get_model("tiny")), "name": "tiny-captured", "dtype_bytes": 4}
@@ -96,7 +96,7 @@ def test_capture_records_the_checkpoints_shape(tmp_path):
     t = load_trace(out)
     sc = load_scenario(data={"model": "from_trace", "workload": {"trace": str(out)}})
     via_config = load_scenario(data={"model": {"hf_config": str(d)}, "workload": {"trace": str(out)}})
-    same = lambda m: {k: v for k, v in m.items() if k != "source"}  # noqa: E731
+    same = lambda m: {k: v for k, v in m.items() if k != "source"}
     assert same(sc["model"]) == same(via_config["model"]) == same(t.model_shape)
     assert (t.model_shape["n_moe_layers"], t.model_shape["n_experts"]) == (t.n_layers, t.n_experts)
     assert np.array_equal(load_trace(out).experts, t.experts)

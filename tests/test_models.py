@@ -1,6 +1,6 @@
 import pytest
 
-from sim.models import PRESETS, get_model
+from traces.model_shape import PRESETS, get_model
 
 
 @pytest.mark.parametrize("name,params_b", [

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sim.models import get_model
+from traces.model_shape import get_model
 from sim.params import ParamError
 from sim.policies import POLICIES, StepBatch, make_policy
 from sim.request import Request

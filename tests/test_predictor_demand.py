@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from sim.demand import Arrival, coming_demand, invocation_due
-from sim.models import get_model
 from sim.policies import make_policy
 from sim.request import Request
+from traces.model_shape import get_model
 
 F = {"qa": np.tile([0.5, 0.5, 0, 0], (2, 1)), "code": np.tile([0, 0, 0.25, 0.75], (2, 1))}
 

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from replay.profile import NOISY, interleaved, robust  # noqa: E402
+from replay.profile import NOISY, interleaved, robust
 
 
 def test_a_burst_of_other_work_does_not_move_the_estimate():

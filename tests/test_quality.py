@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hfmodels import save_tiny  # noqa: E402
-from sim import quality  # noqa: E402
-from sim.cli import main  # noqa: E402
+from hfmodels import save_tiny
+from sim import quality
+from sim.cli import main
 
 PROMPTS = [{"task": t, "prompt": p, "reference": r} for t, p, r in [
     ("math", "Solve the math problem: 3 + 4\\nAnswer: ", "3 + 4 = 7. The answer is 7."),

@@ -5,7 +5,7 @@ import pytest
 
 from sim.costmodel import CostModel
 from sim.hardware import PRESETS as HARDWARE
-from sim.models import get_model
+from traces.model_shape import get_model
 from sim.policies.base import StepPlan
 from sim.predictors import PREDICTORS, TRAINABLE, load_predictor, make_predictor
 from traces.synth import synthesize

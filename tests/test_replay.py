@@ -5,12 +5,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from replay.compare import compare  # noqa: E402
-from replay.run import replay_scenario  # noqa: E402
-from sim.cli import main  # noqa: E402
-from sim.run import run_scenario  # noqa: E402
-from sim.scenario import load_scenario  # noqa: E402
-from simhelpers import TINY_HW  # noqa: E402
+from replay.compare import compare
+from replay.run import replay_scenario
+from sim.cli import main
+from sim.run import run_scenario
+from sim.scenario import load_scenario
+from simhelpers import TINY_HW
 
 
 def scenario(trace_path, policy, arrival=None, requests=16):
@@ -96,7 +96,7 @@ def test_profile_writes_a_usable_hardware_profile(tiny_trace_path, tmp_path):
     # The simulator picks the measured cost functions up for this model shape.
     from sim.costmodel import CostModel
     from sim.hardware import get_hardware
-    from sim.models import get_model
+    from traces.model_shape import get_model
     from dataclasses import replace
     hw = get_hardware({"profile": str(tmp_path / "p.yaml")})
     assert CostModel(replace(get_model("tiny"), dtype_bytes=4), hw).measured is not None
@@ -119,7 +119,7 @@ def test_shared_experts_are_replayed_and_profiled(tiny_trace_path, tmp_path):
     from dataclasses import replace
 
     from replay.profile import model_profile
-    from sim.models import get_model
+    from traces.model_shape import get_model
     spec = replace(get_model(shared_tiny), dtype_bytes=4)
     measured = model_profile(spec, torch.device("cpu"), torch.float32)
     assert measured["shared_s"]["b"] > 0 and measured["model"]["n_shared_experts"] == 1

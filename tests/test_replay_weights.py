@@ -7,12 +7,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from replay.compare import compare_generations  # noqa: E402
-from replay.run import replay_scenario  # noqa: E402
-from replay.weights import WeightsError  # noqa: E402
-from sim.cli import main  # noqa: E402
-from sim.scenario import load_scenario  # noqa: E402
-from traces.format import load_trace  # noqa: E402
+from replay.compare import compare_generations
+from replay.run import replay_scenario
+from replay.weights import WeightsError
+from sim.cli import main
+from sim.scenario import load_scenario
+from traces.format import load_trace
 
 ROOT = Path(__file__).parent.parent
 WEIGHTS = ROOT / "traces" / "models" / "emoe-small-moe"

@@ -8,12 +8,12 @@ import pytest
 
 from sim.costmodel import CostModel
 from sim.hardware import get_hardware
-from sim.models import get_model
 from sim.request import Request
 from sim.run import run_scenario
 from sim.schedulers.emoe import EmoeScheduler
 from sim.schedulers.stepcost import StepCosts
 from simhelpers import tiny_scenario
+from traces.model_shape import get_model
 
 MIXTRAL = get_model("mixtral-8x7b")
 A100x4 = get_hardware({"preset": "a100-40gb", "count": 4})

@@ -3,11 +3,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.models import get_model
 from sim.policies import POLICIES
 from sim.schedulers import SCHEDULERS
 from sim.run import run_scenario
 from simhelpers import tiny_scenario
+from traces.model_shape import get_model
 
 FETCH_POLICIES = [
     {"name": "on_demand", "capacity": 0.5},

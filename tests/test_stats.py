@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from traces.stats import gini, js_divergence, nmi, trace_stats
+from traces.stats import (effective_experts, gate_stats, gini, js_divergence, nmi, prompt_decode_divergence,
+                          request_gini, request_nmi, reuse_by_layer, reuse_floor_by_layer, summary_stats,
+                          token_mask, trace_stats)
 from conftest import make_trace
 
 
@@ -64,8 +66,6 @@ def test_json_keys_present(tiny_trace):
 
 
 # ---- structure statistics (issue 12), by hand ------------------------------------------
-from traces.stats import (effective_experts, gate_stats, prompt_decode_divergence, request_gini,  # noqa: E402
-                          request_nmi, reuse_by_layer, reuse_floor_by_layer, summary_stats, token_mask)
 
 
 def test_per_request_gini_and_effective_experts():

@@ -46,7 +46,8 @@ def reference_shape_stats():
 def test_real_profile_matches_the_real_structure_within_15_percent(reference_shape_stats, key):
     rows = {r["key"]: r for r in compare(reference_shape_stats, REAL_MIXTRAL_STRUCTURE, tol=0.15)}
     r = rows[key]
-    assert r["verdict"] == "ok", f"{r['statistic']}: {r['a']:.3f} vs real {r['b']:.3f} ({r['relative_difference']:+.0%})"
+    assert r["verdict"] == "ok", (f"{r['statistic']}: {r['a']:.3f} vs real {r['b']:.3f} "
+                                  f"({r['relative_difference']:+.0%})")
 
 
 def test_decode_lengths_like_the_real_traces(real_code_math):

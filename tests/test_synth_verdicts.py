@@ -9,11 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from check_generator_verdicts import POLICIES, simulate, split_halves  # noqa: E402
+from check_generator_verdicts import POLICIES, simulate, split_halves
 
-from traces.fit import fit_profile  # noqa: E402
-from traces.format import load_trace, save_trace  # noqa: E402
-from traces.synth import synthesize  # noqa: E402
+from traces.fit import fit_profile
+from traces.format import load_trace, save_trace
+from traces.synth import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.models import ModelSpec
 from traces.format import Trace, expert_dtype
+from traces.model_shape import ModelSpec
 
 SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 

@@ -6,7 +6,7 @@ columnar numpy arrays that load with `np.load` and no pickling.
     meta                 JSON string: format, version, model, n_layers, n_experts,
                          top_k, n_shared_experts, has_router_probs, extra (free dict),
                          model_shape (optional: the model's full shape, the fields of
-                         sim.models.ModelSpec as plain values, e.g. from `emoe capture`;
+                         traces.model_shape.ModelSpec as plain values, e.g. from `emoe capture`;
                          a scenario's `model: from_trace` runs it; traces without it,
                          written before it existed, read as before)
     request_id  (R,)     str      unique per request
@@ -102,12 +102,12 @@ class Trace:
         """Request index of every token row."""
         return np.repeat(np.arange(self.n_requests), np.diff(self.offsets))
 
-    def subset(self, idx) -> "Trace":
+    def subset(self, idx) -> Trace:
         """A new trace holding the requests `idx` (in that order)."""
         idx = np.asarray(idx, dtype=np.int64)
         rows = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in idx]) \
             if len(idx) else np.zeros(0, dtype=np.int64)
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        pick = lambda a: None if a is None else a[idx]
         return Trace(model=self.model, n_layers=self.n_layers, n_experts=self.n_experts, top_k=self.top_k,
                      request_id=self.request_id[idx], task=self.task[idx], prompt_tokens=self.prompt_tokens[idx],
                      output_tokens=self.output_tokens[idx], experts=self.experts[rows], gates=self.gates[rows],
@@ -124,7 +124,7 @@ class Trace:
             m["model_shape"] = self.model_shape
         return m
 
-    def validate(self, source: str = "trace") -> "Trace":
+    def validate(self, source: str = "trace") -> Trace:
         validate(self, source)
         return self
 
@@ -261,7 +261,7 @@ def read_meta(path) -> dict:
         raise TraceError(f"trace file '{path}' does not exist")
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:  # zip/npz errors come in many types
+    except Exception as e:  # noqa: BLE001 - zip/npz errors come in many types
         raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
     with z:
         return _meta(z, path)
@@ -274,14 +274,14 @@ def load_trace(path, validate_routing: bool = True) -> Trace:
                          "or `emoe trace import`")
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:  # zip/npz errors come in many types
+    except Exception as e:  # noqa: BLE001 - zip/npz errors come in many types
         raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
     with z:
         meta = _meta(z, path)
         missing = [a for a in REQUIRED_ARRAYS if a not in z.files]
         if missing:
             raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
-        get = lambda a: z[a] if a in z.files else None  # noqa: E731
+        get = lambda a: z[a] if a in z.files else None
         t = Trace(model=meta["model"], n_layers=int(meta["n_layers"]), n_experts=int(meta["n_experts"]),
                   top_k=int(meta["top_k"]), request_id=z["request_id"], task=z["task"],
                   prompt_tokens=z["prompt_tokens"], output_tokens=z["output_tokens"], experts=z["experts"],

@@ -45,7 +45,7 @@ class _Request:
 
 def read_rows(path: Path, model, report: ImportReport, task: str | None = None,
               progress=None) -> list[RequestRouting]:
-    L, E, k = model.n_moe_layers, model.n_experts, model.top_k
+    L, k = model.n_moe_layers, model.top_k
     reqs: dict[tuple[str, str], _Request] = {}
     task_of: dict[str, tuple[str, int]] = {}
     collide: set[str] = set()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.models import ModelSpec, get_model
 from traces.format import Trace, TraceError, expert_dtype, validate
+from traces.model_shape import ModelSpec, get_model
 
 # Format -> its reader, "module:function", imported when used. A reader takes
 # (path, model, report, task, progress) and returns the requests' RequestRouting.

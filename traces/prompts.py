@@ -86,5 +86,5 @@ def heldout_prompts(data_dir, per_task: int = 20, tasks=TASKS, seed: int = 0) ->
 
 
 def write_prompts(rows: list[dict], path) -> Path:
-    from sim.atomic import write_text   # a crash leaves the old file or the new one
+    from traces.atomic import write_text   # a crash leaves the old file or the new one
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ TASKS: dict[str, TaskProfile] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def routing_stats(model: str) -> dict | None:
     """Measured per-domain expert popularity of a real model, or None if not shipped.
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from sim.models import get_model
 from traces.errors import UserError
 from traces.format import Trace, expert_dtype
-from traces.profile import PROFILES, RoutingProfile, per_layer, profile_dict, resolve_profile  # noqa: F401
+from traces.model_shape import get_model
+from traces.profile import RoutingProfile, per_layer, profile_dict, resolve_profile
 from traces.realdata import TASKS, LengthDist, measured_popularity
 
 # The task mix `emoe trace synth` generates when no --tasks are given (and the profile lists none).
@@ -74,12 +74,12 @@ class Template:
         return len(self.task)
 
     @classmethod
-    def of(cls, t) -> "Template":
+    def of(cls, t) -> Template:
         return cls(np.asarray(t.task).astype(str), np.asarray(t.prompt_tokens, np.int32),
                    np.asarray(t.output_tokens, np.int32), None if t.arrival_s is None else np.asarray(t.arrival_s),
                    dict(t.extra))
 
-    def repeat(self, k: int) -> "Template":
+    def repeat(self, k: int) -> Template:
         """k copies one after another (replicas at the same shape)."""
         return Template(np.tile(self.task, k), np.tile(self.prompt_tokens, k), np.tile(self.output_tokens, k),
                         None, dict(self.extra))
@@ -197,7 +197,8 @@ class RoutingModel:
                 z = self.base[group_of_tok, layer] + fixed + rng.gumbel(size=(T, E))
                 top = np.argpartition(-z, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
                 share = np.bincount((group_of_tok[:, None] * E + top).ravel(), minlength=n_groups * E)
-                share = share.reshape(n_groups, E) / np.maximum(np.bincount(group_of_tok, minlength=n_groups), 1)[:, None] / k
+                group_tokens = np.maximum(np.bincount(group_of_tok, minlength=n_groups), 1)[:, None]
+                share = share.reshape(n_groups, E) / group_tokens / k
                 log_share = np.log(np.maximum(share, 1e-5))
                 step = np.log(self.target[:, layer]) - log_share
                 if self.paths is not None:

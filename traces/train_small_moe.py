@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from traces.prompts import load_task_examples  # noqa: E402
+from traces.prompts import load_task_examples
 
 SOURCES = ["math", "code", "qa", "summarization", "translation", "general"]
 
@@ -43,7 +42,8 @@ def build_tokenizer(texts, vocab_size: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpora"))
+    repo = Path(__file__).resolve().parent.parent
+    ap.add_argument("--data", default=str(repo.parent / "shared" / "data" / "corpora"))
     ap.add_argument("-o", "--output", default=str(Path(__file__).resolve().parent / "models" / "emoe-small-moe"))
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--seq", type=int, default=256)
@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    # Here, not at the top: `traces` imports without torch (tests/test_layering.py).
+    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
     torch.manual_seed(a.seed)
     random.seed(a.seed)

@@ -40,7 +40,7 @@ class Registry:
 
 def preset(name: str, option: str = "--model"):
     """A model preset named on the command line."""
-    from sim.models import get_model
+    from traces.model_shape import get_model
     try:
         return get_model(name)
     except (KeyError, ValueError, TypeError) as e:   # get_model's own input checks
@@ -50,7 +50,7 @@ def preset(name: str, option: str = "--model"):
 def write_text(path, text: str, option: str) -> Path:
     """Write an output file atomically (a crash leaves the old file or the new one, never half);
     an unwritable path is the user's to fix, named by its option."""
-    from sim.atomic import write_text
+    from traces.atomic import write_text
     if Path(path).is_dir():
         raise UserError(f"{option} {path}: is a directory; give a file name")
     try:

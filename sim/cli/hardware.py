@@ -108,7 +108,7 @@ def measure_profile(a):
         from replay.run import DTYPES
     except ImportError as e:
         raise UserError(f"profile needs torch ({e}); pip install torch==2.13.0") from None
-    from sim.models import get_model
+    from traces.model_shape import get_model
     output_file(a.output, "-o", a.force)
     check_device(a)
     if a.threads is not None and a.threads < 1:
@@ -128,7 +128,8 @@ def measure_profile(a):
     hw, m = prof["hardware"], prof["measured"]
     print(f"{prof['info']['device']}: host-to-device {hw['h2d_bytes_per_s'] / 1e9:.2f} GB/s, "
           f"{hw['h2d_latency_s'] * 1e6:.1f} us per copy")
-    print(f"model {m['model']['name']}: expert {m['expert_s']['a'] * 1e6:.1f} us + {m['expert_s']['b'] * 1e6:.2f} us/token; "
+    print(f"model {m['model']['name']}: expert {m['expert_s']['a'] * 1e6:.1f} us + "
+          f"{m['expert_s']['b'] * 1e6:.2f} us/token; "
           f"attention {m['attention_s']['a'] * 1e6:.1f} us + {m['attention_s']['b'] * 1e6:.2f} us/token; "
           f"step {m['step_s']['a'] * 1e3:.2f} ms")
     print(f"wrote {path} ({prof['info']['seconds']}s, {prof['info']['threads']} threads); use it with  "

@@ -8,7 +8,7 @@ def add_parsers(sub):
 
 
 def models(a):
-    from sim.models import PRESETS
+    from traces.model_shape import PRESETS
     print(f"{'preset':20s}{'params':>9s}{'MoE layers':>11s}{'experts':>8s}{'top-k':>6s}{'shared':>7s}"
           f"{'MB/expert':>10s}{'dense GB':>9s}{'experts GB':>11s}{'KV KB/tok':>10s}")
     for m in PRESETS.values():

@@ -172,7 +172,7 @@ def stats(a):
         [(f"reuse{d}", ("reuse_by_distance", d)) for d in ("1", "2", "4", "8", "16")] + \
         [("reuseL0", "reuse_first_layer"), ("reuseLast", "reuse_last_layers"), ("gate50", ("gate_quantiles", "0.5")),
          ("gate>.9", "gate_top1_over_0_9"), ("JSp|d", "prompt_decode_divergence")]
-    get = lambda d, key: d[key] if isinstance(key, str) else d[key[0]][key[1]]  # noqa: E731
+    get = lambda d, key: d[key] if isinstance(key, str) else d[key[0]][key[1]]
     print("structure (per request where it applies):")
     print(f"{'':16s}" + "".join(f"{c:>10s}" for c, _ in cols))
     for name, d in rows:

@@ -84,7 +84,7 @@ class PregatedPolicy(OnDemandPolicy):
 
     def _learn(self, experts: np.ndarray) -> None:
         """Count each token's (expert at l, expert at l+1) pairs."""
-        L, E, k = self.L, self.E, self.k
+        L, E = self.L, self.E
         if L < 2:
             return
         ex = experts.astype(np.int64)

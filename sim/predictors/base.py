@@ -44,7 +44,7 @@ class ExpertPredictor:
         self.model = ""
 
     # ---- fitting -----------------------------------------------------------------
-    def fit(self, trace, train_idx) -> "ExpertPredictor":
+    def fit(self, trace, train_idx) -> ExpertPredictor:
         train_idx = np.asarray(train_idx, dtype=np.int64)
         self.L, self.E, self.model = trace.n_layers, trace.n_experts, trace.model
         self.train_ids = trace.request_id[train_idx].tolist()

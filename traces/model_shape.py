@@ -3,6 +3,9 @@
 A ModelSpec is everything the simulator needs to know about a model: the routing
 shape (MoE layers, experts, top-k, shared experts) and the byte sizes of its
 parts (one routed expert, the dense remainder, the KV cache per token).
+
+It lives in `traces`, the ground floor, because a trace records its model's shape
+(the `model_shape` meta of traces/format.py); `sim` and `replay` read it from here.
 """
 from __future__ import annotations
 
