@@ -12,7 +12,7 @@ Sweep file (YAML):
     seeds: [0, 1, 2]                 # repeat every point with these seeds (optional)
     output: runs/my-sweep            # default: runs/sweep-<file name>
 
-Each point's fully resolved scenario is hashed; its results live in
+Each point's fully resolved scenario, with the content of the files it reads, is hashed; its results live in
 OUTPUT/points/<hash>/ (written atomically). A point whose results exist is not
 run again, so an interrupted or crashed sweep resumes where it stopped and loses
 nothing. A failing point records its error in OUTPUT/points/<hash>.error.json
@@ -25,6 +25,7 @@ sweep outgrows one machine.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -108,9 +109,39 @@ def expand(spec: dict) -> list[dict]:
 
 
 def point_hash(sc: dict) -> str:
-    """Stable across runs and machines: the resolved scenario with paths made absolute."""
-    blob = json.dumps(public(sc), sort_keys=True, default=str)
+    """Stable across runs and machines: the resolved scenario with paths made absolute, and
+    the content of every file it reads (a trace regenerated at the same path is a new point,
+    not one whose old results a resumed sweep may reuse)."""
+    blob = json.dumps(dict(scenario=public(sc), inputs=input_digests(sc)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def input_digests(sc: dict) -> dict:
+    """{scenario key: sha256 of the file's bytes} for each input file the scenario names."""
+    from sim.scenario import POLICY_FILES
+    base = Path(sc.get("_base_dir", "."))
+    named = {"workload.trace": sc["workload"].get("trace"),
+             "hardware.profile": sc["hardware"].get("profile") if isinstance(sc["hardware"], dict) else None,
+             "quality.calibration": (sc.get("quality") or {}).get("calibration")}
+    named.update({f"policy.{k}": sc["policy"].get(k) for k in POLICY_FILES})
+    out = {}
+    for key, path in named.items():
+        if isinstance(path, str):
+            p = Path(path).expanduser()
+            p = p if p.is_absolute() else base / p
+            if p.is_file():
+                out[key] = _file_digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, read once per sweep (every point names the same trace)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_points(spec: dict) -> list[dict]:

@@ -121,3 +121,25 @@ def test_an_unreachable_dask_scheduler_is_the_users_mistake(sweep_file, tmp_path
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         with pytest.raises(SweepError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:1 .*--dask local"):
             run_sweep(load_sweep(f), dask="tcp://127.0.0.1:1", output=tmp_path / "o", progress=False)
+
+
+def test_a_regenerated_trace_is_never_answered_from_old_results(tmp_path):
+    """Resume reuses a point only if its inputs are the same: a trace rewritten at the same
+    path (another seed) gives new points that run, with results of the new trace."""
+    from traces.format import save_trace
+    from traces.synth import synthesize
+    trace = tmp_path / "t.npz"
+    save_trace(synthesize("tiny", ["qa", "code"], 12, seed=1), trace)
+    scen = {"name": "base", "seed": 0, "model": "tiny", "hardware": TINY_HW,
+            "workload": {"trace": str(trace), "arrival": {"process": "batch"}},
+            "policy": {"name": "on_demand", "capacity": 0.5}, "limits": {"max_batch_tokens": 256}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(scen))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"policy.capacity": [0.5, 0.75]}}))
+    first = run_sweep(load_sweep(tmp_path / "s.yaml"), output=tmp_path / "o", progress=False)
+    again = run_sweep(load_sweep(tmp_path / "s.yaml"), output=tmp_path / "o", progress=False)
+    assert again["skipped"] == 2 and again["ran"] == 0                  # same inputs: resumed
+    save_trace(synthesize("tiny", ["qa", "code"], 12, seed=2), trace)    # same path, new routing
+    changed = run_sweep(load_sweep(tmp_path / "s.yaml"), output=tmp_path / "o", progress=False)
+    assert changed["ran"] == 2 and changed["skipped"] == 0
+    assert set(changed["table"].hash).isdisjoint(first["table"].hash)
+    assert changed["table"].misses.tolist() != first["table"].misses.tolist()
