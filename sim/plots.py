@@ -46,14 +46,47 @@ def _by_label(t):
     return sorted(t.groupby("label"), key=lambda kv: kv[0])
 
 
+def _series(t: pd.DataFrame, x: str):
+    """(name, points) per line of a figure drawn against x: one per policy label and per value
+    of any other swept parameter (seeds aside), so no line averages silently over a parameter
+    the figure does not show; points: one row per x, each metric's mean over seeds and, with
+    several seeds, its 95% interval as `<metric>_ci`."""
+    from sim.choose import _config_columns
+    swept = [c for c in _config_columns(t) if c != "label"] if "hash" in t else []
+    hidden = [c for c in swept if t.groupby(["label", x])[c].nunique(dropna=False).max() > 1]
+    for key, g in t.groupby(["label", *hidden], sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        name = str(key[0]) + "".join(f", {c}={v}" for c, v in zip(hidden, key[1:]))
+        yield name, _points(g, x)
+
+
+def _points(g: pd.DataFrame, x: str) -> pd.DataFrame:
+    from sim.choose import _t95
+    by = g.groupby(x)
+    out = by.mean(numeric_only=True)
+    n = by.size()
+    sd = by.std(numeric_only=True, ddof=1)
+    for c in ("e2e_mean_s", "e2e_p99_s", "slo_attainment", "peak_memory_bytes"):
+        if c in sd:
+            out[f"{c}_ci"] = [_t95(int(k)) * v / np.sqrt(k) if k >= 2 else np.nan for k, v in zip(n, sd[c])]
+    out[x] = out.index
+    return out.reset_index(drop=True).sort_values(x)
+
+
+def _errorbar(ax, x, y, ci, color, scale=1.0):
+    if ci is not None and np.isfinite(ci).any():
+        ax.errorbar(x, y * scale, yerr=np.nan_to_num(ci) * scale, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
+
+
 def memory_vs_experts(t: pd.DataFrame):
     """Peak memory (total and the expert part) vs share of experts loaded, per policy."""
     plt = _plt()
     t = _done(t)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, g in _by_label(t):
-        g = g.groupby("policy_capacity", as_index=False).mean(numeric_only=True).sort_values("policy_capacity")
+    for label, g in _series(t, "policy_capacity"):
         line, = ax.plot(g.policy_capacity * 100, g.peak_memory_bytes / GB, marker="o", label=label)
+        _errorbar(ax, g.policy_capacity * 100, g.peak_memory_bytes, g.get("peak_memory_bytes_ci"),
+                  line.get_color(), 1 / GB)
         ax.plot(g.policy_capacity * 100, g.peak_experts_bytes / GB, ls=":", color=line.get_color())
     ax.set_xlabel("experts kept on the GPU (% of all)")
     ax.set_ylabel("peak GPU memory (GB); dotted: experts only")
@@ -121,12 +154,13 @@ def vs_rate(t: pd.DataFrame):
     t = _done(t)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     col, qlabel = quality_column(t)
-    for label, g in _by_label(t):
-        g = g.groupby("arrival_rate", as_index=False).mean(numeric_only=True).sort_values("arrival_rate")
+    for label, g in _series(t, "arrival_rate"):
         label = f"{label} (q {g[col].mean():.0%})"   # quality beside latency in the legend
         line, = axes[0].plot(g.arrival_rate, g.e2e_mean_s, marker="o", label=f"{label} mean")
         axes[0].plot(g.arrival_rate, g.e2e_p99_s, ls="--", color=line.get_color(), label=f"{label} p99")
         axes[1].plot(g.arrival_rate, g.slo_attainment * 100, marker="o", label=label)
+        _errorbar(axes[0], g.arrival_rate, g.e2e_mean_s, g.get("e2e_mean_s_ci"), line.get_color())
+        _errorbar(axes[1], g.arrival_rate, g.slo_attainment, g.get("slo_attainment_ci"), line.get_color(), 100)
     axes[0].set_xlabel("arrival rate (requests/s)")
     axes[0].set_ylabel("end-to-end latency (s)")
     axes[0].set_xscale("log")
@@ -149,17 +183,18 @@ def vs_interval(t: pd.DataFrame):
     col = "policy.interval"
     if col not in t:
         raise UserError("the table has no 'policy.interval' column: sweep policy.interval")
-    g = t.groupby(col, as_index=False).mean(numeric_only=True).sort_values(col)
     qcol, qlabel = quality_column(t)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(g[col], g[qcol] * 100, marker="o")
-    if qcol != "routing_fidelity":
-        axes[0].plot(g[col], g.routing_fidelity * 100, ls=":", marker=".", label="routing fidelity")
-        axes[0].legend(fontsize=7)
-    axes[0].set_ylabel(qlabel, fontsize=7)
-    axes[1].plot(g[col], g.e2e_mean_s, marker="o")
+    for name, g in _series(t, col):
+        line, = axes[0].plot(g[col], g[qcol] * 100, marker="o", label=name)
+        if qcol != "routing_fidelity":
+            axes[0].plot(g[col], g.routing_fidelity * 100, ls=":", marker=".", color=line.get_color())
+        axes[1].plot(g[col], g.e2e_mean_s, marker="o", color=line.get_color())
+        _errorbar(axes[1], g[col], g.e2e_mean_s, g.get("e2e_mean_s_ci"), line.get_color())
+        axes[2].plot(g[col], g.bytes_loaded / GB, marker="o", color=line.get_color())
+    axes[0].set_ylabel(qlabel + ("; dotted: routing fidelity" if qcol != "routing_fidelity" else ""), fontsize=7)
+    axes[0].legend(fontsize=7)
     axes[1].set_ylabel("mean end-to-end latency (s)")
-    axes[2].plot(g[col], g.bytes_loaded / GB, marker="o")
     axes[2].set_ylabel("expert bytes moved (GB)")
     for ax in axes:
         ax.set_xlabel("predictor interval p (prompts)")

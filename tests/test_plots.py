@@ -1,5 +1,6 @@
 """Standard figures come out of sweep tables and results directories."""
 import numpy as np
+import pytest
 import pandas as pd
 import yaml
 
@@ -33,3 +34,25 @@ def test_plot_command_on_a_sweep_and_results(tmp_path, tiny_trace_path):
     assert main(["plot", *map(str, pts), "-o", str(tmp_path / "cdf")]) == 0
     assert (tmp_path / "cdf" / "cdf_e2e.png").exists()
     assert main(["plot", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_figures_draw_a_line_per_hidden_parameter_and_pool_only_seeds():
+    """No figure averages silently over a swept parameter it does not show: a second swept
+    parameter becomes lines of its own; seeds are pooled into a mean with a 95% interval."""
+    from sim.plots import _series
+    rows = []
+    for rate, seed in [(r, s) for r in (5.0, 20.0) for s in (0, 1, 2)]:
+        for cap in (0.25, 0.5):
+            rows.append({"point": len(rows), "hash": f"h{len(rows)}", "policy.capacity": cap,
+                         "workload.arrival.rate": rate, "seed": seed, "policy_name": "on_demand",
+                         "label": "on_demand", "policy_capacity": cap, "arrival_rate": rate,
+                         "e2e_mean_s": rate * cap + seed, "peak_memory_bytes": 1e9 * cap})
+    t = pd.DataFrame(rows)
+    lines = dict(_series(t, "policy_capacity"))
+    assert set(lines) == {"on_demand, workload.arrival.rate=5.0", "on_demand, workload.arrival.rate=20.0"}
+    pts = lines["on_demand, workload.arrival.rate=20.0"]
+    assert pts.e2e_mean_s.tolist() == [20.0 * 0.25 + 1, 20.0 * 0.5 + 1]      # mean over seeds 0, 1, 2
+    assert pts.e2e_mean_s_ci.iloc[0] == pytest.approx(4.303 * 1.0 / np.sqrt(3))   # t(2) * sd / sqrt(3)
+    assert np.isnan(pts.peak_memory_bytes_ci).all() or (pts.peak_memory_bytes_ci == 0).all()
+    by_rate = dict(_series(t, "arrival_rate"))
+    assert set(by_rate) == {"on_demand, policy.capacity=0.25", "on_demand, policy.capacity=0.5"}
