@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from sim.cli.common import (Registry, add_force, add_set, default_results_dir, output_file, print_summary, replacing,
-                             results_dir, scenario)
+from sim.cli.common import (Registry, add_force, add_set, default_results_dir, output_file, print_summary, progress,
+                             replacing, results_dir, scenario)
 from traces.errors import UserError
 
 CONFIRM_FAILED = 4   # exit status of `emoe confirm` when a tolerance is exceeded (results written)
@@ -65,10 +65,13 @@ def replay_on_device(a):
     sc = scenario(a)
     out = results_dir(Path(a.output) if a.output else default_results_dir(sc["name"], "replay"), a.force)
     from replay.weights import WeightsError
+    bar = progress(None, "requests replayed")      # a replay runs in real time: minutes on a CPU
     try:
-        res = replay_scenario(sc, a.device, a.scale, a.dtype, weights=a.weights)
+        res = replay_scenario(sc, a.device, a.scale, a.dtype, weights=a.weights, progress=bar.update)
     except (ReplayOOM, WeightsError) as e:
         raise UserError(str(e)) from None
+    finally:
+        bar.close()
     with replacing(out):
         path = res.write(out)
     print_summary(res.summary, f"replay of {sc['name']} on {res.meta['device_name']} ({res.meta['dtype']}, "
