@@ -1,9 +1,10 @@
 """Components from outside the package: a policy, scheduler or predictor of the user's own.
 
-A scenario names a component either by its registered name (`policy: {name: emoe}`),
+A scenario names a component either by its registered name (`policy: {name: emoe}`,
+`policy: {name: emoe, predictor: emoe_a}`),
 or by `module:Class` (`policy: {name: my_policies:MRUPolicy}`), the module found on
 the Python path or beside the scenario file, or by a name an installed package
-registers in an entry-point group (`emoe.policies`, `emoe.schedulers`):
+registers in an entry-point group (`emoe.policies`, `emoe.schedulers`, `emoe.predictors`):
 
     [project.entry-points."emoe.policies"]
     mru = "my_package.mru:MRUPolicy"
@@ -21,30 +22,32 @@ from pathlib import Path
 from traces.errors import UserError
 
 
-GROUPS = {"policy": "emoe.policies", "scheduler": "emoe.schedulers"}   # entry-point group per kind
+GROUPS = {"policy": "emoe.policies", "scheduler": "emoe.schedulers",   # entry-point group per kind
+          "predictor": "emoe.predictors"}
 
 
 class PluginError(UserError):
     """A component named in a scenario that cannot be found or is not the right kind."""
 
 
-def lookup(kind: str, name, registry: dict, base: type, base_dir=None) -> type:
-    """The class `name` stands for. kind: 'policy' | 'scheduler' (for messages and the
-    entry-point group); base: the class it must derive from."""
+def lookup(kind: str, name, registry: dict, base: type, base_dir=None, key: str | None = None) -> type:
+    """The class `name` stands for. kind: 'policy' | 'scheduler' | 'predictor' (the entry-point
+    group); base: the class it must derive from; key: the scenario key that names it (messages)."""
+    key = key or f"{kind}.name"
     if not isinstance(name, str) or not name:
-        raise PluginError(f"{kind}.name must be a name, got {name!r}")
+        raise PluginError(f"{key} must be a name, got {name!r}")
     if name in registry:
         return registry[name]
     if ":" in name:
-        cls = _from_module(kind, name, base_dir)
+        cls = _from_module(key, name, base_dir)
     else:
         cls = installed(kind).get(name)
         if cls is None:
-            raise PluginError(f"{kind}.name '{name}' is unknown; choose one of {', '.join(known(kind, registry))}, "
+            raise PluginError(f"{key} '{name}' is unknown; choose one of {', '.join(known(kind, registry))}, "
                               f"or name your own class as module:Class")
         cls = cls.load()
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise PluginError(f"{kind}.name '{name}' is {cls!r}, not a subclass of {base.__module__}.{base.__name__}")
+        raise PluginError(f"{key} '{name}' is {cls!r}, not a subclass of {base.__module__}.{base.__name__}")
     return cls
 
 
@@ -58,10 +61,10 @@ def installed(kind: str) -> dict:
     return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
 
 
-def _from_module(kind: str, name: str, base_dir) -> type:
+def _from_module(key: str, name: str, base_dir) -> type:
     module, _, attr = name.partition(":")
     if not module or not attr:
-        raise PluginError(f"{kind}.name '{name}': write module:Class, e.g. my_policies:MRUPolicy")
+        raise PluginError(f"{key} '{name}': write module:Class, e.g. my_policies:MRUPolicy")
     # A module beside the scenario file is found without installing it.
     extra = str(Path(base_dir).resolve()) if base_dir is not None else None
     added = extra is not None and extra not in sys.path
@@ -73,11 +76,11 @@ def _from_module(kind: str, name: str, base_dir) -> type:
         if e.name != module and not module.startswith(f"{e.name}."):
             raise      # the user's module imports something missing: its own traceback says what
         where = f" or beside the scenario ({extra})" if extra else ""
-        raise PluginError(f"{kind}.name '{name}': no module '{module}' on the Python path{where}") from None
+        raise PluginError(f"{key} '{name}': no module '{module}' on the Python path{where}") from None
     finally:
         if added:
             sys.path.remove(extra)
     try:
         return getattr(mod, attr)
     except AttributeError:
-        raise PluginError(f"{kind}.name '{name}': module '{module}' ({mod.__file__}) has no '{attr}'") from None
+        raise PluginError(f"{key} '{name}': module '{module}' ({mod.__file__}) has no '{attr}'") from None

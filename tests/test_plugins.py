@@ -107,3 +107,39 @@ def test_the_users_policy_replays_on_cpu(tiny_trace_path, my_module):
     sim = run_scenario(load_scenario(rp.write(my_module / "rp") / "scenario.yaml"))
     for k in ("hits", "misses", "engine_steps"):
         assert rp.summary[k] == sim.summary[k], k
+
+
+PREDICTOR = '''
+import numpy as np
+
+from sim.predictors.base import ExpertPredictor
+
+
+CALLS = []
+
+
+class RecentPredictor(ExpertPredictor):
+    """The user's own: the task's last finished request, else its prior."""
+    kind = "recent"
+
+    def predict(self, task, history, upcoming=None):
+        CALLS.append(task)
+        return history[-1] / max(history[-1].sum(), 1) if history else self.task_prior(task)
+'''
+
+
+def test_the_users_predictor_drives_emoe(tiny_trace_path, tmp_path):
+    """policy.predictor names a predictor class of the user's own, as module:Class."""
+    (tmp_path / "my_predictors.py").write_text(PREDICTOR)
+    try:
+        own = run_scenario(load_scenario(scenario_file(tmp_path, tiny_trace_path, {
+            "name": "emoe", "capacity": 0.5, "interval": 2, "predictor": "my_predictors:RecentPredictor"})))
+        builtin = run_scenario(load_scenario(scenario_file(tmp_path, tiny_trace_path, {
+            "name": "emoe", "capacity": 0.5, "interval": 2, "predictor": "emoe_a"}, "b.yaml")))
+        assert own.requests.completed.all() and builtin.requests.completed.all()
+        assert len(sys.modules["my_predictors"].CALLS) >= own.summary["requests_completed"] / 2   # it predicted
+        with pytest.raises(ScenarioError, match="policy.predictor 'my_predictors:Nope'.*has no 'Nope'"):
+            run_scenario(load_scenario(scenario_file(tmp_path, tiny_trace_path, {
+                "name": "emoe", "predictor": "my_predictors:Nope"}, "c.yaml")))
+    finally:
+        sys.modules.pop("my_predictors", None)

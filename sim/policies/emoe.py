@@ -48,6 +48,7 @@ from sim.demand import Arrival, coming_demand, invocation_due
 from sim.params import ParamError
 from sim.policies.base import NO_COPIES, ExpertPolicy, StepBatch, StepPlan, as_layer_starts
 from sim.policies.params import CacheParams
+from sim.plugins import installed
 from sim.predictors import load_predictor, make_predictor
 from sim.predictors.base import normalise
 from sim.predictors.overlap import check_disjoint, request_digests
@@ -82,9 +83,11 @@ class EmoeParams(CacheParams):
         super().check()
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ParamError(f"interval must be a positive integer (prompts), got {self.interval!r}")
-        if self.predictor not in ("emoe_a", "frequency", "perfect") and self.predictor_file is None:
+        own = ":" in str(self.predictor) or self.predictor in installed("predictor")   # the user's (plugins)
+        if self.predictor not in ("emoe_a", "frequency", "perfect") and not own and self.predictor_file is None:
             raise ParamError(f"predictor '{self.predictor}' cannot learn online; use emoe_a, frequency or "
-                             "perfect, or give predictor_file from `emoe predictor train`")
+                             "perfect (or your own as module:Class), or give predictor_file from "
+                             "`emoe predictor train`")
         if self.per_layer not in ("uniform", "adaptive"):
             raise ParamError(f"per_layer must be 'uniform' or 'adaptive', got {self.per_layer!r}")
         if self.task_id not in ("label", "keywords"):
@@ -143,7 +146,8 @@ class EmoePolicy(ExpertPolicy):
             self.online = False
         else:
             kind = p.predictor
-            self.predictor = make_predictor(kind, trace=trace) if kind == "perfect" else make_predictor(kind)
+            self.predictor = (make_predictor(kind, trace=trace) if kind == "perfect"
+                              else make_predictor(kind, base_dir=base_dir))
             self.predictor.L, self.predictor.E = self.L, self.E
             if kind == "emoe_a":
                 self.predictor.alpha = float(p.alpha)

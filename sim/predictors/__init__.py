@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.plugins import lookup
 from sim.predictors.base import ExpertPredictor
 from sim.predictors.emoe_a import EmoeAPredictor
 from sim.predictors.emoe_l import EmoeLPredictor
@@ -35,10 +36,13 @@ def load_predictor(path) -> ExpertPredictor:
     return p
 
 
-def make_predictor(kind: str, **params) -> ExpertPredictor:
-    if kind not in PREDICTORS:
-        raise ValueError(f"unknown predictor kind '{kind}'; choose one of {', '.join(PREDICTORS)}")
-    return PREDICTORS[kind](**params)
+def predictor_class(kind: str, base_dir=None) -> type[ExpertPredictor]:
+    """The class policy.predictor names: registered, module:Class or installed (sim/plugins.py)."""
+    return lookup("predictor", kind, PREDICTORS, ExpertPredictor, base_dir, key="policy.predictor")
 
 
-__all__ = ["PREDICTORS", "TRAINABLE", "ExpertPredictor", "load_predictor", "make_predictor"]
+def make_predictor(kind: str, base_dir=None, **params) -> ExpertPredictor:
+    return predictor_class(kind, base_dir)(**params)
+
+
+__all__ = ["PREDICTORS", "TRAINABLE", "ExpertPredictor", "load_predictor", "make_predictor", "predictor_class"]
