@@ -67,14 +67,17 @@ class Engine:
         self._wake = None
         self._next_arrival_s = 0.0     # when the arrival process next enqueues a request
         self.stopped_early = ""
+        self.elapsed_s: float | None = None   # the clock when serving ended (set by run)
 
     # ---- SimPy processes ----------------------------------------------------------
     def run(self) -> Engine:
         env = self.clock.environment()
         self.env = env
         env.process(self._arrivals(env))
-        env.process(self._serve(env))
-        env.run()
+        # The run ends when serving ends: at a limit, arrivals still to come are not waited for
+        # (on the wall clock that wait would be real time).
+        env.run(until=env.process(self._serve(env)))
+        self.elapsed_s = self.clock.elapsed_s(env)
         return self
 
     def _arrivals(self, env):

@@ -266,6 +266,8 @@ def timeline(results: dict, window: tuple[float, float] | None = None, title: st
     step, and requests running and waiting. The same data as `emoe timeline`'s Chrome trace."""
     plt = _plt()
     tl = results["timeline"]
+    if tl.empty:
+        raise UserError("the run has no engine step to draw (every request rejected?)")
     if window is not None:
         tl = tl[(tl.t_s + tl.step_s >= window[0]) & (tl.t_s <= window[1])]
     if tl.empty:

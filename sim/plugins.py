@@ -46,6 +46,8 @@ def lookup(kind: str, name, registry: dict, base: type, base_dir=None, key: str 
             raise PluginError(f"{key} '{name}' is unknown; choose one of {', '.join(known(kind, registry))}, "
                               f"or name your own class as module:Class")
         cls = cls.load()
+    if cls is base:
+        raise PluginError(f"{key} '{name}' is the base class itself; name a subclass that implements it")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise PluginError(f"{key} '{name}' is {cls!r}, not a subclass of {base.__module__}.{base.__name__}")
     return cls
@@ -63,8 +65,9 @@ def installed(kind: str) -> dict:
 
 def _from_module(key: str, name: str, base_dir) -> type:
     module, _, attr = name.partition(":")
-    if not module or not attr:
-        raise PluginError(f"{key} '{name}': write module:Class, e.g. my_policies:MRUPolicy")
+    if not module or not attr or module.startswith("."):
+        raise PluginError(f"{key} '{name}': write module:Class with an absolute module name, "
+                          "e.g. my_policies:MRUPolicy")
     # A module beside the scenario file is found without installing it.
     extra = str(Path(base_dir).resolve()) if base_dir is not None else None
     added = extra is not None and extra not in sys.path

@@ -86,13 +86,18 @@ def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:
     return RunResult(summary, req, tl, meta, sc)
 
 
+def _elapsed(eng: Engine) -> float:
+    """The run's time when serving ended (a replay that failed midway: now)."""
+    return eng.elapsed_s if eng.elapsed_s is not None else eng.clock.elapsed_s(eng.env)
+
+
 def outcome(eng: Engine, requests: list, sc: dict, extra: dict | None = None):
     """(summary, request table, timeline) of a finished engine, simulated or replayed.
     extra: the engine's own figures (the replayer's measured copies), before the scheduler's."""
     req = request_table(requests)
     tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
     figures = dict(engine_steps=eng.steps, preemptions=eng.preemptions, budget_bytes=eng.mem.budget,
-                   kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(eng.clock.elapsed_s(eng.env)),
+                   kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(_elapsed(eng)),
                    **(extra or {}))
     figures.update(eng.scheduler.metrics())   # e.g. the eMoE scheduler's admission estimate error
     peaks = {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}   # the replay keeps CUDA's apart

@@ -222,7 +222,9 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
             raise ScenarioError(f"{src}: {section} '{spec['name']}': {message(e)}") from None
         if section == "policy":
             _check_policy_files(spec, src, base_dir)
-            if isinstance(spec.get("predictor"), str) and spec["predictor"] not in ("emoe_a", "frequency", "perfect"):
+            from sim.policies.emoe import EmoePolicy
+            own = isinstance(spec.get("predictor"), str) and spec["predictor"] not in ("emoe_a", "frequency", "perfect")
+            if issubclass(cls, EmoePolicy) and not spec.get("predictor_file") and own:
                 from sim.predictors import predictor_class
                 try:
                     predictor_class(spec["predictor"], base_dir)    # the user's own, found now, not mid-run

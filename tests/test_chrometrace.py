@@ -69,3 +69,8 @@ def test_cli_writes_the_trace_and_draws_a_window(tiny_trace_path, tmp_path, caps
     assert (tmp_path / "figs" / "timeline_run.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["plot", str(d), "--kind", "timeline", "--window", "3:1"])
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "table.csv").write_text("point,hash,label\n0,h,on_demand\n")
+    assert main(["plot", str(sweep), "--kind", "timeline", "-o", str(tmp_path / "f2")]) == 2   # one line, no traceback
+    assert "draws results directories" in capsys.readouterr().err

@@ -61,6 +61,8 @@ def test_the_users_policy_is_validated_like_a_built_in_one(tiny_trace_path, my_m
     ("my_mru:Nope", "module 'my_mru' .* has no 'Nope'"),
     ("not_a_policy:Thing", "not a subclass of sim.policies.base.ExpertPolicy"),
     ("my_mru:", "write module:Class"),
+    (".my_mru:MRUPolicy", "absolute module name"),
+    ("sim.policies.base:ExpertPolicy", "is the base class itself"),
     ("lru_cache", "unknown; choose one of resident, on_demand.*or name your own class as module:Class"),
 ])
 def test_a_policy_that_cannot_be_found_is_a_clear_error(tiny_trace_path, my_module, name, message):

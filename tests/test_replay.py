@@ -166,3 +166,19 @@ def test_replay_runs_the_simulators_loop_on_the_wall_clock(tiny_trace_path):
     assert q.completed.all() and (q.admitted_s >= q.arrival_s - 1e-9).all()
     assert q.arrival_s.max() <= rp.summary["simulated_time_s"] <= wall
     assert rp.summary["simulated_time_s"] >= q.finish_s.max()
+
+
+def test_a_replay_stopped_at_a_limit_does_not_wait_for_later_arrivals(tiny_trace_path):
+    """limits.max_steps ends the replay at once: the loop stops with serving, not after the
+    last arrival has come in real time (the trace's arrivals here span about 5 s)."""
+    import time
+    sc = scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5},
+                  arrival={"process": "poisson", "rate": 3.0}, requests=16)
+    sc["limits"]["max_steps"] = 5
+    t0 = time.perf_counter()
+    rp = replay_scenario(sc, "cpu")
+    wall = time.perf_counter() - t0
+    assert rp.summary["engine_steps"] == 5 and rp.meta["stopped_early"]
+    last_arrival = rp.requests.arrival_s.max()
+    assert last_arrival > 2.0 and wall < last_arrival
+    assert rp.summary["simulated_time_s"] < last_arrival

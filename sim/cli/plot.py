@@ -63,6 +63,9 @@ def plot(a):
     if unknown:
         raise UserError(f"{unknown[0]}: neither a sweep directory (table.csv) nor a results directory "
                         "(summary.json)")
+    if a.kind == "timeline" and (tables or not results):
+        raise UserError("--kind timeline draws results directories (from emoe run or emoe replay), "
+                        "not sweep tables")
     import pandas as pd
     for p in tables:
         try:
@@ -75,9 +78,6 @@ def plot(a):
         else:
             written += plots.save(plots.KINDS[a.kind](t), sub, a.kind)
     if a.kind == "timeline":
-        if tables or not results:
-            raise UserError("--kind timeline draws results directories (from emoe run or emoe replay), "
-                            "not sweep tables")
         for p in results:
             r = load_results(p)
             written += plots.save(plots.timeline(r, a.window, f"{p.name}: {r['scenario']['policy']['name']}"),

@@ -69,7 +69,8 @@ def show_capacity(a):
         specs.append(load_scenario(a.scenario, (a.set or []) + [f"policy={extra}"])["policy"])
     rows = []
     for spec in specs:
-        pol = policy if spec is sc["policy"] else make_policy(spec, model, None, sc["seed"])
+        base_dir = Path(sc.get("_base_dir", "."))
+        pol = policy if spec is sc["policy"] else make_policy(spec, model, None, sc["seed"], base_dir)
         rows.append(capacity(model, hw, pol, sc["limits"], a.seq_len))
     base = rows[-1] if len(rows) > 1 else None
     print(f"{model.name} on {hw.count} x {hw.name}: budget {rows[0]['budget_bytes'] / 1e9:.1f} GB "
