@@ -213,7 +213,7 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     else:
         note(f"profiling {device} for {spec.name} ({dtype})")
         prof = run_profile(device, spec, DTYPES[dtype], calibration_scenario(sc), max_copy_mb << 20, scale,
-                           host_experts=host, threads=threads)
+                           host_experts=host, threads=threads, say=note)
         write_profile(prof, prof_path)
         note(f"profile: {prof['info']['seconds']}s, {prof['info']['threads']} threads, load "
              f"{prof['info']['load_average']}" + (f"; NOISY {prof['info']['noisy']}" if prof["info"]["noisy"] else ""))

@@ -317,7 +317,9 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
 
 
 def run_profile(device: str, spec, dtype, calibration_scenario: dict | None, max_copy_bytes: int,
-                scale: int = 1, host_experts: dict | None = None, threads: int | None = None) -> dict:
+                scale: int = 1, host_experts: dict | None = None, threads: int | None = None,
+                say=lambda message: None) -> dict:
+    """say: told each stage as it starts (a profile takes minutes on a CPU)."""
     dev = torch.device(device)
     t0 = time.time()
     # CPU timings depend on the thread count: fix it, record it, and the replay uses the same.
@@ -325,20 +327,27 @@ def run_profile(device: str, spec, dtype, calibration_scenario: dict | None, max
     threads = int(threads or before)
     torch.set_num_threads(threads)
     try:
-        return _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host_experts, threads, t0)
+        return _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host_experts, threads, t0,
+                        say)
     finally:
         torch.set_num_threads(before)
 
 
-def _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host_experts, threads, t0) -> dict:
+def _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host_experts, threads, t0,
+             say) -> dict:
     device = str(dev)
+    n = 2 if calibration_scenario is None else 3        # stages
+    say(f"profile 1/{n}: host-to-device copies up to {max_copy_bytes / 2 ** 20:.0f} MiB on {device}")
     copies = copy_profile(dev, max_copy_bytes)
+    say(f"profile 2/{n}: {spec.name}'s layers (attention, experts, shared experts, copies through the link)")
     measured = model_profile(spec, dev, dtype)
     # The simulator copies one size, an expert: the copy line goes through its measured copy.
     copies["latency_s"], copies["bytes_per_s"] = through_expert_copy(
         copies["latency_s"], copies["bytes_per_s"], spec.bytes_per_expert, measured["expert_copy_s"])
     measured["step_s"] = dict(a=0.0, b=0.0, c=0.0)
     if calibration_scenario is not None:
+        say(f"profile 3/{n}: replaying the calibration scenario for the step overhead "
+            f"({time.time() - t0:.0f} s so far)")
         from replay.run import replay_scenario
         res = replay_scenario(calibration_scenario, device, scale, str(dtype).replace("torch.", ""),
                               host_experts=host_experts)

@@ -25,11 +25,13 @@ def test_interleaved_rounds_spread_a_slow_spell_over_every_case():
     assert calls == [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 
-def test_profile_records_threads_spread_and_load(tmp_path):
+def test_profile_records_threads_spread_and_load(tmp_path, capsys):
     from sim.cli import main
     import yaml
     out = tmp_path / "p.yaml"
     assert main(["profile", "--device", "cpu", "--max-copy-mb", "1", "--threads", "1", "-o", str(out)]) == 0
+    err = capsys.readouterr().err          # each stage announced as it starts (minutes on a CPU)
+    assert "profile 1/2" in err and "profile 2/2" in err     # no scenario: no calibration replay
     prof = yaml.safe_load(out.read_text())
     m = prof["measured"]
     assert m["threads"] == 1 and prof["info"]["threads"] == 1

@@ -126,7 +126,8 @@ def measure_profile(a):
     else:
         spec = scaled_spec(get_model("tiny"), 1, torch.tensor([], dtype=dtype).element_size())
     max_bytes = a.max_copy_mb * 2 ** 20
-    prof = run_profile(a.device, spec, dtype, calib, max_bytes, a.scale, threads=a.threads)
+    prof = run_profile(a.device, spec, dtype, calib, max_bytes, a.scale, threads=a.threads,
+                       say=lambda m: print(m, file=sys.stderr, flush=True))
     path = write_profile(prof, a.output)
     hw, m = prof["hardware"], prof["measured"]
     print(f"{prof['info']['device']}: host-to-device {hw['h2d_bytes_per_s'] / 1e9:.2f} GB/s, "
