@@ -197,6 +197,8 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
 
     w = sc["workload"]
     _check_keys("workload", w, DEFAULTS["workload"], src)
+    if isinstance(w.get("trace"), os.PathLike):   # the Python API: a pathlib.Path is a path too
+        w["trace"] = os.fspath(w["trace"])
     try:
         WorkloadParams(**w)
     except ParamError as e:

@@ -133,3 +133,11 @@ def test_results_directory_contents(scen_dir):
     tl = pd.read_parquet(out / "timeline.parquet")
     for col in ("mem_dense", "mem_experts", "mem_kv", "mem_activations", "batch_requests", "link_busy_s"):
         assert col in tl.columns
+
+
+def test_a_pathlib_path_is_a_trace_path(tiny_trace_path):
+    """From Python, workload.trace may be a pathlib.Path as well as a str."""
+    from sim.scenario import load_scenario
+    sc = load_scenario(data={"name": "p", "model": "tiny", "workload": {"trace": tiny_trace_path},
+                             "policy": {"name": "resident"}})
+    assert sc["workload"]["trace"] == str(tiny_trace_path)
