@@ -70,6 +70,13 @@ def _from_module(key: str, name: str, base_dir) -> type:
                           "e.g. my_policies:MRUPolicy")
     # A module beside the scenario file is found without installing it.
     extra = str(Path(base_dir).resolve()) if base_dir is not None else None
+    beside = Path(extra, *module.split(".")).with_suffix(".py") if extra else None
+    loaded = sys.modules.get(module)
+    if beside is not None and beside.is_file() and loaded is not None and getattr(loaded, "__file__", None) \
+            and Path(loaded.__file__).resolve() != beside.resolve():
+        # Python keeps one module per name: the one beside this scenario would silently be the other.
+        raise PluginError(f"{key} '{name}': a different module '{module}' is already loaded ({loaded.__file__}); "
+                          f"rename {beside} so the two do not share a name")
     added = extra is not None and extra not in sys.path
     if added:
         sys.path.insert(0, extra)

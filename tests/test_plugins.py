@@ -145,3 +145,13 @@ def test_the_users_predictor_drives_emoe(tiny_trace_path, tmp_path):
                 "name": "emoe", "predictor": "my_predictors:Nope"}, "c.yaml")))
     finally:
         sys.modules.pop("my_predictors", None)
+
+
+def test_two_scenarios_with_same_named_modules_are_not_confused(tiny_trace_path, my_module, tmp_path_factory):
+    """Python keeps one module per name: a second, different my_mru.py beside another scenario
+    is refused with a clear error instead of silently running the first one."""
+    load_scenario(scenario_file(my_module, tiny_trace_path, {"name": "my_mru:MRUPolicy"}))
+    other = tmp_path_factory.mktemp("other")
+    (other / "my_mru.py").write_text(MRU_FILE.read_text().replace('name = "mru"', 'name = "mru2"'))
+    with pytest.raises(ScenarioError, match="a different module 'my_mru' is already loaded"):
+        load_scenario(scenario_file(other, tiny_trace_path, {"name": "my_mru:MRUPolicy"}))
