@@ -10,6 +10,8 @@ requests it is evaluated on) and saved to / loaded from one .npz file.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +86,17 @@ class ExpertPredictor:
         arrays = {f"prior__{t}": p for t, p in self.prior.items()}
         arrays["global_prior"] = self.global_prior
         arrays.update(self.arrays())
-        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        if path.suffix != ".npz":       # as np.savez names it; the path returned is the file written
+            path = path.with_name(path.name + ".npz")
+        # Written beside, then renamed: a crash leaves the old file or the new one, never half of one.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
 
