@@ -182,3 +182,13 @@ def print_summary(s: dict, title: str = ""):
         if v is None:
             continue
         print(f"  {label:24s} {v / 1e9:.2f}" if fmt == "gb" else f"  {label:24s} " + fmt.format(v))
+
+
+@contextmanager
+def needs(command: str, extra: str):
+    """Around the imports of an optional dependency: missing, it is the user's to install (one line)."""
+    try:
+        yield
+    except ImportError as e:
+        raise UserError(f"{command} needs the '{extra}' extra ({e}); install with: pip install torch==2.13.0 && "
+                        f"pip install -e '.[{extra}]'") from None

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from sim.cli.common import (Registry, add_force, add_set, default_results_dir, output_file, print_summary, progress,
-                             replacing, results_dir, scenario)
+from sim.cli.common import (Registry, add_force, add_set, default_results_dir, needs, output_file, print_summary,
+                             progress, replacing, results_dir, scenario)
 from traces.errors import UserError
 
 CONFIRM_FAILED = 4   # exit status of `emoe confirm` when a tolerance is exceeded (results written)
@@ -56,11 +56,8 @@ def add_replay(sub):
 
 
 def replay_on_device(a):
-    try:
+    with needs("replay", "replay"):
         from replay.run import ReplayOOM, replay_scenario
-    except ImportError as e:
-        raise UserError(f"replay needs torch ({e}); install with: pip install torch==2.13.0 && "
-                        "pip install -e '.[replay]'") from None
     check_device(a)
     sc = scenario(a)
     out = results_dir(Path(a.output) if a.output else default_results_dir(sc["name"], "replay"), a.force)
@@ -103,14 +100,12 @@ def add_profile(sub):
 
 
 def measure_profile(a):
-    try:
+    with needs("profile", "replay"):
         import torch
 
         from replay.model import scaled_spec
         from replay.profile import run_profile, write_profile
         from replay.run import DTYPES
-    except ImportError as e:
-        raise UserError(f"profile needs torch ({e}); pip install torch==2.13.0") from None
     from traces.model_shape import get_model
     output_file(a.output, "-o", a.force)
     check_device(a)
@@ -220,12 +215,10 @@ def add_confirm(sub):
 
 
 def confirm_scenario(a):
-    try:
+    with needs("confirm", "replay"):
         from replay.compare import format_verdict, parse_tolerances
         from replay.confirm import confirm
         from replay.run import ReplayOOM
-    except ImportError as e:
-        raise UserError(f"confirm needs torch ({e}); pip install torch==2.13.0 && pip install -e '.[replay]'") from None
     tol = parse_tolerances(a.tolerance)
     sc = scenario(a)
     out = results_dir(Path(a.output) if a.output else default_results_dir(sc["name"], "confirm"), a.force)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sim.cli.common import Registry, add_force, output_file, write_text
+from sim.cli.common import Registry, add_force, needs, output_file, write_text
 from traces.errors import UserError, message
 
 
@@ -19,10 +19,8 @@ def hf_model(path):
     d = Path(path)
     if not (d / "config.json").exists():
         raise UserError(f"--model: '{d}' is not a Hugging Face checkpoint directory (no config.json)")
-    try:
+    with needs("a real model", "capture"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise UserError(f"needs transformers ({e}); pip install -e '.[capture]'") from None
     import torch
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d)
 
@@ -65,10 +63,8 @@ def add_capture(sub):
 
 
 def capture(a):
-    try:
+    with needs("capture", "capture"):
         from traces.capture import capture_dir
-    except ImportError as e:
-        raise UserError(f"capture needs torch and transformers ({e}); pip install -e '.[capture]'") from None
     from traces.format import save_trace, trace_path
     output_file(trace_path(a.output), "-o", a.force)
     if not (Path(a.model) / "config.json").exists():
