@@ -65,6 +65,9 @@ class Trace:
     n_shared_experts: int = 0
     extra: dict = field(default_factory=dict)
     model_shape: dict | None = None   # the whole model's shape, when the trace's source knew it
+    # Where streamed routing comes from (a memory-mapped file, a lazy generator): it is told
+    # which rows will not be read again (release_rows(lo, hi)); None for in-memory arrays.
+    source: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int32)
@@ -86,6 +89,12 @@ class Trace:
     @property
     def tasks(self) -> list[str]:
         return sorted(set(self.task.tolist()))
+
+    def release(self, r: int) -> None:
+        """Hint from an engine: request r's routing will not be read again, so a streamed
+        trace may drop it from memory. In-memory arrays ignore it."""
+        if self.source is not None:
+            self.source.release_rows(int(self.offsets[r]), int(self.offsets[r + 1]))
 
     def token_slice(self, r: int) -> slice:
         return slice(int(self.offsets[r]), int(self.offsets[r + 1]))
