@@ -139,8 +139,11 @@ class CostModel:
         if not plan.demand.any():
             return StepTiming(fixed + len(ffn) * attn + float(ffn.sum()), 0.0, 0.0)
         if plan.staged:
-            self._busy = 0.0
-            return self._step_with_copies(t0, plan, attn, ffn, fixed)
+            streamed_s = self._streamed_closed_form(plan, ffn)
+            if streamed_s is None:
+                self._busy = 0.0
+                return self._step_with_copies(t0, plan, attn, ffn, fixed)
+            return self._step_demand_streamed(t0, plan.demand, streamed_s, attn, ffn, fixed)
         return self._step_demand_only(t0, plan.demand, attn, ffn, fixed)
 
     def link_idle(self, t: float) -> bool:
@@ -188,6 +191,41 @@ class CostModel:
         self.link_free_at = (t0 + fixed + wait + (last + 1) * attn + ffn_before[last]
                              + float(demand[:last + 1].sum()) * c)
         return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + copies + wait, copies, copies + wait)
+
+    def _streamed_closed_form(self, plan, ffn):
+        """(L,) each layer's time added by its streamed experts beyond their copies, when no
+        staging slot ever binds (so _stream's recurrence has a closed form); else None.
+        With copies back to back and no slot binding, a layer with s streamed experts (each
+        computing `each`) ends max(ffn, s * c + each) after its cached copies: its cached
+        experts compute while the streamed ones copy, the last streamed one after it lands."""
+        c, k = self.copy_s, self.m.top_k
+        s = plan.streamed
+        on = s > 0
+        each = ffn / np.maximum(np.add.reduce(plan.counts > 0, axis=1), np.maximum(s, 1))
+        # No slot binds: copy j + k starts after expert j computed (each <= c, and the cached
+        # experts plus one streamed one compute within k copies).
+        if k < 2 or (on & ((each > c) | (ffn - (s - 1) * each > k * c))).any():
+            return None
+        return np.where(on, np.maximum(0.0, s * c + each - ffn) - s * c, 0.0)   # max(ffn, s c + each) - ffn - s c
+
+    def _step_demand_streamed(self, t0, demand, extra, attn, ffn, fixed) -> StepTiming:
+        """_step_demand_only where some layers stream experts (closed form, _streamed_closed_form):
+        a layer adds its copies plus `extra` (<= 0: streamed copies overlap its compute); the
+        link is free by the next layer's router."""
+        c = self.copy_s
+        layers = np.flatnonzero(demand)
+        first, last = int(layers[0]), int(layers[-1])
+        added = demand * c + extra
+        ffn_before = np.concatenate([[0.0], np.cumsum(ffn)])
+        added_before = np.concatenate([[0.0], np.cumsum(added)])
+        router_first = t0 + fixed + (first + 1) * attn + ffn_before[first] + added_before[first]
+        wait = max(0.0, self.link_free_at - router_first)
+        n = int(demand.sum())
+        self.copies["demand"] += n
+        self.link_free_at = (t0 + fixed + wait + (last + 1) * attn + ffn_before[last] + added_before[last]
+                             + float(demand[last]) * c)
+        return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + added_before[-1] + wait, n * c,
+                          added_before[-1] + wait)
 
     def decode_run(self, t0: float, run, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """step() for T consecutive single-token decode steps of one request, all at once:
@@ -305,6 +343,11 @@ class CostModel:
         each = ffn / max(int(np.count_nonzero(counts[layer])), n)     # one expert's share of the layer
         t = ready + ffn - n * each
         link = max(router_done, self.link_free_at)
+        if k >= 2 and each <= c and t - link + each <= k * c:         # no staging slot binds
+            end = max(t + n * each, link + n * c + each)
+            self.link_free_at = link + n * c
+            self._busy += n * c
+            return end, end - t - n * each
         freed: list[float] = []
         waited = 0.0
         for j in range(n):

@@ -257,3 +257,27 @@ def test_streamed_copies_wait_for_a_free_staging_slot():
             freed.append(t)
         assert cm.link_free_at == pytest.approx(link)
         assert (link > router0 + 4 * c + 1e-12) == (each > c)     # slots bind only when compute is slower
+
+
+@pytest.mark.parametrize("backlog", [0.0, 0.02])
+@pytest.mark.parametrize("hw", [HW, get_hardware({"preset": "a100-80gb", "hbm_bytes_per_s": 2e10})])
+def test_closed_form_streamed_step_equals_the_layer_walk(backlog, hw):
+    """Demand copies with streamed experts: the closed form (when no staging slot binds) and
+    the copy-by-copy walk give the same step; where slots bind, only the walk applies."""
+    rng = np.random.default_rng(1)
+    counts = np.zeros((L, M.n_experts), dtype=np.int64)
+    counts[:, :6] = rng.integers(1, 4, (L, 6))
+    d = rng.integers(0, 4, L)
+    st = np.minimum(d, rng.integers(0, 3, L))
+    p = StepPlan(counts=counts, demand=d, prefetch=[], staged=int(st.sum()), streamed=st)
+    a, b = CostModel(M, hw), CostModel(M, hw)
+    a.link_free_at = b.link_free_at = backlog
+    fast = a.step(0.0, p, 6, 1, 100, 100)
+    b._busy = 0.0
+    walk = b._step_with_copies(0.0, p, b.attention_s(6, 100, 100), b.experts_s(counts, 6), b.fixed_s(6, 1))
+    closed = a._streamed_closed_form(p, a.experts_s(counts, 6)) is not None
+    assert closed == (hw is HW)          # slow compute (2e10 B/s HBM): staging slots bind
+    assert fast.duration_s == pytest.approx(walk.duration_s)
+    assert fast.stall_s == pytest.approx(walk.stall_s)
+    assert fast.link_busy_s == pytest.approx(walk.link_busy_s)
+    assert a.link_free_at == pytest.approx(b.link_free_at)
