@@ -24,7 +24,7 @@ from sim.clock import VirtualClock
 from sim.costmodel import CostModel, StepTiming
 from sim.memory import MemoryLedger
 from sim.policies.base import StepBatch
-from sim.timeline import TIMELINE_COLUMNS, TimelineRow, rows_from_columns  # noqa: F401 (TIMELINE_COLUMNS: re-exported)
+from sim.timeline import TIMELINE_COLUMNS, TimelineLog, TimelineRow, rows_from_columns  # noqa: F401 (TIMELINE_COLUMNS: re-exported)
 
 
 @dataclass(kw_only=True)
@@ -60,7 +60,7 @@ class Engine:
         self.running: list = []
         self.finished: list = []
         self.rejected: list = []
-        self.timeline: list[tuple] = []     # TimelineRow fields, in order (decode runs add plain tuples)
+        self.timeline = TimelineLog()      # TimelineRow fields, in order (decode runs add plain tuples)
         self.steps = 0
         self.preemptions = 0
         self.progress = progress
@@ -151,6 +151,7 @@ class Engine:
                                          f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
                                          f"more than the {mem.kv_budget / 1e9:.2f} GB left")
                 self.rejected.append(req)
+                self._release(req)
                 continue
             if req.admitted_s is None:
                 req.admitted_s = now
@@ -314,6 +315,11 @@ class Engine:
                     done.append(r)
         self._finish(done, now)
 
+    def _release(self, req) -> None:
+        """A streamed trace may drop a request's routing once it is served (or refused)."""
+        if self.trace is not None:
+            self.trace.release(req.index)
+
     def _finish(self, done: list, now: float):
         for r in done:
             r.finish_s = now
@@ -322,6 +328,7 @@ class Engine:
             self.finished.append(r)
             self.policy.on_finish(r, now)
             self.scheduler.on_finish(r, now)
+            self._release(r)
         if done and self.progress:
             self.progress(len(done))
         if not self.running:

@@ -95,7 +95,7 @@ def outcome(eng: Engine, requests: list, sc: dict, extra: dict | None = None):
     """(summary, request table, timeline) of a finished engine, simulated or replayed.
     extra: the engine's own figures (the replayer's measured copies), before the scheduler's."""
     req = request_table(requests)
-    tl = pd.DataFrame(eng.timeline, columns=list(TIMELINE_COLUMNS))
+    tl = pd.DataFrame(eng.timeline.columns(), columns=list(TIMELINE_COLUMNS))
     figures = dict(engine_steps=eng.steps, preemptions=eng.preemptions, budget_bytes=eng.mem.budget,
                    kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(_elapsed(eng)),
                    **(extra or {}))

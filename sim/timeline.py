@@ -1,7 +1,9 @@
 """The engine's timeline: one row per engine step, its fields the timeline table's columns."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, get_type_hints
+
+import numpy as np
 
 
 class TimelineRow(NamedTuple):
@@ -37,3 +39,47 @@ def rows_from_columns(**columns: list) -> zip:
         raise TypeError(f"timeline columns: missing {sorted(missing)}, unknown "
                         f"{sorted(set(columns) - set(TIMELINE_COLUMNS))}")
     return zip(*(columns[c] for c in TIMELINE_COLUMNS))
+
+
+_INT_COLUMNS = [i for i, c in enumerate(TIMELINE_COLUMNS) if get_type_hints(TimelineRow)[c] is int]
+
+
+class TimelineLog:
+    """The engine's timeline as it grows: rows are packed into float64 blocks of BLOCK steps
+    (8 bytes a field instead of a Python object each: a day of traffic is millions of steps).
+    Every field is an integer or a float64 already, so packing loses nothing."""
+    BLOCK = 8192
+
+    def __init__(self):
+        self._blocks: list[np.ndarray] = []
+        self._rows: list[tuple] = []
+        self._packed = 0
+
+    def append(self, row: tuple) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.BLOCK:
+            self._pack()
+
+    def extend(self, rows) -> None:
+        self._rows.extend(rows)
+        if len(self._rows) >= self.BLOCK:
+            self._pack()
+
+    def _pack(self) -> None:
+        block = np.array(self._rows, dtype=np.float64).reshape(-1, len(TIMELINE_COLUMNS))
+        self._blocks.append(block)
+        self._packed += len(block)
+        self._rows = []
+
+    def __len__(self) -> int:
+        return self._packed + len(self._rows)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Column name -> values (integer columns as int64), in step order."""
+        if self._rows:
+            self._pack()
+        data = np.concatenate(self._blocks) if self._blocks else np.zeros((0, len(TIMELINE_COLUMNS)))
+        out = {}
+        for i, c in enumerate(TIMELINE_COLUMNS):
+            out[c] = data[:, i].astype(np.int64) if i in _INT_COLUMNS else data[:, i].copy()
+        return out
