@@ -211,10 +211,17 @@ class Engine:
             decode, chunks = self._plan_tokens()
             n_new = len(decode) + sum(c for _, c in chunks)
         reqs = decode + [r for r, _ in chunks]
-        rows = np.fromiter((r.next_row for r in decode), dtype=np.int64, count=len(decode))
+        # One pass over the decoding requests (a saturated step has dozens): a decoding
+        # request's next row is row0 + prompt + generated - 1 and its context prompt + generated - 1.
+        next_rows, decode_ctx = [], 0
+        for r in decode:
+            ctx = r.prompt_tokens + r.generated - 1
+            next_rows.append(r.row0 + ctx)
+            decode_ctx += ctx
+        rows = np.array(next_rows, dtype=np.int64)
         token_req = np.arange(len(decode))
-        attn_ctx = float(sum(r.context for r in decode)) + len(decode)
-        kv_read = sum(r.context for r in reqs) + n_new
+        attn_ctx = float(decode_ctx) + len(decode)
+        kv_read = decode_ctx + sum(r.prefilled for r, _ in chunks) + n_new   # a prefilling request has generated 0
         if chunks:
             rows = np.concatenate([rows] + [np.arange(r.next_row, r.next_row + c) for r, c in chunks])
             token_req = np.concatenate([token_req] + [np.full(c, len(decode) + i) for i, (_, c) in enumerate(chunks)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False, kw_only=True, slots=True)   # slots: a day of traffic holds many
 class Request:
     index: int              # position in the workload
     rid: str
