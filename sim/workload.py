@@ -61,6 +61,7 @@ def build_requests(sc: dict, trace: Trace) -> list[Request]:
     arrivals = arrival_times(sc, trace)
     # What a server may know of a task before generating: its mean output length.
     expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in trace.tasks}
+    slos = {t: slo_for(sc, t) for t in trace.tasks}   # one dict per task, shared by its requests
     reqs = []
     for i in range(trace.n_requests):
         task = str(trace.task[i])
@@ -69,5 +70,5 @@ def build_requests(sc: dict, trace: Trace) -> list[Request]:
             p, o = 1, o - 1
         reqs.append(Request(index=i, rid=str(trace.request_id[i]), task=task, prompt_tokens=p,
                             output_tokens=max(o, 1), row0=int(trace.offsets[i]), arrival_s=float(arrivals[i]),
-                            slo=slo_for(sc, task), expected_output=expected[task]))
+                            slo=slos[task], expected_output=expected[task]))
     return reqs
