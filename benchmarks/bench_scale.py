@@ -1,0 +1,198 @@
+"""Benchmark: a day of traffic on one machine -- simulator time and peak memory at scale.
+
+    python benchmarks/bench_scale.py [--repeats 3] [--cases 1k-sat,10k-10,100k-sat,sweep-40]
+
+Mixtral-8x7B on 4x A100-40GB, on_demand at capacity 0.6, max 32 running, 8,192 tokens a step;
+requests of 512 prompt and 256 output tokens on average (the trace's lognormal lengths).
+
+  1k-sat     1,000 requests, all at t=0
+  10k-10     10,000 requests, Poisson at 10 requests/s
+  100k-sat   100,000 requests, all at t=0 (a 14.7 GB trace file: 192 bytes of routing a token)
+  sweep-40   a 40-point sweep with -j 2 over the 10,000-request trace (each point cut at 2,000
+             steps: what is measured is what the workers load, not how long they simulate)
+
+Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss); the sweep's
+figure is the peak of the summed RSS of its whole process tree, sampled every 0.1 s.
+Traces: a 500-request synthetic trace tiled (request i routes as request i % 500 of it), written
+once to benchmarks/out/ (synthesising 100,000 requests would take the generator about an hour;
+tiling does not change what a step costs). Prints the median of the repeats per case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "out"
+SEED_REQUESTS = 500
+CASES = {"1k-sat": (1_000, {"process": "batch"}), "10k-10": (10_000, {"process": "poisson", "rate": 10.0}),
+         "100k-sat": (100_000, {"process": "batch"})}
+
+
+class Tiled:
+    """Rows of a routing array repeated request by request: row r of request i is row r of
+    request i % n of the seed trace. Read by slices, as the trace writer reads."""
+
+    def __init__(self, seed_rows: np.ndarray, seed_offsets: np.ndarray, n_requests: int):
+        self.seed, self.seed_offsets = seed_rows, seed_offsets
+        n = len(seed_offsets) - 1
+        lengths = np.diff(seed_offsets)[np.arange(n_requests) % n]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.shape = (int(self.offsets[-1]),) + seed_rows.shape[1:]
+        self.dtype, self.ndim = seed_rows.dtype, seed_rows.ndim
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise TypeError("Tiled rows are read by slices")
+        lo, hi, _ = key.indices(self.shape[0])
+        n = len(self.seed_offsets) - 1
+        first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        parts, i = [], first
+        while i < len(self.offsets) - 1 and self.offsets[i] < hi:
+            s0 = self.seed_offsets[i % n]
+            a, b = max(lo, self.offsets[i]) - self.offsets[i], min(hi, self.offsets[i + 1]) - self.offsets[i]
+            parts.append(self.seed[s0 + a: s0 + b])
+            i += 1
+        return np.concatenate(parts) if parts else self.seed[:0]
+
+
+def trace_for(n: int) -> Path:
+    """The tiled trace of n requests (written once)."""
+    from traces.format import Trace, load_trace, save_trace
+    from traces.synth import synthesize
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"scale-{n}.npz"
+    if path.exists():
+        return path
+    seed_path = OUT / f"scale-seed-{SEED_REQUESTS}.npz"
+    if not seed_path.exists():
+        save_trace(synthesize("mixtral-8x7b", ["qa", "summarization", "code", "math", "conversation"], SEED_REQUESTS,
+                              seed=0, prompt_mean=512, output_mean=256), seed_path)
+    s = load_trace(seed_path)
+    idx = np.arange(n) % SEED_REQUESTS
+    t = Trace(model=s.model, n_layers=s.n_layers, n_experts=s.n_experts, top_k=s.top_k,
+              request_id=np.array([f"r{i:07d}" for i in range(n)]), task=s.task[idx],
+              prompt_tokens=s.prompt_tokens[idx], output_tokens=s.output_tokens[idx],
+              experts=Tiled(s.experts, s.offsets, n)[:], gates=Tiled(s.gates, s.offsets, n)[:],
+              extra={"generator": f"bench_scale: {seed_path.name} tiled to {n} requests"})
+    print(f"writing {path.name} ({t.n_tokens * s.n_layers * s.top_k * 3 / 1e9:.1f} GB)...", flush=True)
+    save_trace(t, path)
+    return path
+
+
+def scenario(trace: Path, arrival: dict, max_steps: int = 0) -> dict:
+    limits = {"max_batch_tokens": 8192, "max_running": 32}
+    if max_steps:
+        limits["max_steps"] = max_steps
+    return {"name": "scale", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4},
+            "workload": {"trace": str(trace), "arrival": arrival},
+            "policy": {"name": "on_demand", "capacity": 0.6}, "limits": limits}
+
+
+def child(case: str) -> None:
+    """One measurement, in this (fresh) process: prints a JSON line."""
+    from sim.run import run_scenario
+    from sim.scenario import load_scenario
+    n, arrival = CASES[case]
+    sc = load_scenario(data=scenario(trace_for(n), arrival))
+    t0 = time.perf_counter()
+    res = run_scenario(sc)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(case=case, wall_s=wall, peak_rss_bytes=rss, steps=res.summary["engine_steps"],
+                          e2e_mean_s=res.summary["e2e_mean_s"], completed=res.summary["requests_completed"])))
+
+
+def _tree_rss(pid: int) -> int:
+    """Summed RSS of pid and its descendants (from /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def sweep_case() -> dict:
+    """A 40-point -j 2 sweep over the 10,000-request trace: peak summed RSS of the process tree."""
+    import yaml
+    trace = trace_for(10_000)
+    spec = {"base": scenario(trace, CASES["10k-10"][1], max_steps=2000),
+            "grid": {"policy.capacity": [round(0.3 + 0.05 * i, 2) for i in range(10)],
+                     "seed": [0, 1, 2, 3]}}
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "sweep.yaml"
+        f.write_text(yaml.safe_dump(spec))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "sweep", str(f), "-j", "2", "-o", str(Path(d) / "s")],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak = 0
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_rss(proc.pid))
+                time.sleep(0.1)
+        th = threading.Thread(target=sample)
+        th.start()
+        _, err = proc.communicate()
+        done.set()
+        th.join()
+        if proc.returncode:
+            raise SystemExit(f"sweep failed: {err.strip()}")
+        return dict(case="sweep-40", wall_s=time.perf_counter() - t0, peak_rss_bytes=peak)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default="1k-sat,10k-10,100k-sat,sweep-40")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child)
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+    for case in a.cases.split(","):
+        runs = []
+        for _ in range(a.repeats):
+            if case == "sweep-40":
+                runs.append(sweep_case())
+                continue
+            if case in CASES:
+                trace_for(CASES[case][0])   # written outside the measurement
+            out = subprocess.run([sys.executable, __file__, "--child", case], cwd=ROOT, capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if out.returncode:
+                raise SystemExit(f"{case} failed:\n{out.stderr}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        wall = statistics.median(r["wall_s"] for r in runs)
+        rss = statistics.median(r["peak_rss_bytes"] for r in runs)
+        extra = f", {runs[0]['steps']:,} steps, mean e2e {runs[0]['e2e_mean_s']:.2f} s" if "steps" in runs[0] else ""
+        print(f"{case}: median {wall:.2f} s (runs {[round(r['wall_s'], 2) for r in runs]}), "
+              f"peak RSS {rss / 1e6:,.0f} MB{extra}; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
