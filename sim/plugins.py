@@ -15,6 +15,7 @@ way as a built-in one: `lookup` is the one place every caller resolves names.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -94,3 +95,30 @@ def _from_module(key: str, name: str, base_dir) -> type:
         return getattr(mod, attr)
     except AttributeError:
         raise PluginError(f"{key} '{name}': module '{module}' ({mod.__file__}) has no '{attr}'") from None
+
+
+def source_file(name, registry: dict, kind: str, base_dir=None) -> Path | None:
+    """The file a component named by the user is defined in (module:Class beside the scenario
+    or on the path, or an installed entry point), without importing it; None for a built-in
+    or a name that cannot be found (building the scenario reports that). A sweep keys its
+    points by this file's content, so editing your policy reruns the points that use it."""
+    if not isinstance(name, str) or not name or name in registry:
+        return None
+    if ":" not in name:
+        ep = installed(kind).get(name)
+        if ep is None:
+            return None
+        name = ep.value
+    module = name.partition(":")[0]
+    if not module or module.startswith("."):
+        return None
+    if base_dir is not None:
+        beside = Path(Path(base_dir).resolve(), *module.split(".")).with_suffix(".py")
+        if beside.is_file():
+            return beside
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None

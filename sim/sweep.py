@@ -131,7 +131,23 @@ def input_digests(sc: dict) -> dict:
             p = p if p.is_absolute() else base / p
             if p.is_file():
                 out[key] = _file_digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+    for key, p in plugin_sources(sc).items():
+        out[f"source of {key}"] = _file_digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
     return out
+
+
+def plugin_sources(sc: dict) -> dict:
+    """{scenario key: the file of the user's own component it names} (sim/plugins.py)."""
+    from sim.plugins import source_file
+    from sim.policies import POLICIES
+    from sim.predictors import PREDICTORS
+    from sim.schedulers import SCHEDULERS
+    base = sc.get("_base_dir", ".")
+    named = {"policy.name": (sc["policy"].get("name"), POLICIES, "policy"),
+             "scheduler.name": ((sc.get("scheduler") or {}).get("name"), SCHEDULERS, "scheduler"),
+             "policy.predictor": (sc["policy"].get("predictor"), PREDICTORS, "predictor")}
+    found = {key: source_file(name, registry, kind, base) for key, (name, registry, kind) in named.items()}
+    return {k: p for k, p in found.items() if p is not None}
 
 
 @functools.lru_cache(maxsize=64)

@@ -80,6 +80,20 @@ def test_the_users_policy_sweeps_in_parallel_workers(tiny_trace_path, my_module)
     assert table.sort_values("policy.capacity").expert_hit_rate.is_monotonic_increasing
 
 
+def test_editing_the_users_module_reruns_the_sweep_points_that_use_it(tiny_trace_path, my_module):
+    """A point is keyed by the module's content: results of the old code are never reused."""
+    base = scenario_file(my_module, tiny_trace_path, {"name": "my_mru:MRUPolicy", "capacity": 0.5})
+    (my_module / "sweep.yaml").write_text(yaml.safe_dump({"base": base.name, "grid": {"seed": [0, 1]}}))
+    first = run_sweep(load_sweep(my_module / "sweep.yaml"), output=my_module / "out", progress=False)
+    again = run_sweep(load_sweep(my_module / "sweep.yaml"), output=my_module / "out", progress=False)
+    assert first["ran"] == 2 and again["ran"] == 0          # unchanged: resumed, nothing rerun
+    with open(my_module / "my_mru.py", "a") as f:
+        f.write("\n# edited\n")
+    edited = run_sweep(load_sweep(my_module / "sweep.yaml"), output=my_module / "out", progress=False)
+    assert edited["ran"] == 2
+    assert set(edited["table"].hash) != set(first["table"].hash)
+
+
 def test_an_installed_plugin_is_found_by_its_entry_point(tiny_trace_path, my_module, monkeypatch):
     """What `pip install` of a package declaring [project.entry-points."emoe.policies"] leaves."""
     dist = my_module / "site" / "my_emoe_plugin-0.1.dist-info"
