@@ -70,31 +70,43 @@ class Accounting:
             hits = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
             self._credit_unrerouted(batch.requests[0], hits, slots, n_routes)
             return
-        if rerouted is None or hit_slots is None:   # every route served by its own experts
+        per_routes = np.bincount(batch.token_req, minlength=n_req) * self.L
+        slots = per_routes * self.k
+        if hit_slots is None:   # nothing missed this step
+            per_hit = slots
+        else:
+            per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req).astype(np.int64)
+        if rerouted is None:
+            # Every route keeps its whole gate mass: a request keeps L per token, exactly.
+            self._credit(batch.requests, per_hit.tolist(), slots.tolist(), per_routes.tolist())
+            self.gate_kept += float(len(batch.token_req) * self.L)
+            self.routes += int(per_routes.sum())
+            return
+        if hit_slots is None:
             kept = np.full(len(batch.token_req), float(self.L))
         else:
             g = batch.gates.astype(np.float32)
             kept = ((g * hit_slots).sum(axis=2) / np.maximum(g.sum(axis=2), 1e-9)).sum(axis=1)
-        if hit_slots is None:   # nothing missed this step
-            per_hit = np.bincount(batch.token_req, minlength=n_req) * (self.L * self.k)
-            per_miss = np.zeros(n_req)
-        else:
-            per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req)
-            per_miss = np.bincount(batch.token_req, (~hit_slots).sum(axis=(1, 2)), minlength=n_req)
         per_kept = np.bincount(batch.token_req, kept, minlength=n_req)
-        per_routes = np.bincount(batch.token_req, minlength=n_req) * self.L
-        per_rr = np.bincount(batch.token_req, rerouted.sum(axis=1), minlength=n_req) if rerouted is not None \
-            else np.zeros(n_req)
+        per_rr = np.bincount(batch.token_req, rerouted.sum(axis=1), minlength=n_req)
         for i, r in enumerate(batch.requests):
             r.hits += int(per_hit[i])
-            r.misses += int(per_miss[i])
+            r.misses += int(slots[i] - per_hit[i])
             r.gate_kept += float(per_kept[i])
             r.routes += int(per_routes[i])
             r.reroutes += int(per_rr[i])
         self.gate_kept += float(kept.sum(dtype=np.float64))   # float32 terms, summed in double
         self.routes += int(per_routes.sum())
-        if rerouted is not None:
-            self.reroutes += int(rerouted.sum())
+        self.reroutes += int(rerouted.sum())
+
+    @staticmethod
+    def _credit(requests, hits: list, slots: list, routes: list) -> None:
+        """Per-request counters of a step where nothing was rerouted."""
+        for r, h, s, n in zip(requests, hits, slots, routes):
+            r.hits += h
+            r.misses += s - h
+            r.gate_kept += n
+            r.routes += n
 
     def run(self, experts: np.ndarray, counts: np.ndarray, miss: np.ndarray, req) -> None:
         """The counters of T single-token fetch steps of `req` (what served + step add up step by
