@@ -8,9 +8,12 @@ times are the wall clock's) give the same picture and can be opened side by side
   waiting, expert and KV memory (MB);
 - one async track per request: queued (arrival -> admission), prefill (admission ->
   first token), decode (first token -> finish); admissions and finishes as instants.
-What it does not show yet: each layer's compute and each copy on the link separately
-(the timeline records them per step, summed), so a step's stall is a counter, not a
-placed slice.
+- with layers (`emoe timeline --layers`, simulations only): thread "layers" holds each
+  layer's attention, expert compute and stall, and thread "host link" each copy (demand,
+  streamed through staging, or prefetch; layer and expert). The results keep steps, not
+  layers, so these come from simulating the run again (same scenario and seed: the same
+  steps) with the cost model recording per layer inside a window. A replay's per-layer
+  events are not recorded yet.
 
 Format: the JSON object form, {"traceEvents": [...]}, timestamps in microseconds
 (https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU).
@@ -21,15 +24,19 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from traces.atomic import write_text
+from traces.errors import UserError
 
 US = 1e6
-STEPS, SCHED = 1, 2          # thread ids
+STEPS, SCHED, LAYERS, LINK = 1, 2, 3, 4          # thread ids
 
 
-def chrome_trace(timeline, requests, meta: dict, window: tuple[float, float] | None = None) -> dict:
+def chrome_trace(timeline, requests, meta: dict, window: tuple[float, float] | None = None,
+                 layers: list[dict] | None = None) -> dict:
     """The trace events of one run (timeline and requests: the results tables).
-    window: (start_s, end_s), only what overlaps it."""
+    window: (start_s, end_s), only what overlaps it; layers: per-layer events (layer_events)."""
     lo, hi = window or (-math.inf, math.inf)
     engine = meta.get("engine", "sim")
     pid = 1
@@ -67,19 +74,67 @@ def chrome_trace(timeline, requests, meta: dict, window: tuple[float, float] | N
             ev.append(dict(name=f"admit {r.request_id}", ph="i", s="t", ts=r.admitted_s * US, pid=pid, tid=SCHED))
         if end is not None:
             ev.append(dict(name=f"finish {r.request_id}", ph="i", s="t", ts=end * US, pid=pid, tid=SCHED))
+    if layers is not None:
+        ev += [_meta("thread_name", pid, LAYERS, "layers"), _meta("thread_name", pid, LINK, "host link")]
+        for e in layers:
+            if e["end_s"] < lo or e["start_s"] > hi:
+                continue
+            where = "" if e["layer"] is None else f"L{e['layer']} "
+            name = where + e["kind"] + ("" if e["expert"] is None else f" E{e['expert']}")
+            ev.append(dict(name=name, cat=e["kind"], ph="X", ts=e["start_s"] * US,
+                           dur=(e["end_s"] - e["start_s"]) * US, pid=pid,
+                           tid=LINK if e["kind"].endswith("copy") else LAYERS,
+                           args=dict(layer=e["layer"], expert=e["expert"])))
     return {"traceEvents": ev, "displayTimeUnit": "ms",
             "otherData": {"engine": engine, "code_version": meta.get("code_version"), "seed": meta.get("seed")}}
 
 
-def write_chrome_trace(results_dir, out=None, window=None) -> Path:
+def layer_events(results_dir, timeline, window: tuple[float, float]) -> list[dict]:
+    """Each layer's compute and each copy of the steps starting in `window`, from simulating the
+    results directory's scenario again (step by step: decode runs do not walk layers). The
+    same steps are checked against the recorded timeline."""
+    from sim.engine import Engine
+    from sim.run import build
+    from sim.scenario import load_scenario
+    from sim.workload import build_requests
+    sc = load_scenario(Path(results_dir) / "scenario.yaml")
+    sc["limits"] = {**sc["limits"], "decode_runs": False}
+    parts = build(sc)
+    eng = Engine(*parts[:2], parts.trace, build_requests(sc, parts.trace), parts.policy, parts.scheduler,
+                 sc["limits"])
+    eng.cost.record, eng.cost.record_window = [], window
+    eng.run()
+    again = eng.timeline.columns()
+    n = len(timeline)
+    if len(again["t_s"]) != n or not np.allclose(again["t_s"], timeline.t_s.to_numpy(), rtol=1e-9, atol=1e-9):
+        raise UserError(f"{results_dir}: simulating its scenario again does not give its {n} steps "
+                        "(was it written by another emoe version, or did an input file change?); "
+                        "run it again with `emoe run` first")
+    return eng.cost.record
+
+
+def write_chrome_trace(results_dir, out=None, window=None, layers: bool = False) -> Path:
     """Write the results directory's timeline as Chrome trace JSON (default:
-    RESULTS_DIR/timeline.trace.json); returns its path."""
+    RESULTS_DIR/timeline.trace.json); returns its path. layers: add per-layer events
+    (simulations only; window defaults to the first 20 steps)."""
     from sim.results import load_results
     res = load_results(results_dir)
     meta_file = Path(results_dir) / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     out = Path(out) if out is not None else Path(results_dir) / "timeline.trace.json"
-    trace = chrome_trace(res["timeline"], res["requests"], meta, window)
+    per_layer = None
+    if layers:
+        if meta.get("engine", "sim") != "sim":
+            raise UserError(f"{results_dir}: --layers needs a simulation's results; a replay's per-layer "
+                            "events are not recorded yet")
+        tl = res["timeline"]
+        if tl.empty:
+            raise UserError(f"{results_dir}: the timeline has no steps")
+        if window is None:
+            last = tl.iloc[min(19, len(tl) - 1)]
+            window = (float(tl.t_s.iloc[0]), float(last.t_s + last.step_s))
+        per_layer = layer_events(results_dir, tl, window)
+    trace = chrome_trace(res["timeline"], res["requests"], meta, window, per_layer)
     write_text(out, json.dumps(trace, allow_nan=False))
     return out
 

@@ -82,6 +82,12 @@ class CostModel:
         # or dropped before starting); the replay's link counts the same (replay/link.py).
         self.copies = dict(demand=0, prefetch=0, promoted=0, dropped=0)
         self.measured = measured_for(hw, model)
+        self._recording = False
+        # Per-layer events of steps starting in record_window (`emoe timeline --layers`): each
+        # layer's attention, expert compute and stall, each copy on the link. Recording steps
+        # take the copy-by-copy walk, which the closed forms equal (tests/test_costmodel.py).
+        self.record: list[dict] | None = None
+        self.record_window = (0.0, float("inf"))
 
     # ---- compute ------------------------------------------------------------
     def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int, n_requests: int = 1,
@@ -131,7 +137,8 @@ class CostModel:
         attn = self.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests)
         ffn = self.experts_s(plan.counts, n_tokens)
         fixed = self.fixed_s(n_tokens, n_sampled) + plan.extra_time_s
-        if self.queued or plan.prefetch or (self.landing and self._uses_landing(t0, plan.counts)):
+        self._recording = self.record is not None and self.record_window[0] <= t0 <= self.record_window[1]
+        if self._recording or self.queued or plan.prefetch or (self.landing and self._uses_landing(t0, plan.counts)):
             self._busy = 0.0
             if held is not None and self.queued:
                 self._drop_unheld(t0, held if plan.missing is None else held & ~plan.missing)
@@ -277,6 +284,8 @@ class CostModel:
             self.link_free_at = start + c
             self._busy += c
             self.landing.setdefault(layer, {})[e] = start + c
+            if self._recording:
+                self._event("prefetch copy", layer, start, start + c, e)
 
     def _issue(self, copies, t: float) -> None:
         """Queue prefetch copies issued at t (an expert already queued keeps its place)."""
@@ -296,8 +305,11 @@ class CostModel:
         for at, layer, e in plan.prefetch:
             at_point.setdefault(at, []).append((layer, e))
         stall = 0.0
+        rec = self._event if self._recording else None
         self._issue(at_point.get(-1, ()), t0)
         t = t0 + fixed                     # overheads (host work, LM head) placed first
+        if rec:
+            rec("step overhead", None, t0, t)
         for layer in range(len(ffn)):
             if at_point:
                 self._issue(at_point.get(2 * layer, ()), t)
@@ -305,6 +317,7 @@ class CostModel:
             self._run_queued(router_done)
             n_dem = int(plan.demand[layer])
             self.copies["demand"] += n_dem
+            promoted = ()
             if self.queued:                # queued prefetches this layer needs now: promoted to demand
                 promoted = [q for q in self.queued if q[1] == layer and counts[layer, q[2]]]
                 for q in promoted:
@@ -314,21 +327,29 @@ class CostModel:
             n_streamed = int(streamed[layer]) if streamed is not None else 0
             n_dem -= n_streamed
             ready = router_done
+            if rec:
+                rec("attention", layer, t, router_done)
             if n_dem:
                 start = router_done if router_done > self.link_free_at else self.link_free_at
                 self.link_free_at = ready = start + n_dem * c
                 self._busy += n_dem * c
+                if rec:
+                    self._record_demand(layer, start, n_dem, plan.missing, promoted)
             landing = self.landing.get(layer)
             if landing:                    # started prefetches of its experts: wait until they land
                 for e, end in landing.items():
                     if end > ready and counts[layer, e]:
                         ready = end
             stall += ready - router_done
+            if rec and ready > router_done:
+                rec("stall", layer, router_done, ready)
             if n_streamed:
                 t, waited = self._stream(layer, n_streamed, router_done, ready, ffn[layer], counts)
                 stall += waited
             else:
                 t = ready + ffn[layer]
+            if rec:
+                rec("experts", layer, ready, t)
             if at_point:
                 self._issue(at_point.get(2 * layer + 1, ()), router_done)
         self._run_queued(t)                # prefetch copies that start before the step ends
@@ -345,6 +366,9 @@ class CostModel:
         link = max(router_done, self.link_free_at)
         if k >= 2 and each <= c and t - link + each <= k * c:         # no staging slot binds
             end = max(t + n * each, link + n * c + each)
+            if self._recording:
+                for j in range(n):
+                    self._event("streamed copy", layer, link + j * c, link + (j + 1) * c)
             self.link_free_at = link + n * c
             self._busy += n * c
             return end, end - t - n * each
@@ -353,6 +377,8 @@ class CostModel:
         for j in range(n):
             start = link if j < k or freed[j - k] <= link else freed[j - k]
             link = start + c
+            if self._recording:
+                self._event("streamed copy", layer, start, link)
             if link > t:
                 waited += link - t
                 t = link
@@ -361,3 +387,15 @@ class CostModel:
         self.link_free_at = link
         self._busy += n * c
         return t, waited
+
+    # ---- per-layer events (`emoe timeline --layers`) -------------------------------
+    def _event(self, kind: str, layer, start: float, end: float, expert=None) -> None:
+        self.record.append(dict(kind=kind, layer=layer, start_s=float(start), end_s=float(end), expert=expert))
+
+    def _record_demand(self, layer: int, start: float, n: int, missing, promoted) -> None:
+        """A layer's demand copies, back to back from `start`: the experts it misses (lowest id
+        first), then promoted prefetches."""
+        ids = [] if missing is None else np.flatnonzero(missing[layer]).tolist()
+        ids = (ids + [q[2] for q in promoted] + [None] * n)[:n]
+        for j, e in enumerate(ids):
+            self._event("demand copy", layer, start + j * self.copy_s, start + (j + 1) * self.copy_s, e)

@@ -74,3 +74,42 @@ def test_cli_writes_the_trace_and_draws_a_window(tiny_trace_path, tmp_path, caps
     (sweep / "table.csv").write_text("point,hash,label\n0,h,on_demand\n")
     assert main(["plot", str(sweep), "--kind", "timeline", "-o", str(tmp_path / "f2")]) == 2   # one line, no traceback
     assert "draws results directories" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", [{"name": "on_demand", "capacity": 0.5}, {"name": "pregated", "capacity": 0.5}])
+def test_layers_place_each_layers_compute_and_each_copy_inside_its_step(tiny_trace_path, tmp_path, policy):
+    """`emoe timeline --layers`: the run simulated again inside the window; per step, each layer
+    computes once within the step, and the copies on the link are those the step issued."""
+    res = run_scenario(tiny_scenario(tiny_trace_path, policy, workload__requests=10))
+    d = res.write(tmp_path / "run")
+    tl = res.timeline
+    window = (float(tl.t_s.iloc[0]), float(tl.t_s.iloc[29] + tl.step_s.iloc[29]))
+    events = json.loads(write_chrome_trace(d, tmp_path / "l.json", window=window, layers=True).read_text())
+    ev = [e for e in events["traceEvents"] if e["ph"] == "X" and e["cat"] != "step"]
+    from traces.model_shape import get_model
+    L = get_model("tiny").n_moe_layers
+    steps = tl.iloc[:30]
+    eps = 1e-3   # microseconds
+    for _, s in steps.iterrows():
+        a, b = s.t_s * 1e6, (s.t_s + s.step_s) * 1e6
+        inside = [e for e in ev if e["cat"] in ("attention", "experts") and a - eps <= e["ts"] < b - eps]
+        layers = sorted(e["args"]["layer"] for e in inside if e["cat"] == "experts")
+        assert layers == list(range(L))
+        assert all(e["ts"] + e["dur"] <= b + eps for e in inside)     # compute ends with its step
+    copies = [e for e in ev if e["cat"].endswith("copy")]
+    if policy["name"] == "on_demand":     # every copy is the step's own, issued and started in it
+        assert len(copies) == int(steps.expert_loads.sum()) > 0
+    else:
+        assert any(e["cat"] == "prefetch copy" for e in copies)
+    link = sorted((e["ts"], e["ts"] + e["dur"]) for e in copies)
+    assert all(x[1] <= y[0] + eps for x, y in zip(link, link[1:]))   # one link: copies never overlap
+
+
+def test_layers_of_a_replay_are_refused_with_one_line(tiny_trace_path, tmp_path):
+    res = run_scenario(tiny_scenario(tiny_trace_path, workload__requests=4))
+    d = res.write(tmp_path / "run")
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "engine": "replay"}))
+    from traces.errors import UserError
+    with pytest.raises(UserError, match="per-layer events are not recorded yet"):
+        write_chrome_trace(d, tmp_path / "x.json", layers=True)

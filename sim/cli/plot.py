@@ -27,6 +27,9 @@ def add_parsers(sub):
     s.add_argument("-o", "--output", default=None,
                    help="the JSON file (one results directory only; default RESULTS/timeline.trace.json)")
     s.add_argument("--window", type=window_arg, default=None, metavar="START:END", help="only these seconds")
+    s.add_argument("--layers", action="store_true",
+                   help="add each layer's compute and each copy on the host link (simulations: simulated "
+                        "again inside the window, default its first 20 steps)")
     add_force(s)
     s.set_defaults(func=timeline)
 
@@ -48,7 +51,7 @@ def timeline(a):
                         "timeline.trace.json")
     for d in a.results:
         out = output_file(a.output if a.output is not None else Path(d) / "timeline.trace.json", "-o", a.force)
-        print(f"wrote {write_chrome_trace(d, out, a.window)}")
+        print(f"wrote {write_chrome_trace(d, out, a.window, layers=a.layers)}")
 
 
 def plot(a):
