@@ -43,6 +43,15 @@ class ReplayEngine(Engine):
         self.rt.cache.drain()    # prefetches still on the link: land them, so the copy counters are final
         return self
 
+    def layer_events(self) -> list[dict] | None:
+        """Each layer's attention, experts and stall and each copy, in the run's seconds (CPU;
+        None on CUDA, where they are not recorded yet)."""
+        events = self.rt.cache.events
+        if events is None or not hasattr(self, "env"):
+            return None
+        t0 = self.env.real_start     # the wall clock's zero, on time.monotonic
+        return [dict(kind=k, layer=layer, expert=e, start_s=a - t0, end_s=b - t0) for k, layer, e, a, b in list(events)]
+
     # ---- one step on the model ---------------------------------------------------------------------
     def _sync_cache(self, plan):
         """Make the device cache follow the policy's plan: evictions first (a queued copy of an

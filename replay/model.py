@@ -58,6 +58,10 @@ class ExpertCache:
         self.in_use: dict[int, object] = {}         # slot -> compute-done event
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._n_staging = n_staging
+        # CPU: per-layer events on the wall clock (time.monotonic, the replay clock's), for
+        # `emoe timeline --layers`: (kind, layer, expert, start, end). None: not recorded (CUDA).
+        self.events: list | None = None if self.cuda else []
+        self.layer = None                           # the layer computing now (its stalls)
         self.link = HostLink(self)
         self.lock = self.link.cond                  # one lock for the link's queues and the slots
         self.stall_s = 0.0                          # time layers waited for copies (CPU: measured here)
@@ -157,13 +161,17 @@ class ExpertCache:
 
     def run_copy(self, copy: Copy) -> float | None:
         """The link thread's copy of one expert; returns its seconds (CUDA: from events)."""
-        if copy.slot is None:                      # streamed: a staging slot, once one is free
+        streamed = copy.slot is None
+        if streamed:                               # streamed: a staging slot, once one is free
             copy.slot = self._take_slot(staging=True)
         dst, src = self.pool[copy.slot], self.host[copy.layer][copy.expert]
         if not self.cuda:
-            t0 = time.perf_counter()
+            m0, t0 = time.monotonic(), time.perf_counter()
             dst.copy_(src)
-            return time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.events.append(("streamed copy" if streamed else f"{copy.kind} copy", copy.layer, copy.expert,
+                                m0, time.monotonic()))
+            return took
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             with self.lock:
                 in_use = self.in_use.pop(copy.slot, None)
@@ -197,10 +205,11 @@ class ExpertCache:
             if c.state == QUEUED:
                 self.link.promote(c)
         if not self.cuda:
-            t0 = time.perf_counter()
+            m0, t0 = time.monotonic(), time.perf_counter()
             for c in pending:
                 self.link.wait(c)
             self.stall_s += time.perf_counter() - t0
+            self.events.append(("stall", self.layer, None, m0, time.monotonic()))
             return
         compute = torch.cuda.current_stream(self.device)
         before = torch.cuda.Event(enable_timing=True)
@@ -451,7 +460,12 @@ class ReplayModel:
         for li in range(len(self.layers)):
             if 2 * li in at:
                 issue(2 * li, cache.issue_point())
+            events = cache.events
+            if events is not None:
+                cache.layer, a0 = li, time.monotonic()
             x, h, logits = self.attention(li, x, segments, rope)
+            if events is not None:
+                events.append(("attention", li, None, a0, time.monotonic()))
             router = cache.issue_point()      # CUDA: demand copies start once the router has run
             for le in load_plan["demand"][li]:
                 cache.fetch(*le, after=router)
@@ -464,7 +478,11 @@ class ReplayModel:
             cache.promote(li, experts)      # queued prefetches it needs: demand, ahead of the streamed copies
             streamed = self.stream_missing(li, experts, router)                  # demand, before prefetches
             issue(2 * li + 1, router)
+            if events is not None:
+                e0 = time.monotonic()
             x = x + self.experts(li, h, r_l, g_l, router, streamed) + self.shared(li, h)
+            if events is not None:
+                events.append(("experts", li, None, e0, time.monotonic()))
         next_tokens = None
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)

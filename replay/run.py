@@ -17,6 +17,7 @@ from sim.run import RunResult, build, outcome
 from sim.workload import build_requests, load_workload_trace
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+LAYER_COLUMNS = ["kind", "layer", "expert", "start_s", "end_s"]
 
 
 class ReplayOOM(RuntimeError):
@@ -109,6 +110,10 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         files["generations.jsonl"] = "".join(
             json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.generated_ids)) + "\n"
             for r in requests)
+    events = eng.layer_events()
+    if events:   # `emoe timeline --layers` reads them
+        import pandas as pd
+        files["layers.csv"] = pd.DataFrame(events, columns=LAYER_COLUMNS).to_csv(index=False)
     if error:
         extra["error"] = error
     summary, req, tl = outcome(eng, requests, sc, extra)

@@ -12,8 +12,8 @@ times are the wall clock's) give the same picture and can be opened side by side
   layer's attention, expert compute and stall, and thread "host link" each copy (demand,
   streamed through staging, or prefetch; layer and expert). The results keep steps, not
   layers, so these come from simulating the run again (same scenario and seed: the same
-  steps) with the cost model recording per layer inside a window. A replay's per-layer
-  events are not recorded yet.
+  steps) with the cost model recording per layer inside a window. A CPU replay records
+  them as it runs, on its wall clock (layers.csv); a CUDA replay does not yet.
 
 Format: the JSON object form, {"traceEvents": [...]}, timestamps in microseconds
 (https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU).
@@ -113,6 +113,21 @@ def layer_events(results_dir, timeline, window: tuple[float, float]) -> list[dic
     return eng.cost.record
 
 
+def replayed_layer_events(results_dir) -> list[dict]:
+    """A CPU replay's per-layer events, measured on its wall clock (layers.csv)."""
+    f = Path(results_dir) / "layers.csv"
+    if not f.exists():
+        raise UserError(f"{results_dir}: this replay has no layers.csv; per-layer events are recorded by CPU "
+                        "replays (a CUDA replay's are not recorded yet)")
+    import pandas as pd
+    ev = pd.read_csv(f)
+    ev["layer"] = ev.layer.astype("Int64")
+    ev["expert"] = ev.expert.astype("Int64")
+    return [dict(kind=r.kind, layer=None if pd.isna(r.layer) else int(r.layer),
+                 expert=None if pd.isna(r.expert) else int(r.expert), start_s=float(r.start_s), end_s=float(r.end_s))
+            for r in ev.itertuples(index=False)]
+
+
 def write_chrome_trace(results_dir, out=None, window=None, layers: bool = False) -> Path:
     """Write the results directory's timeline as Chrome trace JSON (default:
     RESULTS_DIR/timeline.trace.json); returns its path. layers: add per-layer events
@@ -124,16 +139,14 @@ def write_chrome_trace(results_dir, out=None, window=None, layers: bool = False)
     out = Path(out) if out is not None else Path(results_dir) / "timeline.trace.json"
     per_layer = None
     if layers:
-        if meta.get("engine", "sim") != "sim":
-            raise UserError(f"{results_dir}: --layers needs a simulation's results; a replay's per-layer "
-                            "events are not recorded yet")
         tl = res["timeline"]
         if tl.empty:
             raise UserError(f"{results_dir}: the timeline has no steps")
         if window is None:
             last = tl.iloc[min(19, len(tl) - 1)]
             window = (float(tl.t_s.iloc[0]), float(last.t_s + last.step_s))
-        per_layer = layer_events(results_dir, tl, window)
+        per_layer = (layer_events(results_dir, tl, window) if meta.get("engine", "sim") == "sim"
+                     else replayed_layer_events(results_dir))
     trace = chrome_trace(res["timeline"], res["requests"], meta, window, per_layer)
     write_text(out, json.dumps(trace, allow_nan=False))
     return out

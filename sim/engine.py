@@ -109,8 +109,7 @@ class Engine:
                 yield env.timeout(end - env.now)
                 self._advance_run(req, n_steps, env.now)
                 continue
-            duration = self._step(env.now)
-            yield env.timeout(self.clock.step_s(env, duration))
+            yield env.timeout(self._step(env.now))
             self._advance(env.now)
 
     def enqueue(self, req) -> None:
@@ -190,8 +189,11 @@ class Engine:
         timing = self.execute(now, work, plan)
         self.mem.kv_used += work.n_new * self.mem.kv_per_token
         parts = self.memory_parts(plan, work)
+        # How long the step lasts on the clock: on the wall clock, until now (the loop's own
+        # work since the last event included), so a replay's steps tile its time line.
+        step_s = self.clock.step_s(self.env, timing.duration_s)
         self.timeline.append(TimelineRow(
-            t_s=now, step_s=timing.duration_s, tokens=work.n_tokens, batch_requests=len(work.batch.requests),
+            t_s=now, step_s=step_s, tokens=work.n_tokens, batch_requests=len(work.batch.requests),
             running=len(self.running), waiting=len(self.waiting), decode_tokens=len(work.decode),
             prefill_tokens=work.n_tokens - len(work.decode), mem_dense=parts["dense"], mem_experts=parts["experts"],
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
@@ -201,7 +203,7 @@ class Engine:
         self._decode = work.decode
         self.steps += 1
         self.scheduler.on_step(self.running, timing.duration_s, now)
-        return timing.duration_s
+        return step_s
 
     def _build_step(self) -> StepWork:
         decode, chunks = self._plan_tokens()

@@ -105,11 +105,34 @@ def test_layers_place_each_layers_compute_and_each_copy_inside_its_step(tiny_tra
     assert all(x[1] <= y[0] + eps for x, y in zip(link, link[1:]))   # one link: copies never overlap
 
 
-def test_layers_of_a_replay_are_refused_with_one_line(tiny_trace_path, tmp_path):
+def test_a_cpu_replay_records_its_layers_on_the_wall_clock(tiny_trace_path, tmp_path):
+    """The replay's per-layer events are measured as it runs: every layer's attention and
+    experts inside its step, copies one at a time on the link."""
+    pytest.importorskip("torch")
+    from replay.run import replay_scenario
+    from traces.model_shape import get_model
+    sc = tiny_scenario(tiny_trace_path, workload__requests=4, hardware__memory_bytes=6.0e6)
+    res = replay_scenario(sc, "cpu")
+    d = res.write(tmp_path / "rp")
+    assert (d / "layers.csv").exists()
+    events = json.loads(write_chrome_trace(d, tmp_path / "l.json", window=(0.0, 1e9), layers=True).read_text())
+    ev = [e for e in events["traceEvents"] if e["ph"] == "X" and e["cat"] != "step"]
+    L = get_model("tiny").n_moe_layers
+    tl = res.timeline
+    eps = 100.0   # microseconds: the wall clock's steps are read around the model's call
+    for _, s in tl.iterrows():
+        a, b = s.t_s * 1e6 - eps, (s.t_s + s.step_s) * 1e6 + eps
+        layers = sorted(e["args"]["layer"] for e in ev if e["cat"] == "attention" and a <= e["ts"] <= b)
+        assert layers == list(range(L))
+    copies = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if e["cat"].endswith("copy") and e["ts"] >= 0)
+    assert copies and all(x[1] <= y[0] + 1.0 for x, y in zip(copies, copies[1:]))   # one link
+
+
+def test_layers_of_a_replay_without_them_are_refused_with_one_line(tiny_trace_path, tmp_path):
     res = run_scenario(tiny_scenario(tiny_trace_path, workload__requests=4))
     d = res.write(tmp_path / "run")
     meta = json.loads((d / "meta.json").read_text())
-    (d / "meta.json").write_text(json.dumps({**meta, "engine": "replay"}))
+    (d / "meta.json").write_text(json.dumps({**meta, "engine": "replay"}))   # as a CUDA replay's: no layers.csv
     from traces.errors import UserError
-    with pytest.raises(UserError, match="per-layer events are not recorded yet"):
+    with pytest.raises(UserError, match="a CUDA replay's are not recorded yet"):
         write_chrome_trace(d, tmp_path / "x.json", layers=True)
