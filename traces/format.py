@@ -187,13 +187,13 @@ def validate(t: Trace, source: str = "trace", scan_routing: bool = True) -> None
                          f"n_experts={t.n_experts}, top_k={t.top_k})")
     _check_routing_shapes(t, source)
     if scan_routing:
-        release = t.source.release_rows if isinstance(t.source, MappedRows) else None
+        drop = t.source.drop_rows if isinstance(t.source, MappedRows) else None
         step = _scan_rows(t.experts.shape)
         for lo in range(0, t.n_tokens, step):
             hi = min(t.n_tokens, lo + step)
             check_routing_rows(t, t.experts[lo:hi], lo, source)
-            if release is not None:
-                release(lo, hi)   # checked: these pages need not stay in memory
+            if drop is not None:
+                drop(lo, hi)   # checked: these pages need not stay in memory
     _check_model_shape(t, source)
 
 
@@ -296,7 +296,7 @@ def _row_chunks(a: np.ndarray, dtype, source):
     for lo in range(0, len(a), step):
         yield a[lo:lo + step].astype(dtype, copy=False)
         if isinstance(source, MappedRows):
-            source.release_rows(lo, min(len(a), lo + step))
+            source.drop_rows(lo, min(len(a), lo + step))
 
 
 def _file_meta(meta: dict, version: int) -> dict:
@@ -343,6 +343,8 @@ def _open(path) -> NpzReader:
         return NpzReader(path)
     except NpzError as e:
         raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
+    except OSError as e:   # a directory, no permission: the path is the user's to fix
+        raise TraceError(f"{path}: not a readable emoe trace (.npz): {e.strerror}") from None
 
 
 def _meta(z: NpzReader, path) -> dict:
@@ -410,7 +412,8 @@ def load_trace(path, validate_routing: bool = True, mmap: bool = True) -> Trace:
                     routing[a], offset = z.map(a)
                 except NpzError as e:
                     raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
-                spans.append((offset, int(np.prod(routing[a].shape[1:], dtype=np.int64)) * routing[a].itemsize))
+                row_bytes = int(np.prod(routing[a].shape[1:], dtype=np.int64)) * routing[a].itemsize
+                spans.append((offset, row_bytes, len(routing[a]) if routing[a].ndim else 0))
             source = MappedRows(z.mapping, spans) if z.mapping is not None else None
         else:
             routing = _read_routing(z, names, path, notice=mmap)

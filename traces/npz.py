@@ -27,6 +27,10 @@ ALIGN = 64                 # routing data starts on a 64-byte boundary in the fi
 PAD_EXTRA_ID = 0xD935      # the extra-field id zipalign uses for padding; readers skip unknown ids
 CHUNK_BYTES = 16 << 20     # chunked reads and writes hold about this much at a time
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)   # the same arrays write the same bytes
+# Pages are dropped a block at a time: a page fault maps the whole page-cache folio around it
+# (up to 2 MiB, naturally aligned in the file, on Linux 6.x filesystems with large folios), so
+# dropping only a request's own pages leaves the folio's others to be mapped again by a neighbour.
+RELEASE_BLOCK = max(mmap.PAGESIZE, 2 << 20)
 
 
 class NpzError(UserError):
@@ -154,26 +158,71 @@ def _npy_header(f, name: str):
 
 class MappedRows:
     """The release hook of arrays mapped from one file (Trace.source): rows that will not be read
-    again are dropped from the process's memory (madvise DONTNEED; read again, they come back
-    from the file). `row0` is where this trace's row 0 lies in the arrays (a subset's view)."""
+    again leave the process's memory (madvise DONTNEED; read again, they come back from the file).
+    arrays: (data offset, bytes per row, rows) of each mapped array; row0: where this trace's
+    row 0 lies in them (a subset's view); views of one file share one ledger of released bytes."""
 
-    def __init__(self, mm, arrays: list[tuple[int, int]], row0: int = 0):
-        self.mm, self.arrays, self.row0 = mm, arrays, row0   # arrays: (data offset, bytes per row)
+    def __init__(self, mm, arrays: list[tuple[int, int, int]], row0: int = 0, ledger=None):
+        self.mm, self.arrays, self.row0 = mm, arrays, row0
+        self.ledger = ledger or _Ledger(len(mm), [(off, off + rb * n) for off, rb, n in arrays])
 
     def shifted(self, rows: int) -> MappedRows:
-        return MappedRows(self.mm, self.arrays, self.row0 + rows)
+        return MappedRows(self.mm, self.arrays, self.row0 + rows, self.ledger)
+
+    def _ranges(self, lo: int, hi: int):
+        for offset, row_bytes, _ in self.arrays:
+            yield offset + (self.row0 + lo) * row_bytes, offset + (self.row0 + hi) * row_bytes
 
     def release_rows(self, lo: int, hi: int) -> None:
-        if self.mm is None or hi <= lo or not hasattr(mmap, "MADV_DONTNEED"):
+        """Rows lo:hi are done (each row is released once): a block all of whose routing bytes are
+        done is dropped. Not the rows' own pages at once: the folio a neighbour in flight reads
+        would map them back; nor their whole blocks: that would drop the neighbours' pages too."""
+        if hi <= lo:
             return
-        page = mmap.PAGESIZE
-        for offset, row_bytes in self.arrays:
-            # Outward to whole pages: a page shared with a neighbour still in flight is read back
-            # from the page cache if it needs it; rounding inward would keep every shared page.
-            start = (offset + (self.row0 + lo) * row_bytes) // page * page
-            end = min(offset + (self.row0 + hi) * row_bytes, len(self.mm))
-            if end > start:
-                self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        for start, end in self._ranges(lo, hi):
+            for b in self.ledger.add(start, end):
+                self._drop(b * RELEASE_BLOCK, (b + 1) * RELEASE_BLOCK)
+
+    def drop_rows(self, lo: int, hi: int) -> None:
+        """Drop rows lo:hi now, with the blocks they touch (for a pass in file order: validation, a copy)."""
+        for start, end in self._ranges(lo, hi):
+            self._drop(start // RELEASE_BLOCK * RELEASE_BLOCK, -(-end // RELEASE_BLOCK) * RELEASE_BLOCK)
+
+    def _drop(self, start: int, end: int) -> None:
+        end = min(end, len(self.mm))
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):   # elsewhere (Windows) pages stay until unmapped
+            self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+class _Ledger:
+    """Per RELEASE_BLOCK of a file: the bytes of mapped routing data in it, and how many are released."""
+
+    def __init__(self, size: int, spans):
+        n = -(-size // RELEASE_BLOCK)
+        self.data, self.released = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        for start, end in spans:
+            _spread(self.data, start, end)
+
+    def add(self, start: int, end: int) -> list[int]:
+        """Count bytes start:end released; returns the blocks among them now wholly released."""
+        if end <= start:
+            return []
+        first, last = _spread(self.released, start, end)
+        done = np.flatnonzero(self.released[first:last + 1] >= self.data[first:last + 1]) + first
+        return [int(b) for b in done]
+
+
+def _spread(counts: np.ndarray, start: int, end: int) -> tuple[int, int]:
+    """Add bytes start:end to the counts of the blocks they fall in; returns the first and last block."""
+    B = RELEASE_BLOCK
+    first, last = start // B, (end - 1) // B
+    if first == last:
+        counts[first] += end - start
+    else:
+        counts[first] += (first + 1) * B - start
+        counts[first + 1:last] += B
+        counts[last] += end - last * B
+    return first, last
 
 
 class NpzWriter:
