@@ -360,10 +360,13 @@ def _meta(z: NpzReader, path) -> dict:
     for key in ("model", "n_layers", "n_experts", "top_k"):
         if key not in meta:
             raise TraceError(f"{path}: meta lacks '{key}'")
+    return meta
+
+
+def _check_fields(z: NpzReader, path) -> None:
     missing = [a for a in REQUIRED_ARRAYS if a not in z.names]
     if missing:
         raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
-    return meta
 
 
 def _read(z: NpzReader, name: str, path):
@@ -402,6 +405,7 @@ def load_trace(path, validate_routing: bool = True, mmap: bool = True) -> Trace:
     path = Path(path)
     with _open(path) as z:
         meta = _meta(z, path)
+        _check_fields(z, path)
         small = _read_small(z, path)
         names = [a for a in ROUTING_ARRAYS if a in z.names]
         source = None
@@ -451,6 +455,7 @@ def convert_trace(src, dst, version: int = FORMAT_VERSION, compress: bool = Fals
     src, dst = Path(src), trace_path(dst)
     with _open(src) as z:
         meta = _meta(z, src)
+        _check_fields(z, src)
         small = _read_small(z, src)
         names = [a for a in ROUTING_ARRAYS if a in z.names]
         try:

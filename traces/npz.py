@@ -78,9 +78,15 @@ class NpzReader:
 
     def header(self, name: str) -> tuple[tuple, np.dtype]:
         """A member's shape and dtype, from its .npy header alone."""
-        with self.zip.open(self.infos[name]) as f:
+        with self._open(name) as f:
             shape, dtype, _ = _npy_header(f, name)
         return shape, dtype
+
+    def _open(self, name: str):
+        try:
+            return self.zip.open(self.infos[name])
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise NpzError(f"member '{name}' is damaged ({e})") from None
 
     def data_offset(self, name: str) -> tuple[int, tuple, np.dtype]:
         """Where a stored member's array data starts in the file, and its shape and dtype."""
@@ -124,7 +130,7 @@ class NpzReader:
     def chunks(self, name: str, rows: int):
         """A member's array, `rows` first-axis rows at a time, read from its (possibly deflated)
         stream: memory stays bounded whatever the member's size."""
-        with self.zip.open(self.infos[name]) as f:
+        with self._open(name) as f:
             shape, dtype, fortran = _npy_header(f, name)
             if fortran and len(shape) > 1:
                 raise NpzError(f"member '{name}' is stored in Fortran order; it cannot be streamed")
