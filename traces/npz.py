@@ -201,11 +201,12 @@ class MappedRows:
 
 
 class _Ledger:
-    """Per RELEASE_BLOCK of a file: the bytes of mapped routing data in it, and how many are released."""
+    """Per RELEASE_BLOCK of a file: the bytes of mapped routing data in it, and how many are released.
+    Plain lists: a release touches a block or two, where numpy's per-call cost would dominate."""
 
     def __init__(self, size: int, spans):
         n = -(-size // RELEASE_BLOCK)
-        self.data, self.released = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.data, self.released = [0] * n, [0] * n
         for start, end in spans:
             _spread(self.data, start, end)
 
@@ -213,22 +214,17 @@ class _Ledger:
         """Count bytes start:end released; returns the blocks among them now wholly released."""
         if end <= start:
             return []
-        first, last = _spread(self.released, start, end)
-        done = np.flatnonzero(self.released[first:last + 1] >= self.data[first:last + 1]) + first
-        return [int(b) for b in done]
+        blocks = _spread(self.released, start, end)
+        return [b for b in blocks if self.released[b] >= self.data[b]]
 
 
-def _spread(counts: np.ndarray, start: int, end: int) -> tuple[int, int]:
-    """Add bytes start:end to the counts of the blocks they fall in; returns the first and last block."""
+def _spread(counts: list[int], start: int, end: int) -> range:
+    """Add bytes start:end to the counts of the blocks they fall in; returns those blocks."""
     B = RELEASE_BLOCK
-    first, last = start // B, (end - 1) // B
-    if first == last:
-        counts[first] += end - start
-    else:
-        counts[first] += (first + 1) * B - start
-        counts[first + 1:last] += B
-        counts[last] += end - last * B
-    return first, last
+    blocks = range(start // B, (end - 1) // B + 1)
+    for b in blocks:
+        counts[b] += min(end, (b + 1) * B) - max(start, b * B)
+    return blocks
 
 
 class NpzWriter:
