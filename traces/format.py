@@ -1,14 +1,22 @@
 """The emoe routing trace: what a trace holds, how it is written, read and checked.
 
-On disk a trace is one uncompressed (or, with compress=True, deflated) `.npz`:
-columnar numpy arrays that load with `np.load` and no pickling.
+On disk a trace is one `.npz` (a ZIP of `.npy` files: numpy arrays, no pickling).
+Version 2 (what save_trace writes) is uncompressed (ZIP_STORED) with each routing
+array's data 64-byte aligned in the file, so that load_trace maps it instead of
+reading it: a trace larger than memory runs, the pages of requests in flight in
+memory and those of finished requests dropped (Trace.release). Version 1 (np.savez,
+possibly deflated; `compress=True` still writes it) stays readable; a compressed
+file's routing is read into memory. `emoe trace convert` rewrites one as the other,
+streaming.
 
     meta                 JSON string: format, version, model, n_layers, n_experts,
                          top_k, n_shared_experts, has_router_probs, extra (free dict),
                          model_shape (optional: the model's full shape, the fields of
                          traces.model_shape.ModelSpec as plain values, e.g. from `emoe capture`;
                          a scenario's `model: from_trace` runs it; traces without it,
-                         written before it existed, read as before)
+                         written before it existed, read as before),
+                         routing_validated (version 2: true when the writer checked every
+                         expert id, as save_trace and convert do; loading then checks shapes only)
     request_id  (R,)     str      unique per request
     task        (R,)     str      task label (e.g. "qa", "code")
     prompt_tokens (R,)   int32
@@ -27,20 +35,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from traces.errors import UserError
+from traces.npz import CHUNK_BYTES, MappedRows, NpzError, NpzReader, NpzWriter
 
 FORMAT_NAME = "emoe-trace"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 REQUIRED_ARRAYS = ("request_id", "task", "prompt_tokens", "output_tokens", "experts", "gates")
 OPTIONAL_ARRAYS = ("arrival_s", "prompt_text", "router_probs")
+PER_REQUEST_ARRAYS = ("request_id", "task", "prompt_tokens", "output_tokens")
+ROUTING_ARRAYS = ("experts", "gates", "router_probs")
+SCAN_TOKEN_LAYERS = 8 << 20          # validation checks this many (token, layer) routes at a time
+COMPRESSED_NOTICE_BYTES = 1 << 30    # a compressed trace this large read into memory gets a note
 
 
 class TraceError(UserError):
@@ -112,10 +127,17 @@ class Trace:
         return np.repeat(np.arange(self.n_requests), np.diff(self.offsets))
 
     def subset(self, idx) -> Trace:
-        """A new trace holding the requests `idx` (in that order)."""
+        """A new trace holding the requests `idx` (in that order). Of a mapped trace, a contiguous
+        ascending range (a workload's first N requests) stays mapped: views, not copies."""
         idx = np.asarray(idx, dtype=np.int64)
-        rows = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in idx]) \
-            if len(idx) else np.zeros(0, dtype=np.int64)
+        source = None
+        if isinstance(self.source, MappedRows) and len(idx) and 0 <= idx[0] and idx[-1] < self.n_requests \
+                and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+            lo, hi = int(self.offsets[idx[0]]), int(self.offsets[idx[-1] + 1])
+            rows, source = slice(lo, hi), self.source.shifted(lo)
+        else:
+            rows = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in idx]) \
+                if len(idx) else np.zeros(0, dtype=np.int64)
         pick = lambda a: None if a is None else a[idx]
         return Trace(model=self.model, n_layers=self.n_layers, n_experts=self.n_experts, top_k=self.top_k,
                      request_id=self.request_id[idx], task=self.task[idx], prompt_tokens=self.prompt_tokens[idx],
@@ -123,7 +145,7 @@ class Trace:
                      arrival_s=pick(self.arrival_s), prompt_text=pick(self.prompt_text),
                      router_probs=None if self.router_probs is None else self.router_probs[rows],
                      n_shared_experts=self.n_shared_experts, extra=dict(self.extra),
-                     model_shape=None if self.model_shape is None else dict(self.model_shape))
+                     model_shape=None if self.model_shape is None else dict(self.model_shape), source=source)
 
     def meta(self) -> dict:
         m = dict(format=FORMAT_NAME, version=FORMAT_VERSION, model=self.model, n_layers=self.n_layers,
@@ -133,8 +155,8 @@ class Trace:
             m["model_shape"] = self.model_shape
         return m
 
-    def validate(self, source: str = "trace") -> Trace:
-        validate(self, source)
+    def validate(self, source: str = "trace", scan_routing: bool = True) -> Trace:
+        validate(self, source, scan_routing)
         return self
 
 
@@ -142,8 +164,11 @@ def expert_dtype(n_experts: int):
     return np.uint8 if n_experts <= 256 else np.int16
 
 
-def validate(t: Trace, source: str = "trace") -> None:
-    """Raise TraceError naming the first inconsistency found."""
+def validate(t: Trace, source: str = "trace", scan_routing: bool = True) -> None:
+    """Raise TraceError naming the first inconsistency found. The shapes are checked first (cheap);
+    then, with scan_routing, every expert id in chunks of rows (memory stays bounded, and a mapped
+    trace's pages are released after each chunk). scan_routing=False trusts the ids: a version-2
+    file whose writer validated them (meta routing_validated) is loaded so."""
     R = t.n_requests
     for name in ("request_id", "task", "output_tokens"):
         if len(getattr(t, name)) != R:
@@ -160,6 +185,19 @@ def validate(t: Trace, source: str = "trace") -> None:
     if t.top_k < 1 or t.n_experts < 1 or t.n_layers < 1:
         raise TraceError(f"{source}: routing shape must be positive (n_layers={t.n_layers}, "
                          f"n_experts={t.n_experts}, top_k={t.top_k})")
+    _check_routing_shapes(t, source)
+    if scan_routing:
+        drop = t.source.drop_rows if isinstance(t.source, MappedRows) else None
+        step = _scan_rows(t.experts.shape)
+        for lo in range(0, t.n_tokens, step):
+            hi = min(t.n_tokens, lo + step)
+            check_routing_rows(t, t.experts[lo:hi], lo, source)
+            if drop is not None:
+                drop(lo, hi)   # checked: these pages need not stay in memory
+    _check_model_shape(t, source)
+
+
+def _check_routing_shapes(t: Trace, source: str) -> None:
     if t.experts.ndim != 3:
         raise TraceError(f"{source}: 'experts' must be (tokens, layers, top_k), got shape {t.experts.shape}")
     T, L, k = t.experts.shape
@@ -172,19 +210,35 @@ def validate(t: Trace, source: str = "trace") -> None:
         raise TraceError(f"{source}: routing arrays hold {k} experts per token but the trace says top_k={t.top_k}")
     if t.gates.shape != t.experts.shape:
         raise TraceError(f"{source}: 'gates' shape {t.gates.shape} differs from 'experts' shape {t.experts.shape}")
-    if T:
-        lo, hi = int(t.experts.min()), int(t.experts.max())
-        if lo < 0 or hi >= t.n_experts:
-            bad = lo if lo < 0 else hi
-            row = int(np.argwhere((t.experts < 0) | (t.experts >= t.n_experts))[0][0])
-            req = int(np.searchsorted(t.offsets, row, side="right") - 1)
-            raise TraceError(f"{source}: expert id {bad} out of range 0..{t.n_experts - 1} "
-                             f"(request '{t.request_id[req]}', token row {row}); does the trace match the model?")
-        if k > 1 and _has_repeat(t.experts):
-            raise TraceError(f"{source}: a token lists the same expert twice in one layer; top-k ids must differ")
     if t.router_probs is not None and t.router_probs.shape != (T, L, t.n_experts):
         raise TraceError(f"{source}: 'router_probs' shape {t.router_probs.shape}, expected {(T, L, t.n_experts)}")
-    _check_model_shape(t, source)
+
+
+def _scan_rows(shape) -> int:
+    """Token rows checked at a time: SCAN_TOKEN_LAYERS token-layers."""
+    return max(1, SCAN_TOKEN_LAYERS // max(1, int(np.prod(shape[1:-1], dtype=np.int64))))
+
+
+def check_routing_rows(t: Trace, e: np.ndarray, row0: int, source: str) -> None:
+    """Expert ids of token rows row0.. (a chunk of t's routing): in range, distinct within a token."""
+    if not len(e):
+        return
+    lo, hi = int(e.min()), int(e.max())
+    if lo < 0 or hi >= t.n_experts:
+        bad = (e < 0) | (e >= t.n_experts)
+        row = int(np.flatnonzero(bad.any(axis=(1, 2)))[0])
+        raise TraceError(f"{source}: expert id {int(e[row][bad[row]][0])} out of range 0..{t.n_experts - 1} "
+                         f"({_where(t, row0 + row)}); does the trace match the model?")
+    if e.shape[2] > 1 and _has_repeat(e):
+        srt = np.sort(e, axis=2)
+        row = int(np.flatnonzero((srt[:, :, 1:] == srt[:, :, :-1]).any(axis=(1, 2)))[0])
+        raise TraceError(f"{source}: a token lists the same expert twice in one layer ({_where(t, row0 + row)}); "
+                         "top-k ids must differ")
+
+
+def _where(t: Trace, row: int) -> str:
+    req = int(np.searchsorted(t.offsets, row, side="right") - 1)
+    return f"request '{t.request_id[req]}', token row {row}"
 
 
 def _check_model_shape(t: Trace, source: str) -> None:
@@ -218,27 +272,61 @@ def trace_path(path) -> Path:
 
 
 def save_trace(t: Trace, path, compress: bool = False) -> Path:
-    """Validate, then write atomically (a crash never leaves a half-written trace)."""
+    """Validate, then write atomically (a crash never leaves a half-written trace): version 2,
+    uncompressed so that it can be mapped, each routing array written in chunks (no second copy
+    of it in memory) with its data 64-byte aligned, and meta routing_validated (this check).
+    compress=True writes version 1 deflated instead: smaller, but loaded whole into memory."""
     validate(t, str(path))
-    path = trace_path(path)
+    version = 1 if compress else FORMAT_VERSION
+    small = {name: getattr(t, name) for name in PER_REQUEST_ARRAYS}
+    small["arrival_s"] = None if t.arrival_s is None else np.asarray(t.arrival_s, dtype=np.float64)
+    small["prompt_text"] = None if t.prompt_text is None else np.asarray(t.prompt_text).astype(str)
+    routing = {}
+    for name, dtype in (("experts", expert_dtype(t.n_experts)), ("gates", np.float16), ("router_probs", np.float16)):
+        a = getattr(t, name)
+        if a is not None:
+            routing[name] = (a.shape, dtype, _row_chunks(a, dtype, t.source))
+    return _write(trace_path(path), _file_meta(t.meta(), version), small, routing, compress)
+
+
+def _row_chunks(a: np.ndarray, dtype, source):
+    """An array's rows CHUNK_BYTES at a time, converted to dtype; a mapped trace's rows are
+    released once written."""
+    step = max(1, CHUNK_BYTES // max(1, a[:1].nbytes))
+    for lo in range(0, len(a), step):
+        yield a[lo:lo + step].astype(dtype, copy=False)
+        if isinstance(source, MappedRows):
+            source.drop_rows(lo, min(len(a), lo + step))
+
+
+def _file_meta(meta: dict, version: int) -> dict:
+    meta = {**meta, "version": version}
+    if version >= 2:
+        meta["routing_validated"] = True   # every writer of a file validates its routing first
+    else:
+        meta.pop("routing_validated", None)
+    return meta
+
+
+def _write(path: Path, meta: dict, small: dict, routing: dict, compress: bool) -> Path:
+    """Write a trace's members through a temporary sibling renamed into place; routing:
+    name -> (shape, dtype, chunks of rows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = dict(meta=np.array(json.dumps(t.meta())), request_id=t.request_id, task=t.task,
-                  prompt_tokens=t.prompt_tokens, output_tokens=t.output_tokens,
-                  experts=t.experts.astype(expert_dtype(t.n_experts), copy=False),
-                  gates=t.gates.astype(np.float16, copy=False))
-    if t.arrival_s is not None:
-        arrays["arrival_s"] = np.asarray(t.arrival_s, dtype=np.float64)
-    if t.prompt_text is not None:
-        arrays["prompt_text"] = np.asarray(t.prompt_text).astype(str)
-    if t.router_probs is not None:
-        arrays["router_probs"] = t.router_probs.astype(np.float16, copy=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a trace is a normal shared file
     try:
-        (np.savez_compressed if compress else np.savez)(tmp, **arrays)
+        with os.fdopen(fd, "wb") as f, NpzWriter(f, compress) as w:
+            w.add("meta", np.array(json.dumps(meta)))
+            for name in ("request_id", "task", "prompt_tokens", "output_tokens"):
+                w.add(name, small[name])
+            for name, (shape, dtype, chunks) in routing.items():
+                w.add_chunks(name, shape, dtype, chunks, align=not compress)
+                if name == "gates":   # the v1 member order np.savez wrote: optional per-request arrays here
+                    for opt in ("arrival_s", "prompt_text"):
+                        if small.get(opt) is not None:
+                            w.add(opt, small[opt])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -246,11 +334,24 @@ def save_trace(t: Trace, path, compress: bool = False) -> Path:
     return path
 
 
-def _meta(z, path) -> dict:
+def _open(path) -> NpzReader:
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"trace file '{path}' does not exist; make one with `emoe trace synth` "
+                         "or `emoe trace import`")
+    try:
+        return NpzReader(path)
+    except NpzError as e:
+        raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
+    except OSError as e:   # a directory, no permission: the path is the user's to fix
+        raise TraceError(f"{path}: not a readable emoe trace (.npz): {e.strerror}") from None
+
+
+def _meta(z: NpzReader, path) -> dict:
     """An open trace file's checked meta."""
-    if "meta" not in z.files:
+    if "meta" not in z.names:
         raise TraceError(f"{path}: missing 'meta'; this is not an emoe trace")
-    meta = json.loads(str(z["meta"]))
+    meta = json.loads(str(_read(z, "meta", path)))
     if meta.get("format") != FORMAT_NAME:
         raise TraceError(f"{path}: format is {meta.get('format')!r}, expected '{FORMAT_NAME}'")
     if meta.get("version") not in SUPPORTED_VERSIONS:
@@ -262,44 +363,129 @@ def _meta(z, path) -> dict:
     return meta
 
 
+def _check_fields(z: NpzReader, path) -> None:
+    missing = [a for a in REQUIRED_ARRAYS if a not in z.names]
+    if missing:
+        raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
+
+
+def _read(z: NpzReader, name: str, path):
+    try:
+        return z.read(name)
+    except NpzError as e:
+        raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
+
+
 def read_meta(path) -> dict:
     """A trace's meta alone (model, routing shape, model_shape if recorded), without loading its
     arrays: cheap even for a trace of gigabytes."""
     path = Path(path)
     if not path.exists():
         raise TraceError(f"trace file '{path}' does not exist")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - zip/npz errors come in many types
-        raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
-    with z:
+    with _open(path) as z:
         return _meta(z, path)
 
 
-def load_trace(path, validate_routing: bool = True) -> Trace:
+def _trace(meta: dict, small: dict, routing: dict, source=None) -> Trace:
+    return Trace(model=meta["model"], n_layers=int(meta["n_layers"]), n_experts=int(meta["n_experts"]),
+                 top_k=int(meta["top_k"]), **small, **routing, n_shared_experts=int(meta.get("n_shared_experts", 0)),
+                 extra=meta.get("extra", {}), model_shape=meta.get("model_shape"), source=source)
+
+
+def _read_small(z: NpzReader, path) -> dict:
+    return {a: _read(z, a, path) if a in z.names else None for a in PER_REQUEST_ARRAYS + ("arrival_s", "prompt_text")}
+
+
+def load_trace(path, validate_routing: bool = True, mmap: bool = True) -> Trace:
+    """Read a trace. Its routing arrays (experts, gates, router_probs) are mapped from an uncompressed
+    file: read-only arrays whose pages are read when first used and dropped by Trace.release;
+    a compressed file's are read into memory. mmap=False reads them into writable memory.
+    The routing is checked as validate() says: a version-2 file whose writer validated it
+    (meta routing_validated) only for its shapes; any other file id by id, in chunks."""
     path = Path(path)
-    if not path.exists():
-        raise TraceError(f"trace file '{path}' does not exist; make one with `emoe trace synth` "
-                         "or `emoe trace import`")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - zip/npz errors come in many types
-        raise TraceError(f"{path}: not a readable emoe trace (.npz): {e}") from None
-    with z:
+    with _open(path) as z:
         meta = _meta(z, path)
-        missing = [a for a in REQUIRED_ARRAYS if a not in z.files]
-        if missing:
-            raise TraceError(f"{path}: missing field(s) {missing}; a trace needs {list(REQUIRED_ARRAYS)}")
-        get = lambda a: z[a] if a in z.files else None
-        t = Trace(model=meta["model"], n_layers=int(meta["n_layers"]), n_experts=int(meta["n_experts"]),
-                  top_k=int(meta["top_k"]), request_id=z["request_id"], task=z["task"],
-                  prompt_tokens=z["prompt_tokens"], output_tokens=z["output_tokens"], experts=z["experts"],
-                  gates=z["gates"], arrival_s=get("arrival_s"), prompt_text=get("prompt_text"),
-                  router_probs=get("router_probs"), n_shared_experts=int(meta.get("n_shared_experts", 0)),
-                  extra=meta.get("extra", {}), model_shape=meta.get("model_shape"))
+        _check_fields(z, path)
+        small = _read_small(z, path)
+        names = [a for a in ROUTING_ARRAYS if a in z.names]
+        source = None
+        if mmap and all(z.stored(a) for a in names):
+            routing, spans = {}, []
+            for a in names:
+                try:
+                    routing[a], offset = z.map(a)
+                except NpzError as e:
+                    raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
+                row_bytes = int(np.prod(routing[a].shape[1:], dtype=np.int64)) * routing[a].itemsize
+                spans.append((offset, row_bytes, len(routing[a]) if routing[a].ndim else 0))
+            source = MappedRows(z.mapping, spans) if z.mapping is not None else None
+        else:
+            routing = _read_routing(z, names, path, notice=mmap)
+    t = _trace(meta, small, {a: routing.get(a) for a in ROUTING_ARRAYS}, source)
     if validate_routing:
-        validate(t, str(path))
+        trusted = meta["version"] >= 2 and meta.get("routing_validated") is True
+        validate(t, str(path), scan_routing=not trusted)
     return t
+
+
+def _read_routing(z: NpzReader, names: list[str], path, notice: bool) -> dict:
+    """Routing arrays read whole into memory (a compressed file, or mmap=False)."""
+    size = sum(z.infos[a].file_size for a in names)
+    compressed = not all(z.stored(a) for a in names)
+    convert = f"`emoe trace convert {path} -o OUT.npz` writes an uncompressed copy that is mapped instead"
+    if compressed and notice and size > COMPRESSED_NOTICE_BYTES:
+        print(f"emoe: note: {path} is compressed: its routing ({size / 1e9:.1f} GB) is read into memory; {convert}",
+              file=sys.stderr)
+    try:
+        return {a: _read(z, a, path) for a in names}
+    except MemoryError:
+        raise TraceError(f"{path}: its routing ({size / 1e9:.1f} GB) does not fit in memory"
+                         + (f"; it is compressed: {convert}" if compressed else "; load it mapped")) from None
+
+
+def convert_trace(src, dst, version: int = FORMAT_VERSION, compress: bool = False) -> dict:
+    """Rewrite a trace in another version or compression, streaming: every routing array is read
+    and written CHUNK_BYTES at a time, the expert ids checked on the way (validate's checks).
+    Returns what was converted: requests, tokens, bytes read and written, seconds."""
+    if version not in SUPPORTED_VERSIONS:
+        raise TraceError(f"version {version}: this emoe writes versions {list(SUPPORTED_VERSIONS)}")
+    if compress and version >= 2:
+        raise TraceError("version 2 is never compressed (it is mapped, not loaded); compress with version 1")
+    t0 = time.perf_counter()
+    src, dst = Path(src), trace_path(dst)
+    with _open(src) as z:
+        meta = _meta(z, src)
+        _check_fields(z, src)
+        small = _read_small(z, src)
+        names = [a for a in ROUTING_ARRAYS if a in z.names]
+        try:
+            headers = {a: z.header(a) for a in names}
+        except NpzError as e:
+            raise TraceError(f"{src}: {e}; the file is damaged") from None
+        # The shapes checked before anything is written, against arrays of those shapes that hold nothing.
+        shell = _trace(meta, small, {a: np.broadcast_to(np.zeros((), dtype), shape)
+                                     for a, (shape, dtype) in headers.items()})
+        validate(shell, str(src), scan_routing=False)
+        routing = {a: (shape, dtype, _checked_chunks(z, a, shell, src)) for a, (shape, dtype) in headers.items()}
+        _write(dst, _file_meta(meta, version), small, routing, compress)
+    return dict(requests=shell.n_requests, tokens=shell.n_tokens, bytes_in=src.stat().st_size,
+                bytes_out=dst.stat().st_size, seconds=time.perf_counter() - t0, path=dst,
+                version_in=meta["version"], version_out=version)
+
+
+def _checked_chunks(z: NpzReader, name: str, shell: Trace, path):
+    """A member's rows, chunk by chunk; expert ids checked as they pass."""
+    shape, dtype = z.header(name)
+    rows = max(1, CHUNK_BYTES // max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize))
+    row0 = 0
+    try:
+        for chunk in z.chunks(name, rows):
+            if name == "experts":
+                check_routing_rows(shell, chunk, row0, str(path))
+            row0 += len(chunk)
+            yield chunk
+    except NpzError as e:
+        raise TraceError(f"{path}: {e}; the file is damaged") from None
 
 
 def check_matches_model(t: Trace, model, source: str = "trace") -> None:

@@ -1,4 +1,5 @@
-"""`emoe trace synth|import|info|stats|compare|fit`: make, import, inspect and measure routing traces."""
+"""`emoe trace synth|import|info|stats|compare|fit|convert`: make, import, inspect, measure and convert routing
+traces."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ def add_parsers(sub):
     tr = sub.add_parser("trace", help="make, import, inspect and measure routing traces")
     tsub = tr.add_subparsers(dest="trace_command", metavar="ACTION")
     tsub.required = True
-    for add in (add_synth, add_import, add_info, add_stats, add_compare, add_fit):
+    for add in (add_synth, add_import, add_info, add_stats, add_compare, add_fit, add_convert):
         add(tsub)
 
 
@@ -36,7 +37,8 @@ def add_synth(sub):
     s.add_argument("--router-probs", action="store_true", help="also store full router probabilities")
     s.add_argument("--knob", action="append", metavar="NAME=VALUE",
                    help="override one routing-profile knob, e.g. request_deviation=0.3")
-    s.add_argument("--compress", action="store_true", help="deflate the file (smaller, slower to load)")
+    s.add_argument("--compress", action="store_true", help="deflate the file: version 1, smaller, but read into memory "
+                   "instead of mapped")
     s.add_argument("-o", "--output", required=True)
     add_force(s)
     s.set_defaults(func=synth)
@@ -252,3 +254,27 @@ def fit(a):
     print("  largest differences: " + ", ".join(f"{k} {v:+.1%}" for k, v in worst))
     print(f"  check it: emoe trace synth --profile {path} --like {a.trace} -o SYN.npz && "
           f"emoe trace compare SYN.npz {a.trace} --tokens {a.tokens}")
+
+
+def add_convert(sub):
+    s = sub.add_parser("convert", help="rewrite a trace in another format version or compression, streaming")
+    s.add_argument("trace")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--to-version", type=int, choices=(1, 2), help="2: uncompressed, mapped on load (default); "
+                   "1: the np.savez layout older emoe reads")
+    s.add_argument("--compress", action="store_true", help="deflate (version 1 only: smaller, read into memory)")
+    add_force(s)
+    s.set_defaults(func=convert)
+
+
+def convert(a):
+    from traces.format import FORMAT_VERSION, convert_trace, trace_path
+    version = a.to_version or (1 if a.compress else FORMAT_VERSION)
+    if a.compress and version >= 2:
+        raise UserError("--compress: version 2 is never compressed (it is mapped, not loaded); "
+                        "use --to-version 1 --compress")
+    output_file(trace_path(a.output), "-o", a.force)
+    r = convert_trace(a.trace, a.output, version, a.compress)
+    print(f"wrote {r['path']} (version {r['version_out']}{', compressed' if a.compress else ''}) from {a.trace} "
+          f"(version {r['version_in']}): {r['requests']} requests, {r['tokens']} tokens, "
+          f"{r['bytes_in'] / 1e6:.1f} MB -> {r['bytes_out'] / 1e6:.1f} MB in {r['seconds']:.1f}s")
