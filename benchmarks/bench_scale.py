@@ -88,7 +88,7 @@ def trace_for(n: int) -> Path:
     t = Trace(model=s.model, n_layers=s.n_layers, n_experts=s.n_experts, top_k=s.top_k,
               request_id=np.array([f"r{i:07d}" for i in range(n)]), task=s.task[idx],
               prompt_tokens=s.prompt_tokens[idx], output_tokens=s.output_tokens[idx],
-              experts=Tiled(s.experts, s.offsets, n)[:], gates=Tiled(s.gates, s.offsets, n)[:],
+              experts=Tiled(s.experts, s.offsets, n), gates=Tiled(s.gates, s.offsets, n),
               extra={"generator": f"bench_scale: {seed_path.name} tiled to {n} requests"})
     print(f"writing {path.name} ({t.n_tokens * s.n_layers * s.top_k * 3 / 1e9:.1f} GB)...", flush=True)
     save_trace(t, path)
