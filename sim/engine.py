@@ -151,6 +151,8 @@ class Engine:
                                          f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
                                          f"more than the {mem.kv_budget / 1e9:.2f} GB left")
                 self.rejected.append(req)
+                if self.trace is not None:
+                    self.trace.release(req.index)
                 continue
             if req.admitted_s is None:
                 req.admitted_s = now
@@ -322,6 +324,8 @@ class Engine:
             self.finished.append(r)
             self.policy.on_finish(r, now)
             self.scheduler.on_finish(r, now)
+            if self.trace is not None:
+                self.trace.release(r.index)
         if done and self.progress:
             self.progress(len(done))
         if not self.running:
