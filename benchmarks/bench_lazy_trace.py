@@ -33,12 +33,10 @@ sc = load_scenario(data={"name": "lazy-bench", "seed": 0, "model": "mixtral-8x7b
     "policy": {"name": "on_demand"}, "limits": {"max_batch_tokens": 8192, "max_running": 32}})
 t0 = time.perf_counter()
 if chunk:
+    from traces.synth import synthesize
     syn = dict(sc["workload"]["synthetic"])
-    trace = lazy_synthesize(get_model(sc["model"]), syn.pop("tasks"), syn.pop("requests"), chunk_tokens=chunk,
-                            **syn) if mode == "lazy" else None
-    if trace is None:
-        from traces.synth import synthesize
-        trace = synthesize(get_model(sc["model"]), syn.pop("tasks"), syn.pop("requests"), chunk_tokens=chunk, **syn)
+    make = lazy_synthesize if mode == "lazy" else synthesize
+    trace = make(get_model(sc["model"]), syn.pop("tasks"), syn.pop("requests"), chunk_tokens=chunk, **syn)
 else:
     trace = load_workload_trace(sc, get_model(sc["model"]), lazy=mode == "lazy")
 s = run_scenario(sc, trace=trace).summary

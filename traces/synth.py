@@ -221,17 +221,33 @@ class RoutingModel:
                 copy[first_of_req] = False
                 src = np.maximum.accumulate(np.where(copy, 0, ar))
                 logits = logits[src]
-            top = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
-            top_logits = np.take_along_axis(logits, top, axis=1)
-            order = np.argsort(-top_logits, axis=1)
-            top = np.take_along_axis(top, order, axis=1)
-            top_logits = np.take_along_axis(top_logits, order, axis=1)
+            top, top_logits = top_k(logits, k)
             gates[:, layer] = gate_weights(top_logits, prof.gate_temperature, prof.gate_power)
             experts[:, layer] = top
             if want_probs:
                 probs[:, layer] = gate_weights(logits, prof.gate_temperature, prof.gate_power)
             prev_top1 = top[:, 0]
         return experts, gates, probs
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest logits, largest first: (ids, values). k < E: k argmax passes,
+    twice as fast as argpartition + argsort at 64 experts (the same choice but for exact
+    ties, where argmax takes the first: the logits carry continuous noise)."""
+    T, E = logits.shape
+    if k >= E:
+        top = np.tile(np.arange(E), (T, 1))
+        order = np.argsort(-logits, axis=1)
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(logits, order, axis=1)
+    rest = logits.copy()
+    rows = np.arange(T)
+    top = np.empty((T, k), dtype=np.int64)
+    vals = np.empty((T, k))
+    for i in range(k):
+        top[:, i] = best = rest.argmax(axis=1)
+        vals[:, i] = rest[rows, best]
+        rest[rows, best] = -np.inf
+    return top, vals
 
 
 def _drifting(rng, L: int, E: int, m: int, persistence: float) -> np.ndarray:
