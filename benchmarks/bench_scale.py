@@ -11,8 +11,10 @@ requests of 512 prompt and 256 output tokens on average (the trace's lognormal l
   sweep-40   a 40-point sweep with -j 2 over the 10,000-request trace (each point cut at 2,000
              steps: what is measured is what the workers load, not how long they simulate)
 
-Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss); the sweep's
-figure is the peak of the summed RSS of its whole process tree, sampled every 0.1 s.
+Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss). The sweep's
+figures are peaks of its whole process tree (the parent and its -j workers) sampled every
+0.1 s, as summed RSS and as summed PSS (pages shared between processes, such as the mapped
+trace and the libraries, counted once), beside the same for one point run alone (`emoe run`).
 Traces: a 500-request synthetic trace tiled (request i routes as request i % 500 of it), written
 once to benchmarks/out/ (synthesising 100,000 requests would take the generator about an hour;
 tiling does not change what a step costs). Prints the median of the repeats per case.
@@ -118,50 +120,66 @@ def child(case: str) -> None:
                           e2e_mean_s=res.summary["e2e_mean_s"], completed=res.summary["requests_completed"])))
 
 
-def _tree_rss(pid: int) -> int:
-    """Summed RSS of pid and its descendants (from /proc)."""
-    total, todo = 0, [pid]
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of pid and its descendants, summed (from /proc). PSS shares each page among
+    the processes that map it: the mapped trace and the libraries count once, not per worker."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):
+        except (OSError, ValueError):
             continue
-    return total
+    return rss, pss
+
+
+def _sampled(cmd: list[str]) -> dict:
+    """Run cmd, sampling its process tree's memory every 0.1 s: peak summed RSS and PSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0, 0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            rss, pss = _tree_memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.1)
+    th = threading.Thread(target=sample)
+    th.start()
+    _, err = proc.communicate()
+    done.set()
+    th.join()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err.strip()}")
+    return dict(wall_s=time.perf_counter() - t0, peak_rss_bytes=peak[0], peak_pss_bytes=peak[1])
 
 
 def sweep_case() -> dict:
-    """A 40-point -j 2 sweep over the 10,000-request trace: peak summed RSS of the process tree."""
+    """A 40-point -j 2 sweep over the 10,000-request trace, and one of its points run alone
+    (`emoe run`): peak memory of each whole process tree, and their ratio."""
     import yaml
     trace = trace_for(10_000)
-    spec = {"base": scenario(trace, CASES["10k-10"][1], max_steps=2000),
-            "grid": {"policy.capacity": [round(0.3 + 0.05 * i, 2) for i in range(10)],
-                     "seed": [0, 1, 2, 3]}}
+    base = scenario(trace, CASES["10k-10"][1], max_steps=2000)
+    spec = {"base": "base.yaml", "grid": {"policy.capacity": [round(0.3 + 0.05 * i, 2) for i in range(10)],
+                                          "seed": [0, 1, 2, 3]}}
     with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "sweep.yaml"
-        f.write_text(yaml.safe_dump(spec))
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "sweep", str(f), "-j", "2", "-o", str(Path(d) / "s")],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak = 0
-        done = threading.Event()
-
-        def sample():
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _tree_rss(proc.pid))
-                time.sleep(0.1)
-        th = threading.Thread(target=sample)
-        th.start()
-        _, err = proc.communicate()
-        done.set()
-        th.join()
-        if proc.returncode:
-            raise SystemExit(f"sweep failed: {err.strip()}")
-        return dict(case="sweep-40", wall_s=time.perf_counter() - t0, peak_rss_bytes=peak)
+        (Path(d) / "base.yaml").write_text(yaml.safe_dump(base))
+        (Path(d) / "sweep.yaml").write_text(yaml.safe_dump(spec))
+        one = _sampled([sys.executable, "-m", "sim.cli", "run", str(Path(d) / "base.yaml"), "-o", str(Path(d) / "one")])
+        sweep = _sampled([sys.executable, "-m", "sim.cli", "sweep", str(Path(d) / "sweep.yaml"), "-j", "2",
+                          "-o", str(Path(d) / "s")])
+    return dict(case="sweep-40", wall_s=sweep["wall_s"], peak_rss_bytes=sweep["peak_rss_bytes"],
+                peak_pss_bytes=sweep["peak_pss_bytes"], one_rss_bytes=one["peak_rss_bytes"],
+                one_pss_bytes=one["peak_pss_bytes"])
 
 
 def main():
@@ -190,6 +208,12 @@ def main():
         wall = statistics.median(r["wall_s"] for r in runs)
         rss = statistics.median(r["peak_rss_bytes"] for r in runs)
         extra = f", {runs[0]['steps']:,} steps, mean e2e {runs[0]['e2e_mean_s']:.2f} s" if "steps" in runs[0] else ""
+        if case == "sweep-40":
+            one_rss = statistics.median(r["one_rss_bytes"] for r in runs)
+            pss = statistics.median(r["peak_pss_bytes"] for r in runs)
+            one_pss = statistics.median(r["one_pss_bytes"] for r in runs)
+            extra = (f"; one point alone: RSS {one_rss / 1e6:,.0f} MB, PSS {one_pss / 1e6:,.0f} MB; sweep / one: "
+                     f"RSS {rss / one_rss:.2f}x, PSS {pss / one_pss:.2f}x (sweep PSS {pss / 1e6:,.0f} MB)")
         print(f"{case}: median {wall:.2f} s (runs {[round(r['wall_s'], 2) for r in runs]}), "
               f"peak RSS {rss / 1e6:,.0f} MB{extra}; load average {os.getloadavg()[0]:.1f}", flush=True)
 

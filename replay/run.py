@@ -41,7 +41,8 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     if scale < 1:
         raise ValueError("--scale must be a positive integer")
     base = get_model(sc["model"])
-    trace = load_workload_trace(sc, base)
+    # whole (not generated lazily): it is saved beside the results, and replays are small
+    trace = load_workload_trace(sc, base, lazy=False)
     tdt = DTYPES[dtype]
     cfg = None
     if weights:

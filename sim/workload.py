@@ -11,7 +11,9 @@ from traces.errors import UserError, message
 from traces.format import Trace, check_matches_model, load_trace
 
 
-def load_workload_trace(sc: dict, model) -> Trace:
+def load_workload_trace(sc: dict, model, lazy: bool = True) -> Trace:
+    """The scenario's requests. A synthetic workload's routing is generated as the engine reads
+    it (traces/lazy_trace.py: same rows as synthesize's), unless lazy=False."""
     w = sc["workload"]
     if w["trace"] is not None:
         p = Path(w["trace"])
@@ -20,20 +22,32 @@ def load_workload_trace(sc: dict, model) -> Trace:
         trace = load_trace(p)
         check_matches_model(trace, model, str(p))
     else:
-        from traces.synth import synthesize
-        s = dict(w["synthetic"])
-        try:
-            trace = synthesize(model, s.pop("tasks"), s.pop("requests"), seed=s.pop("seed", sc["seed"]), **s)
-        except UserError as e:   # synthesize's checks of the section's values (tasks, requests, profile)
-            raise ScenarioError(f"workload.synthetic: {message(e)}") from None
+        trace = _synthetic(sc, model, lazy)
     if w["tasks"] is not None:
         unknown = sorted(set(w["tasks"]) - set(trace.tasks))
         if unknown:
             raise ScenarioError(f"workload.tasks {unknown} not in the trace (it has {trace.tasks})")
+        # a lazy trace's subset is in memory: the chosen tasks' requests, generated once
         trace = trace.subset(np.flatnonzero(np.isin(trace.task, w["tasks"])))
     if w["requests"] is not None and w["requests"] < trace.n_requests:
         trace = trace.subset(np.arange(w["requests"]))
     return trace
+
+
+def _synthetic(sc: dict, model, lazy: bool) -> Trace:
+    from traces.lazy_trace import lazy_synthesize
+    from traces.synth import synthesize
+    w = sc["workload"]
+    s = dict(w["synthetic"])
+    args = (model, s.pop("tasks"), s.pop("requests"))
+    try:
+        if not lazy:
+            return synthesize(*args, seed=s.pop("seed", sc["seed"]), **s)
+        # the first `workload.requests` only (none of the rest is generated) unless tasks are picked first
+        first = w["requests"] if w["tasks"] is None else None
+        return lazy_synthesize(*args, first=first, seed=s.pop("seed", sc["seed"]), **s)
+    except UserError as e:   # synthesize's checks of the section's values (tasks, requests, profile)
+        raise ScenarioError(f"workload.synthetic: {message(e)}") from None
 
 
 def arrival_times(sc: dict, trace: Trace) -> np.ndarray:

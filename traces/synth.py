@@ -221,17 +221,33 @@ class RoutingModel:
                 copy[first_of_req] = False
                 src = np.maximum.accumulate(np.where(copy, 0, ar))
                 logits = logits[src]
-            top = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < E else np.tile(np.arange(E), (T, 1))
-            top_logits = np.take_along_axis(logits, top, axis=1)
-            order = np.argsort(-top_logits, axis=1)
-            top = np.take_along_axis(top, order, axis=1)
-            top_logits = np.take_along_axis(top_logits, order, axis=1)
+            top, top_logits = top_k(logits, k)
             gates[:, layer] = gate_weights(top_logits, prof.gate_temperature, prof.gate_power)
             experts[:, layer] = top
             if want_probs:
                 probs[:, layer] = gate_weights(logits, prof.gate_temperature, prof.gate_power)
             prev_top1 = top[:, 0]
         return experts, gates, probs
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest logits, largest first: (ids, values). k < E: k argmax passes,
+    twice as fast as argpartition + argsort at 64 experts (the same choice but for exact
+    ties, where argmax takes the first: the logits carry continuous noise)."""
+    T, E = logits.shape
+    if k >= E:
+        top = np.tile(np.arange(E), (T, 1))
+        order = np.argsort(-logits, axis=1)
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(logits, order, axis=1)
+    rest = logits.copy()
+    rows = np.arange(T)
+    top = np.empty((T, k), dtype=np.int64)
+    vals = np.empty((T, k))
+    for i in range(k):
+        top[:, i] = best = rest.argmax(axis=1)
+        vals[:, i] = rest[rows, best]
+        rest[rows, best] = -np.inf
+    return top, vals
 
 
 def _drifting(rng, L: int, E: int, m: int, persistence: float) -> np.ndarray:
@@ -343,16 +359,85 @@ def routing_shape(model, prof: RoutingProfile):
     return model
 
 
-def synthesize(model, tasks, n_requests: int | None, seed: int = 0, profile="real",
-               task_weights=None, rate: float | None = None, router_probs: bool = False,
-               structure_seed: int = 0, prompt_mean: float | None = None, output_mean: float | None = None,
-               chunk_tokens: int = 400_000, progress=None, like: Trace | Template | None = None,
-               routing_model: RoutingModel | None = None, **overrides) -> Trace:
-    """Generate a trace. `profile`: a built-in name, a fitted profile (.yaml path or object).
-    `overrides` replace single profile knobs (e.g. request_deviation=0.3). `like`: copy each
-    request's task, prompt and output lengths (and arrivals) from this trace or Template, so the
-    synthetic trace has exactly its shape. tasks=None: the fitted profile's tasks and shares.
-    `routing_model`: a RoutingModel already built for these tasks and profile (the fitter's)."""
+@dataclass
+class SynthPlan:
+    """A synthetic trace before its routing: every request's task and lengths (drawn up front,
+    small), the chunks of whole requests the routing is generated in, and the random stream
+    positioned where routing starts. `route_chunk` generates chunk j's routing; called for
+    j = 0, 1, ... in order on one stream (and one `last_dev`), it gives synthesize's bytes --
+    the eager trace (synthesize) and the lazy one (traces/lazy_trace.py) both generate so."""
+    model: object
+    prof: RoutingProfile
+    rm: RoutingModel
+    tasks: list
+    task_idx: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    offsets: np.ndarray           # (R + 1,) request r's rows are offsets[r]:offsets[r + 1]
+    chunk_starts: np.ndarray      # (C + 1,) chunk j holds requests chunk_starts[j]:chunk_starts[j + 1]
+    router_probs: bool
+    rng: np.random.Generator      # after the task and length draws: the routing stream
+    rate: float | None
+    like: object
+    extra: dict
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.task_idx)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunk_starts) - 1
+
+    def route_chunk(self, j: int, rng: np.random.Generator, last_dev: dict):
+        """Chunk j's (experts, gates, probs or None), drawn from rng; last_dev (per task: the
+        previous request's deviation) is the recurrence state carried from chunk j - 1."""
+        r0, r1 = int(self.chunk_starts[j]), int(self.chunk_starts[j + 1])
+        rm, prof, offsets = self.rm, self.prof, self.offsets
+        L, E = self.model.n_moe_layers, self.model.n_experts
+        lengths = np.diff(offsets[r0:r1 + 1])
+        n_tok = int(offsets[r1] - offsets[r0])
+        req_of_tok = np.repeat(np.arange(r1 - r0), lengths)
+        first = (offsets[r0:r1] - offsets[r0]).astype(np.int64)
+        dev = _deviations(prof, self.task_idx[r0:r1], last_dev, rng, L, E)
+        lat = rm.latent(rng, n_tok, first)
+        in_prompt = None
+        if rm.phases == 2:
+            in_prompt = (np.arange(n_tok) - first[req_of_tok]) < self.prompt[r0:r1][req_of_tok]
+        return rm._route(rm.group(self.task_idx[r0:r1][req_of_tok], in_prompt), req_of_tok, dev, rng,
+                         prof.temporal_copy, first_of_req=first, want_probs=self.router_probs, latent=lat)
+
+    def arrivals(self, rng: np.random.Generator) -> np.ndarray | None:
+        """The template's arrivals, or `rate` arrivals drawn from rng once all routing is drawn."""
+        if self.like is not None and self.like.arrival_s is not None:
+            return self.like.arrival_s.copy()
+        if self.rate:
+            return np.cumsum(rng.exponential(1.0 / self.rate, self.n_requests))
+        return None
+
+    def draws_arrivals(self) -> bool:
+        """Whether arrivals come from the stream after all routing (so need all of it drawn first)."""
+        return bool(self.rate) and (self.like is None or self.like.arrival_s is None)
+
+    def trace(self, experts, gates, probs, arrival, source=None, n_requests: int | None = None) -> Trace:
+        """The Trace of these routing arrays; n_requests: of the first requests only (a lazy prefix)."""
+        model = self.model
+        R = self.n_requests if n_requests is None else n_requests
+        return Trace(model=model.name, n_layers=model.n_moe_layers, n_experts=model.n_experts, top_k=model.top_k,
+                     request_id=np.array([f"r{i:06d}" for i in range(R)]),
+                     task=np.array(self.tasks)[self.task_idx[:R]], prompt_tokens=self.prompt[:R],
+                     output_tokens=self.output[:R], experts=experts, gates=gates,
+                     arrival_s=None if arrival is None else arrival[:R], prompt_text=None, router_probs=probs,
+                     n_shared_experts=model.n_shared_experts, extra=dict(self.extra), source=source)
+
+
+def plan_synthesis(model, tasks, n_requests: int | None, seed: int = 0, profile="real",
+                   task_weights=None, rate: float | None = None, router_probs: bool = False,
+                   structure_seed: int = 0, prompt_mean: float | None = None, output_mean: float | None = None,
+                   chunk_tokens: int = 400_000, like: Trace | Template | None = None,
+                   routing_model: RoutingModel | None = None, **overrides) -> SynthPlan:
+    """synthesize's setup (arguments as synthesize): the requests' tasks and lengths, no routing.
+    The plan's stream is used up by generating its routing once."""
     prof = resolve_profile(profile)
     if overrides:
         prof = replace(prof, name=prof.name + "+custom", **overrides)
@@ -390,46 +475,50 @@ def synthesize(model, tasks, n_requests: int | None, seed: int = 0, profile="rea
             sel = task_idx == i
             prompt[sel], output[sel] = sample_lengths(t, int(sel.sum()), rng, prompt_mean, output_mean, prof)
     lengths = prompt.astype(np.int64) + output
-    T = int(lengths.sum())
-    L, E, k = model.n_moe_layers, model.n_experts, model.top_k
-    experts = np.empty((T, L, k), dtype=expert_dtype(E))
-    gates = np.empty((T, L, k), dtype=np.float16)
-    probs = np.empty((T, L, E), dtype=np.float16) if router_probs else None
-
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    last_dev: dict[int, np.ndarray] = {}   # per task: the previous request's deviation (recurrence)
-    r0 = 0
-    while r0 < n_requests:   # chunks of whole requests bound memory
+    starts = [0]
+    while starts[-1] < n_requests:   # chunks of whole requests bound memory
+        r0 = starts[-1]
         r1 = int(np.searchsorted(offsets, offsets[r0] + chunk_tokens, side="right")) - 1
-        r1 = max(r1, r0 + 1)
-        n_tok = int(offsets[r1] - offsets[r0])
-        req_of_tok = np.repeat(np.arange(r1 - r0), lengths[r0:r1])
-        first = (offsets[r0:r1] - offsets[r0]).astype(np.int64)
-        dev = _deviations(prof, task_idx[r0:r1], last_dev, rng, L, E)
-        lat = rm.latent(rng, n_tok, first)
-        in_prompt = None
-        if rm.phases == 2:
-            in_prompt = (np.arange(n_tok) - first[req_of_tok]) < prompt[r0:r1][req_of_tok]
-        e, g, p = rm._route(rm.group(task_idx[r0:r1][req_of_tok], in_prompt), req_of_tok, dev, rng,
-                            prof.temporal_copy, first_of_req=first, want_probs=router_probs, latent=lat)
-        sl = slice(int(offsets[r0]), int(offsets[r0]) + n_tok)
-        experts[sl], gates[sl] = e, g
-        if router_probs:
-            probs[sl] = p
-        if progress:
-            progress(r1 - r0)
-        r0 = r1
-
-    arrival = None
-    if like is not None and like.arrival_s is not None:
-        arrival = like.arrival_s.copy()
-    elif rate:
-        arrival = np.cumsum(rng.exponential(1.0 / rate, n_requests))
+        starts.append(max(r1, r0 + 1))
     extra = dict(generator="emoe trace synth", profile=profile_dict(prof), seed=seed, structure_seed=structure_seed,
                  tasks=tasks, rate=rate)
     if like is not None:
         extra["like"] = like.extra.get("source", getattr(like, "model", "template"))
-    return Trace(model=model.name, n_layers=L, n_experts=E, top_k=k,
-                 request_id=np.array([f"r{i:06d}" for i in range(n_requests)]), task=np.array(tasks)[task_idx],
-                 prompt_tokens=prompt, output_tokens=output, experts=experts, gates=gates, arrival_s=arrival,
-                 prompt_text=None, router_probs=probs, n_shared_experts=model.n_shared_experts, extra=extra)
+    return SynthPlan(model=model, prof=prof, rm=rm, tasks=tasks, task_idx=task_idx, prompt=prompt, output=output,
+                     offsets=offsets, chunk_starts=np.array(starts, dtype=np.int64), router_probs=router_probs,
+                     rng=rng, rate=rate, like=like, extra=extra)
+
+
+def synthesize(model, tasks, n_requests: int | None, seed: int = 0, profile="real",
+               task_weights=None, rate: float | None = None, router_probs: bool = False,
+               structure_seed: int = 0, prompt_mean: float | None = None, output_mean: float | None = None,
+               chunk_tokens: int = 400_000, progress=None, like: Trace | Template | None = None,
+               routing_model: RoutingModel | None = None, **overrides) -> Trace:
+    """Generate a trace. `profile`: a built-in name, a fitted profile (.yaml path or object).
+    `overrides` replace single profile knobs (e.g. request_deviation=0.3). `like`: copy each
+    request's task, prompt and output lengths (and arrivals) from this trace or Template, so the
+    synthetic trace has exactly its shape. tasks=None: the fitted profile's tasks and shares.
+    `routing_model`: a RoutingModel already built for these tasks and profile (the fitter's).
+    The whole trace is held in memory; traces/lazy_trace.py generates one chunk at a time."""
+    plan = plan_synthesis(model, tasks, n_requests, seed=seed, profile=profile, task_weights=task_weights,
+                          rate=rate, router_probs=router_probs, structure_seed=structure_seed,
+                          prompt_mean=prompt_mean, output_mean=output_mean, chunk_tokens=chunk_tokens, like=like,
+                          routing_model=routing_model, **overrides)
+    m = plan.model
+    T = int(plan.offsets[-1])
+    L, E, k = m.n_moe_layers, m.n_experts, m.top_k
+    experts = np.empty((T, L, k), dtype=expert_dtype(E))
+    gates = np.empty((T, L, k), dtype=np.float16)
+    probs = np.empty((T, L, E), dtype=np.float16) if router_probs else None
+    last_dev: dict[int, np.ndarray] = {}   # per task: the previous request's deviation (recurrence)
+    for j in range(plan.n_chunks):
+        e, g, p = plan.route_chunk(j, plan.rng, last_dev)
+        r0, r1 = plan.chunk_starts[j], plan.chunk_starts[j + 1]
+        sl = slice(int(plan.offsets[r0]), int(plan.offsets[r1]))
+        experts[sl], gates[sl] = e, g
+        if router_probs:
+            probs[sl] = p
+        if progress:
+            progress(int(r1 - r0))
+    return plan.trace(experts, gates, probs, plan.arrivals(plan.rng))
