@@ -71,7 +71,10 @@ def plannable():
                 if make_policy(spec, get_model(model)).plans_decode_runs:
                     out.append((model, spec))
     for model, spec in [("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "miss": "reroute",
-                                         "eviction": "lfu"})]:
+                                         "eviction": "lfu"}),
+                        ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"}),
+                        ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}),
+                        ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"})]:
         out.append((model, spec))
     return out
 
@@ -128,12 +131,16 @@ def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
     assert req.gate_kept == pytest.approx(req_ref.gate_kept, rel=1e-12)
 
 
-def test_policies_that_prefetch_or_reroute_step_normally():
+def test_policies_that_prefetch_step_normally():
+    """A decode run's copies are all on demand (CostModel.decode_run has no prefetch queue)."""
     m = get_model("mixtral-8x7b")
-    assert not make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
-    assert not make_policy({"name": "pregated"}, m).plans_decode_runs
-    assert not make_policy({"name": "oracle"}, m).plans_decode_runs
-    assert not make_policy({"name": "moe_infinity"}, m).plans_decode_runs
+    assert make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
+    assert not make_policy({"name": "on_demand", "eviction": "lfu"}, get_model("qwen3-30b-a3b")).plans_decode_runs
+    for spec in ({"name": "pregated"}, {"name": "pregated", "recall": 0.8}, {"name": "pregated", "miss": "reroute"},
+                 {"name": "oracle"}, {"name": "oracle", "horizon": 8}, {"name": "oracle", "miss": "reroute"},
+                 {"name": "moe_infinity"}, {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4},
+                 {"name": "moe_infinity", "miss": "reroute"}):
+        assert not make_policy(spec, m).plans_decode_runs, spec
 
 
 def test_decode_run_eligibility_is_declared_per_class():
@@ -175,6 +182,9 @@ ENGINE_CASES = [(spec, "fcfs", {}) for spec in registry_specs()] + [
     ({"name": "on_demand", "capacity": 0.5}, "edf", {"max_sim_time_s": 40.0}),
     ({"name": "emoe", "capacity": 0.5, "interval": 4}, "emoe", {}),
     ({"name": "mru_probe", "capacity": 0.6}, "fcfs", {}),
+    ({"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}, "fcfs", {}),
+    ({"name": "on_demand", "capacity": 0.25, "eviction": "lfu"}, "fcfs", {"max_steps": 3000}),
+    ({"name": "on_demand", "capacity": 0.75, "eviction": "lfu"}, "edf", {"max_sim_time_s": 40.0}),
 ]
 
 
