@@ -74,7 +74,8 @@ def plannable():
                                          "eviction": "lfu"}),
                         ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"}),
                         ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}),
-                        ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"})]:
+                        ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"}),
+                        ("qwen3-30b-a3b", {"name": "on_demand", "capacity": 0.4, "eviction": "lfu"})]:
         out.append((model, spec))
     return out
 
@@ -135,7 +136,7 @@ def test_policies_that_prefetch_step_normally():
     """A decode run's copies are all on demand (CostModel.decode_run has no prefetch queue)."""
     m = get_model("mixtral-8x7b")
     assert make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
-    assert not make_policy({"name": "on_demand", "eviction": "lfu"}, get_model("qwen3-30b-a3b")).plans_decode_runs
+    assert make_policy({"name": "on_demand", "eviction": "lfu"}, get_model("qwen3-30b-a3b")).plans_decode_runs
     for spec in ({"name": "pregated"}, {"name": "pregated", "recall": 0.8}, {"name": "pregated", "miss": "reroute"},
                  {"name": "oracle"}, {"name": "oracle", "horizon": 8}, {"name": "oracle", "miss": "reroute"},
                  {"name": "moe_infinity"}, {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4},
