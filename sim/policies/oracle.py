@@ -27,6 +27,7 @@ class OracleParams(CacheParams):
 class OraclePolicy(ExpertPolicy):
     name = "oracle"
     Params = OracleParams
+    _key_memo = None      # (batch, its requests' rows, evict_key): the key of the step being planned
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         used = self._needed(batch.experts) > 0
@@ -45,7 +46,7 @@ class OraclePolicy(ExpertPolicy):
         H = int(self.params.horizon)
         reqs = batch.requests
         at = [r.next_row for r in reqs]
-        memo = getattr(self, "_key_memo", None)
+        memo = self._key_memo
         if memo is not None and memo[0] is batch and memo[1] == at:
             return memo[2]
         t = self.trace
