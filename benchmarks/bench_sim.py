@@ -1,13 +1,17 @@
 """Benchmark: simulator speed on a Mixtral-8x7B-shape trace (mean 256 output tokens), on_demand policy.
 
     python benchmarks/bench_sim.py [--requests 1000] [--repeats 3] [--light 200]
+    python benchmarks/bench_sim.py --policies [--light 200] [--repeats 3]
 
 - saturated: every request present at t=0, at most 32 running (16-32 in flight);
 - light: one request at a time (arrivals far apart), so every step is one token; measured
   with decode runs (the default) and step by step (limits.decode_runs: false) in one run.
+- --policies: instead, light-load steps/s of each policy in POLICY_CASES, with decode runs
+  and step by step (results asserted the same), as a table.
 Prints medians over the repeats; README 'Benchmarks' holds the figures. Runs on one core.
 """
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -50,14 +54,50 @@ def measure(sc, trace, repeats):
     return w, steps, res, walls
 
 
+# --policies: each policy at its default parameters (on_demand: LRU and LFU).
+POLICY_CASES = {
+    "on_demand (lru)": {"name": "on_demand", "capacity": 0.6},
+    "on_demand (lfu)": {"name": "on_demand", "capacity": 0.6, "eviction": "lfu"},
+    "pregated": {"name": "pregated"},
+    "oracle": {"name": "oracle"},
+    "moe_infinity": {"name": "moe_infinity"},
+    "emoe": {"name": "emoe", "capacity": 0.6},
+    "resident": {"name": "resident"},
+}
+
+
+def same_results(a, b) -> None:
+    """Decode runs change nothing: the same steps, and summaries equal to float rounding."""
+    assert a.summary["engine_steps"] == b.summary["engine_steps"]
+    for k, v in b.summary.items():
+        if isinstance(v, (int, float)):
+            assert math.isclose(a.summary[k], v, rel_tol=1e-9), k
+
+
+def bench_policies(path, trace, n_light: int, repeats: int) -> None:
+    light = trace.subset(range(n_light))
+    arrival = {"process": "poisson", "rate": 0.01}
+    print(f"light load, {n_light} requests one at a time; median of {repeats} runs each")
+    print(f"{'policy':<18}{'steps':>8}{'decode runs':>14}{'step by step':>14}{'ratio':>8}")
+    for label, spec in POLICY_CASES.items():
+        w, steps, res, _ = measure(scenario(path, arrival, 32, spec), light, repeats)
+        w1, _, res1, _ = measure(scenario(path, arrival, 32, spec, decode_runs=False), light, repeats)
+        same_results(res, res1)
+        print(f"{label:<18}{steps:>8}{steps / w:>14,.0f}{steps / w1:>14,.0f}{w1 / w:>7.1f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--light", type=int, default=200, help="requests in the light-load run")
+    ap.add_argument("--policies", action="store_true", help="light-load steps/s of each policy (a table)")
     a = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}")
+    if a.policies:
+        bench_policies(trace_for(a.requests), load_trace(trace_for(a.requests)), a.light, a.repeats)
+        return
     path = trace_for(a.requests)
     trace = load_trace(path)
     sc = scenario(path, {"process": "batch"}, 32)

@@ -71,7 +71,11 @@ def plannable():
                 if make_policy(spec, get_model(model)).plans_decode_runs:
                     out.append((model, spec))
     for model, spec in [("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "miss": "reroute",
-                                         "eviction": "lfu"})]:
+                                         "eviction": "lfu"}),
+                        ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"}),
+                        ("mixtral-8x7b", {"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}),
+                        ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"}),
+                        ("qwen3-30b-a3b", {"name": "on_demand", "capacity": 0.4, "eviction": "lfu"})]:
         out.append((model, spec))
     return out
 
@@ -128,12 +132,16 @@ def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
     assert req.gate_kept == pytest.approx(req_ref.gate_kept, rel=1e-12)
 
 
-def test_policies_that_prefetch_or_reroute_step_normally():
+def test_policies_that_prefetch_step_normally():
+    """A decode run's copies are all on demand (CostModel.decode_run has no prefetch queue)."""
     m = get_model("mixtral-8x7b")
-    assert not make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
-    assert not make_policy({"name": "pregated"}, m).plans_decode_runs
-    assert not make_policy({"name": "oracle"}, m).plans_decode_runs
-    assert not make_policy({"name": "moe_infinity"}, m).plans_decode_runs
+    assert make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
+    assert make_policy({"name": "on_demand", "eviction": "lfu"}, get_model("qwen3-30b-a3b")).plans_decode_runs
+    for spec in ({"name": "pregated"}, {"name": "pregated", "recall": 0.8}, {"name": "pregated", "miss": "reroute"},
+                 {"name": "oracle"}, {"name": "oracle", "horizon": 8}, {"name": "oracle", "miss": "reroute"},
+                 {"name": "moe_infinity"}, {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4},
+                 {"name": "moe_infinity", "miss": "reroute"}):
+        assert not make_policy(spec, m).plans_decode_runs, spec
 
 
 def test_decode_run_eligibility_is_declared_per_class():
@@ -175,6 +183,9 @@ ENGINE_CASES = [(spec, "fcfs", {}) for spec in registry_specs()] + [
     ({"name": "on_demand", "capacity": 0.5}, "edf", {"max_sim_time_s": 40.0}),
     ({"name": "emoe", "capacity": 0.5, "interval": 4}, "emoe", {}),
     ({"name": "mru_probe", "capacity": 0.6}, "fcfs", {}),
+    ({"name": "on_demand", "capacity": 0.5, "eviction": "lfu"}, "fcfs", {}),
+    ({"name": "on_demand", "capacity": 0.25, "eviction": "lfu"}, "fcfs", {"max_steps": 3000}),
+    ({"name": "on_demand", "capacity": 0.75, "eviction": "lfu"}, "edf", {"max_sim_time_s": 40.0}),
 ]
 
 
@@ -222,3 +233,31 @@ def test_lru_runs_only_where_they_pay():
     assert make_policy({"name": "on_demand"}, get_model("olmoe-1b-7b")).plans_decode_runs        # 64 experts
     assert not make_policy({"name": "on_demand"}, get_model("qwen3-30b-a3b")).plans_decode_runs  # 128 experts
     assert make_policy({"name": "on_demand", "miss": "reroute"}, get_model("qwen3-30b-a3b")).plans_decode_runs
+
+
+PREFETCHING = [{"name": "pregated"}, {"name": "pregated", "recall": 0.8}, {"name": "pregated", "miss": "reroute"},
+               {"name": "oracle"}, {"name": "oracle", "miss": "reroute"}, {"name": "moe_infinity"},
+               {"name": "moe_infinity", "prefetch_per_step": 4}, {"name": "moe_infinity", "miss": "reroute"}]
+
+
+@pytest.mark.parametrize("spec", PREFETCHING, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_max_decode_loads_bounds_the_copies_of_prefetching_policies(spec):
+    """The engine cuts a decode run by max_decode_loads copies per step: a single-token step
+    of a prefetching policy (its prefetches and its misses) never issues more."""
+    from traces.format import load_trace
+    trace = load_trace(SAMPLE)
+    m = get_model("mixtral-8x7b")
+    pol = make_policy({**spec, "capacity": 0.25}, m, trace, 0)
+    req = Request(index=0, rid=str(trace.request_id[0]), task=str(trace.task[0]), prompt_tokens=1,
+                  output_tokens=int(trace.n_tokens) - 1, row0=0, arrival_s=0.0, slo={}, expected_output=8.0)
+    pol.on_admit(req, 0.0)
+    most = 0
+    for row in range(300):
+        req.prefilled, req.generated = 1, row          # next_row: this step's row
+        b = StepBatch(step=row, experts=trace.experts[row:row + 1], gates=trace.gates[row:row + 1], probs=None,
+                      token_req=np.zeros(1, dtype=np.int64), requests=[req])
+        most = max(most, pol.plan_step(b).copies)
+        if row % 50 == 49:                             # finished requests feed moe_infinity's library
+            pol.on_finish(req, 0.0)
+            pol.on_admit(req, 0.0)
+    assert 0 < most <= pol.max_decode_loads

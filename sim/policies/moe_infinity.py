@@ -102,6 +102,15 @@ class MoEInfinityPolicy(ExpertPolicy):
         self.clock += 1
         self.last_used[used] = self.clock
 
+    @property
+    def max_decode_loads(self) -> int:
+        """A single-token step's copies: its prefetches (top_k predicted per layer, at most
+        prefetch_per_step) plus its misses under fetch."""
+        prefetch = self.L * self.k
+        if self.params.prefetch_per_step:
+            prefetch = min(prefetch, int(self.params.prefetch_per_step))
+        return prefetch + (0 if self.miss_mode == "reroute" else self.L * self.k)
+
     # ---- a step ---------------------------------------------------------------------------
     def plan_step(self, batch: StepBatch) -> StepPlan:
         predicted, share = self._predicted(batch)

@@ -27,6 +27,7 @@ class OracleParams(CacheParams):
 class OraclePolicy(ExpertPolicy):
     name = "oracle"
     Params = OracleParams
+    _key_memo = None      # (batch, its requests' rows, evict_key): the key of the step being planned
 
     def plan_step(self, batch: StepBatch) -> StepPlan:
         used = self._needed(batch.experts) > 0
@@ -39,16 +40,23 @@ class OraclePolicy(ExpertPolicy):
         return self.serve(batch, copies, fresh)
 
     def evict_key(self, batch):
-        """Minus the number of steps until the batch's requests next use each expert."""
+        """Minus the number of steps until the batch's requests next use each expert (H + 1:
+        not within the horizon). Called twice a step (ordering the wanted copies, then
+        evicting), so kept for the step: the same requests at the same rows."""
         H = int(self.params.horizon)
         reqs = batch.requests
+        at = [r.next_row for r in reqs]
+        memo = self._key_memo
+        if memo is not None and memo[0] is batch and memo[1] == at:
+            return memo[2]
         t = self.trace
-        rows = np.array([r.next_row for r in reqs])[:, None] + 1 + np.arange(H)[None, :]   # (m, H)
+        rows = np.array(at)[:, None] + 1 + np.arange(H)[None, :]                           # (m, H)
         ends = np.array([r.row0 + r.prompt_tokens + r.output_tokens for r in reqs])[:, None]
         fut = t.experts[np.minimum(rows, t.n_tokens - 1)].astype(np.int64)                 # (m, H, L, k)
-        steps_ahead = np.broadcast_to(np.arange(H)[None, :, None, None], fut.shape)
-        valid = np.broadcast_to((rows < ends)[:, :, None, None], fut.shape)
-        flat = (np.arange(self.L)[None, None, :, None] * self.E + fut)[valid]
-        first = np.full(self.L * self.E, H + 1)
-        np.minimum.at(first, flat, steps_ahead[valid])
-        return -first.reshape(self.L, self.E).astype(float)
+        LE = self.L * self.E
+        cell = (np.arange(H)[None, :, None, None] * LE + np.arange(self.L)[None, None, :, None] * self.E + fut)
+        seen = np.bincount(cell[(rows < ends)].ravel(), minlength=H * LE).reshape(H, LE) > 0   # used h steps ahead
+        first = np.where(seen.any(axis=0), seen.argmax(axis=0), H + 1)
+        key = -first.reshape(self.L, self.E).astype(float)
+        self._key_memo = (batch, at, key)
+        return key

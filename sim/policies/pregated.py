@@ -55,6 +55,16 @@ class PregatedPolicy(OnDemandPolicy):
         self._learn(batch.experts)
         return plan
 
+    @property
+    def max_decode_loads(self) -> int:
+        """A single-token step's copies: its misses under fetch, plus each layer's pre-gated
+        top_k (a known-recall pre-gate predicts only needed experts). Per-step copy counts
+        also bound a run's link time, queued prefetches included, as the link serves them in turn."""
+        demand = 0 if self.miss_mode == "reroute" else self.L * self.k
+        if self.params.recall is not None:
+            return self.L * self.k
+        return demand + max(self.L - 1, 0) * self.k
+
     def _pregate(self, batch: StepBatch):
         """(L, E) experts predicted for the step (layer 0: none) and their predicted weight."""
         L, E, k = self.L, self.E, self.k
