@@ -12,6 +12,7 @@ Hot path: admit runs once per engine step, so it works on whole (L, E) arrays
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import inf
 
 import numpy as np
 
@@ -85,32 +86,48 @@ class ExpertCache:
         only_if_better, only an expert whose key is below the wanted one's. Wanted experts
         already resident, and those with nothing to evict, are skipped. Returns (the copies
         issued, in order; the (L, E) experts they bring, or None if none)."""
-        copies = []
-        fresh = None
-        k = None
+        if not wanted:
+            return NO_COPIES, None
         res = self.resident
+        # One item at a time (each admission changes what the next may evict), so the
+        # layers' rows are plain lists: a few list operations an item instead of a handful
+        # of numpy calls on E-element rows (same decisions: the lowest id wins a tie).
+        held = res.tolist()
+        n_held = np.add.reduce(res, axis=1).tolist()
+        capacity = self.capacity.tolist()
+        blocked = None if protect is None else protect.tolist()
+        copies = []
+        fresh: set = set()
+        keys = None
         for at, layer, e in wanted:
-            if res[layer, e]:
+            row = held[layer]
+            if row[e]:
                 continue
-            if fresh is None:
-                fresh = np.zeros_like(res)
-            if int(np.count_nonzero(res[layer])) >= self.capacity[layer]:
-                cand = res[layer] & ~fresh[layer]
-                if protect is not None:
-                    cand &= ~protect[layer]
-                if not cand.any():
+            if n_held[layer] >= capacity[layer]:
+                skip = blocked[layer] if blocked is not None else None
+                cand = [r and (layer, j) not in fresh and not (skip is not None and skip[j]) for j, r in enumerate(row)]
+                if not any(cand):
                     continue
-                if k is None:
+                if keys is None:
                     k = key()
-                    k = self._expert_ids if k is None else k
-                row = np.where(cand, k[layer], np.inf)
-                victim = int(row.argmin())
-                if only_if_better and row[victim] >= k[layer, e]:
+                    keys = (self._expert_ids if k is None else k).tolist()
+                kl = keys[layer]
+                vals = [kl[j] if c else inf for j, c in enumerate(cand)]
+                best = min(vals)
+                victim = vals.index(best)      # np.argmin's choice: the first of the smallest
+                if only_if_better and best >= kl[e]:
                     continue
-                res[layer, victim] = False
-            res[layer, e] = True
-            fresh[layer, e] = True
+                if row[victim]:
+                    row[victim] = False
+                    n_held[layer] -= 1
+            row[e] = True
+            n_held[layer] += 1
+            fresh.add((layer, e))
             copies.append((at, layer, e))
         if not copies:
             return NO_COPIES, None
-        return copies, fresh
+        res[...] = held
+        brought = np.zeros_like(res)
+        layers, experts = zip(*fresh)
+        brought[list(layers), list(experts)] = True
+        return copies, brought
