@@ -8,6 +8,8 @@ requests of 512 prompt and 256 output tokens on average (the trace's lognormal l
   1k-sat     1,000 requests, all at t=0
   10k-10     10,000 requests, Poisson at 10 requests/s
   100k-sat   100,000 requests, all at t=0 (a 14.7 GB trace file: 192 bytes of routing a token)
+  100k-short, 1m-short  100,000 and 1,000,000 requests of 64 + 32 tokens (mean), all at t=0:
+             how time and memory grow with the number of requests
   sweep-40   a 40-point sweep with -j 2 over the 10,000-request trace (each point cut at 2,000
              steps: what is measured is what the workers load, not how long they simulate)
 
@@ -40,7 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "out"
 SEED_REQUESTS = 500
 CASES = {"1k-sat": (1_000, {"process": "batch"}), "10k-10": (10_000, {"process": "poisson", "rate": 10.0}),
-         "100k-sat": (100_000, {"process": "batch"})}
+         "100k-sat": (100_000, {"process": "batch"}),
+         # short requests (64 + 32 tokens mean): a million fit this machine's disk (18 GB of routing)
+         "100k-short": (100_000, {"process": "batch"}), "1m-short": (1_000_000, {"process": "batch"})}
+SHORT = (64, 32)   # prompt and output tokens (means) of the *-short cases
 
 
 class Tiled:
@@ -73,18 +78,20 @@ class Tiled:
         return np.concatenate(parts) if parts else self.seed[:0]
 
 
-def trace_for(n: int) -> Path:
+def trace_for(n: int, short: bool = False) -> Path:
     """The tiled trace of n requests (written once)."""
     from traces.format import Trace, load_trace, save_trace
     from traces.synth import synthesize
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"scale-{n}.npz"
+    tag = "short-" if short else ""
+    path = OUT / f"scale-{tag}{n}.npz"
     if path.exists():
         return path
-    seed_path = OUT / f"scale-seed-{SEED_REQUESTS}.npz"
+    seed_path = OUT / f"scale-{tag}seed-{SEED_REQUESTS}.npz"
+    prompt, output = SHORT if short else (512, 256)
     if not seed_path.exists():
         save_trace(synthesize("mixtral-8x7b", ["qa", "summarization", "code", "math", "conversation"], SEED_REQUESTS,
-                              seed=0, prompt_mean=512, output_mean=256), seed_path)
+                              seed=0, prompt_mean=prompt, output_mean=output), seed_path)
     s = load_trace(seed_path)
     idx = np.arange(n) % SEED_REQUESTS
     t = Trace(model=s.model, n_layers=s.n_layers, n_experts=s.n_experts, top_k=s.top_k,
@@ -111,7 +118,7 @@ def child(case: str) -> None:
     from sim.run import run_scenario
     from sim.scenario import load_scenario
     n, arrival = CASES[case]
-    sc = load_scenario(data=scenario(trace_for(n), arrival))
+    sc = load_scenario(data=scenario(trace_for(n, case.endswith("short")), arrival))
     t0 = time.perf_counter()
     res = run_scenario(sc)
     wall = time.perf_counter() - t0
@@ -199,7 +206,7 @@ def main():
                 runs.append(sweep_case())
                 continue
             if case in CASES:
-                trace_for(CASES[case][0])   # written outside the measurement
+                trace_for(CASES[case][0], case.endswith("short"))   # written outside the measurement
             out = subprocess.run([sys.executable, __file__, "--child", case], cwd=ROOT, capture_output=True,
                                  text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode:

@@ -109,7 +109,7 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
     if cfg is not None:
         extra.update(eng.router_summary())
         files["generations.jsonl"] = "".join(
-            json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.generated_ids)) + "\n"
+            json.dumps(dict(request_id=r.rid, task=r.task, generated_ids=r.generated_ids or [])) + "\n"
             for r in requests)
     events = eng.layer_events()
     if events:   # `emoe timeline --layers` reads them

@@ -1,7 +1,7 @@
 """A request's life in an engine: the state both clocks (simulator, replayer) share."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(eq=False, kw_only=True, slots=True)   # slots: a day of traffic holds many
@@ -30,7 +30,7 @@ class Request:
     routes: int = 0         # token-layer routes served
     task_id: str | None = None   # the task the policy identified (eMoE), None: not identified
     rejected: str = ""           # why the engine refused it ("" if it did not)
-    generated_ids: list[int] = field(default_factory=list)   # real-weights replay: tokens generated
+    generated_ids: list[int] | None = None   # real-weights replay: tokens generated (set as it prefills)
 
     @property
     def in_prefill(self) -> bool:

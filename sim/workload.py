@@ -77,8 +77,9 @@ def build_requests(sc: dict, trace: Trace) -> list[Request]:
     expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in trace.tasks}
     slos = {t: slo_for(sc, t) for t in trace.tasks}   # one dict per task, shared by its requests
     reqs = []
+    names = {t: t for t in trace.tasks}   # one string per task, shared by its requests
     for i in range(trace.n_requests):
-        task = str(trace.task[i])
+        task = names[str(trace.task[i])]
         p, o = int(trace.prompt_tokens[i]), int(trace.output_tokens[i])
         if p == 0:   # decode-only traces: the first routed token stands in for the prompt
             p, o = 1, o - 1
