@@ -146,7 +146,10 @@ class CostModel:
         if not plan.demand.any():
             return StepTiming(fixed + len(ffn) * attn + float(ffn.sum()), 0.0, 0.0)
         if plan.staged:
-            streamed_s = self._streamed_closed_form(plan, ffn)
+            # The closed form holds when no staging slot binds and the link is free at the step's
+            # start (a copy still in flight delays a layer's streamed copies, not its cached
+            # experts, which the closed form does not tell apart): else walk the layers.
+            streamed_s = None if self.link_free_at > t0 else self._streamed_closed_form(plan, ffn)
             if streamed_s is None:
                 self._busy = 0.0
                 return self._step_with_copies(t0, plan, attn, ffn, fixed)

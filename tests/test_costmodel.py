@@ -281,3 +281,27 @@ def test_closed_form_streamed_step_equals_the_layer_walk(backlog, hw):
     assert fast.stall_s == pytest.approx(walk.stall_s)
     assert fast.link_busy_s == pytest.approx(walk.link_busy_s)
     assert a.link_free_at == pytest.approx(b.link_free_at)
+
+
+@pytest.mark.parametrize("hbm", [2e11, 1.5e11])
+def test_a_copy_in_flight_at_the_step_start_delays_streamed_copies_not_cached_experts(hbm):
+    """Layer 0's only demand copy streams while a copy from the last step is still on the link,
+    and its expert compute is longer than one copy: the cached experts compute during the
+    backlog, so the step equals the copy-by-copy walk (the closed form would add the backlog
+    to the whole layer)."""
+    M8 = get_model("mixtral-8x7b")
+    L8 = M8.n_moe_layers
+    counts = np.zeros((L8, M8.n_experts), dtype=np.int64)
+    counts[:, :8] = 3
+    d = np.zeros(L8, dtype=np.int64)
+    d[0] = 1
+    p = StepPlan(counts=counts, demand=d, prefetch=[], staged=1, streamed=d.copy())
+    hw = get_hardware({"preset": "a100-80gb", "hbm_bytes_per_s": hbm})
+    a, b = CostModel(M8, hw), CostModel(M8, hw)
+    a.link_free_at = b.link_free_at = 0.01
+    assert a.experts_s(counts, 6)[0] > a.copy_s       # compute outlasts a copy: the case that differs
+    fast = a.step(0.0, p, 6, 1, 100, 100)
+    b._busy = 0.0
+    walk = b._step_with_copies(0.0, p, b.attention_s(6, 100, 100), b.experts_s(counts, 6), b.fixed_s(6, 1))
+    assert fast.duration_s == pytest.approx(walk.duration_s, rel=1e-12)
+    assert fast.stall_s == pytest.approx(walk.stall_s, abs=1e-12)
