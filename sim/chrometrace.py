@@ -91,23 +91,24 @@ def chrome_trace(timeline, requests, meta: dict, window: tuple[float, float] | N
 
 def layer_events(results_dir, timeline, window: tuple[float, float]) -> list[dict]:
     """Each layer's compute and each copy of the steps starting in `window`, from simulating the
-    results directory's scenario again (step by step: decode runs do not walk layers). The
-    same steps are checked against the recorded timeline."""
+    results directory's scenario again up to the window's end (step by step: decode runs do
+    not walk layers). Those steps are checked against the recorded timeline."""
     from sim.engine import Engine
     from sim.run import build
     from sim.scenario import load_scenario
     from sim.workload import build_requests
     sc = load_scenario(Path(results_dir) / "scenario.yaml")
-    sc["limits"] = {**sc["limits"], "decode_runs": False}
+    limit = sc["limits"].get("max_sim_time_s") or float("inf")
+    sc["limits"] = {**sc["limits"], "decode_runs": False, "max_sim_time_s": min(limit, window[1] + 1e-9)}
     parts = build(sc)
     eng = Engine(*parts[:2], parts.trace, build_requests(sc, parts.trace), parts.policy, parts.scheduler,
                  sc["limits"])
     eng.cost.record, eng.cost.record_window = [], window
     eng.run()
-    again = eng.timeline.columns()
-    n = len(timeline)
-    if len(again["t_s"]) != n or not np.allclose(again["t_s"], timeline.t_s.to_numpy(), rtol=1e-9, atol=1e-9):
-        raise UserError(f"{results_dir}: simulating its scenario again does not give its {n} steps "
+    again = eng.timeline.columns()["t_s"]
+    n = len(again)
+    if n > len(timeline) or not np.allclose(again, timeline.t_s.to_numpy()[:n], rtol=1e-9, atol=1e-9):
+        raise UserError(f"{results_dir}: simulating its scenario again does not give its first {n} steps "
                         "(was it written by another emoe version, or did an input file change?); "
                         "run it again with `emoe run` first")
     return eng.cost.record

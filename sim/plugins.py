@@ -99,9 +99,10 @@ def _from_module(key: str, name: str, base_dir) -> type:
 
 def source_file(name, registry: dict, kind: str, base_dir=None) -> Path | None:
     """The file a component named by the user is defined in (module:Class beside the scenario
-    or on the path, or an installed entry point), without importing it; None for a built-in
-    or a name that cannot be found (building the scenario reports that). A sweep keys its
-    points by this file's content, so editing your policy reruns the points that use it."""
+    or on the path, or an installed entry point), found without running the module (a dotted
+    name imports its parent packages); None for a built-in or a name that cannot be found
+    (building the scenario reports that). A sweep keys its points by this file's content, so
+    editing your policy reruns the points that use it."""
     if not isinstance(name, str) or not name or name in registry:
         return None
     if ":" not in name:
@@ -112,10 +113,11 @@ def source_file(name, registry: dict, kind: str, base_dir=None) -> Path | None:
     module = name.partition(":")[0]
     if not module or module.startswith("."):
         return None
-    if base_dir is not None:
-        beside = Path(Path(base_dir).resolve(), *module.split(".")).with_suffix(".py")
-        if beside.is_file():
-            return beside
+    if base_dir is not None:   # a module or package beside the scenario (how _from_module finds it)
+        where = Path(Path(base_dir).resolve(), *module.split("."))
+        for beside in (where.with_suffix(".py"), where / "__init__.py"):
+            if beside.is_file():
+                return beside
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):

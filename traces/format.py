@@ -313,10 +313,10 @@ def _write(path: Path, meta: dict, small: dict, routing: dict, compress: bool) -
     name -> (shape, dtype, chunks of rows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a trace is a normal shared file
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a trace is a normal shared file
         with os.fdopen(fd, "wb") as f, NpzWriter(f, compress) as w:
             w.add("meta", np.array(json.dumps(meta)))
             for name in ("request_id", "task", "prompt_tokens", "output_tokens"):

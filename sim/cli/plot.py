@@ -29,7 +29,7 @@ def add_parsers(sub):
     s.add_argument("--window", type=window_arg, default=None, metavar="START:END", help="only these seconds")
     s.add_argument("--layers", action="store_true",
                    help="add each layer's compute and each copy on the host link (simulations: simulated "
-                        "again inside the window, default its first 20 steps)")
+                        "again up to the window's end, default the first 20 steps; CPU replays: as measured)")
     add_force(s)
     s.set_defaults(func=timeline)
 
