@@ -52,6 +52,18 @@ CASES = {
         ("unknown-command", ["frobnicate"], "invalid choice: 'frobnicate'", {}),
         ("missing-option", ["trace", "synth", "--model", "tiny"], "-o/--output", {}),
         ("not-an-int", ["trace", "synth", "--model", "tiny", "--requests", "ten", "-o", "x.npz"], "--requests", {}),
+        # zero, negative and NaN option values are refused where they are read, never ignored
+        ("rate-zero", ["trace", "synth", "--model", "tiny", "--rate", "0", "-o", "x.npz"],
+         "--rate: must be a positive number, got '0'", {}),
+        ("output-len-zero", ["trace", "synth", "--model", "tiny", "--output-len", "0", "-o", "x.npz"],
+         "--output-len: must be a positive number", {}),
+        ("prompt-len-nan", ["trace", "synth", "--model", "tiny", "--prompt-len", "nan", "-o", "x.npz"],
+         "--prompt-len: expected a finite number", {}),
+        ("seed-negative", ["trace", "synth", "--model", "tiny", "--seed", "-1", "-o", "x.npz"],
+         "--seed: must be a whole number >= 0", {}),
+        ("seq-len-zero", ["capacity", "s.yaml", "--seq-len", "0"], "--seq-len: must be a positive whole number",
+         {"s.yaml": scen()}),
+        ("slo-share", ["choose", "sweep", "--slo-attainment", "95"], "--slo-attainment: must be a share", {}),
     ],
     "scenario": [
         ("missing", ["run", "nope.yaml", "-o", "out"], "scenario file 'nope.yaml' does not exist", {}),
@@ -189,8 +201,8 @@ CASES = {
          {"w.yaml": {"base": "nope.yaml"}}),
         ("grid-not-a-list", ["sweep", "w.yaml", "-o", "sw"], "grid.policy.capacity must be a non-empty list",
          {"w.yaml": {"base": "s.yaml", "grid": {"policy.capacity": 0.5}}, "s.yaml": scen()}),
-        ("jobs", ["sweep", "w.yaml", "-j", "0", "-o", "sw"], "-j must be at least 1", {"w.yaml": SWEEP_OK,
-                                                                                        "s.yaml": scen()}),
+        ("jobs", ["sweep", "w.yaml", "-j", "0", "-o", "sw"], "-j/--jobs: must be a positive whole number",
+         {"w.yaml": SWEEP_OK, "s.yaml": scen()}),
         ("output-is-a-file", ["sweep", "w.yaml", "-o", "sw"], "sweep output 'sw': a file is in the way",
          {"w.yaml": SWEEP_OK, "s.yaml": scen(), "sw": "precious"}),
     ],
@@ -198,13 +210,17 @@ CASES = {
         ("kind", ["predictor", "train", "tiny.npz", "--kind", "oracle", "-o", "p.npz"],
          "--kind: invalid choice: 'oracle'", {}),
         ("holdout", ["predictor", "train", "tiny.npz", "--holdout", "1.5", "-o", "p.npz"],
-         "--holdout: holdout must", {}),
+         "--holdout: must be a share strictly between 0 and 1", {}),
         ("trace-missing", ["predictor", "train", "gone.npz", "-o", "p.npz"],
          "trace file 'gone.npz' does not exist", {}),
         ("file-missing", ["predictor", "eval", "nope.npz", "tiny.npz"], "predictor file 'nope.npz' does not exist", {}),
         ("file-garbage", ["predictor", "eval", "bad.npz", "tiny.npz"], "bad.npz: not a predictor file",
          {"bad.npz": b"\x93NUMPY junk"}),
         ("other-model", ["predictor", "eval", "other.npz", "tiny.npz"], "predictor is for 1 layers x 4 experts", {}),
+        ("top-too-many", ["predictor", "eval", "tiny-pred.npz", "tiny.npz", "--top", "99"],
+         "--top 99: the trace's model has", {}),
+        ("top-zero", ["predictor", "eval", "tiny-pred.npz", "tiny.npz", "--top", "0"],
+         "--top: must be a positive whole number", {}),
     ],
     "plots": [
         ("plot-nothing", ["plot", "nowhere", "-o", "pl"], "nowhere: neither a sweep directory", {}),
@@ -213,13 +229,14 @@ CASES = {
         ("choose", ["choose", "nowhere"], "'nowhere' is not a sweep directory", {}),
     ],
     "real-models": [
-        ("replay-scale", ["replay", "s.yaml", "--scale", "0", "-o", "out"], "--scale must be a positive integer",
+        ("replay-scale", ["replay", "s.yaml", "--scale", "0", "-o", "out"], "--scale: must be a positive whole number",
          {"s.yaml": scen()}),
         ("replay-device", ["replay", "s.yaml", "--device", "tpu", "-o", "out"], "--device tpu: use cpu or cuda",
          {"s.yaml": scen()}),
         ("replay-weights", ["replay", "s.yaml", "--weights", "nope", "-o", "out"],
          "'nope' is not a Hugging Face checkpoint directory", {"s.yaml": scen()}),
-        ("profile-threads", ["profile", "--threads", "0", "-o", "p.yaml"], "--threads must be at least 1", {}),
+        ("profile-threads", ["profile", "--threads", "0", "-o", "p.yaml"],
+         "--threads: must be a positive whole number", {}),
         ("accuracy-model", ["accuracy", "--model", "nope", "--prompts", "p.jsonl"],
          "--model: 'nope' is not a Hugging Face checkpoint", {}),
         ("capture-model", ["capture", "--model", "nope", "--prompts", "p.jsonl", "-o", "x.npz"],
@@ -237,14 +254,16 @@ PARAMS = [pytest.param(*case[1:4], case[4] if len(case) > 4 else {}, id=f"{group
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """Files every case finds in its directory: a small trace of the tiny model, and a predictor
-    file of another routing shape (1 layer x 4 experts)."""
+    """Files every case finds in its directory: a small trace of the tiny model, a predictor
+    trained on its first request, and a predictor file of another routing shape (1 layer x 4 experts)."""
     from conftest import make_trace
     from sim.predictors import make_predictor
     from traces.format import save_trace
     from traces.synth import synthesize
     d = tmp_path_factory.mktemp("assets")
-    save_trace(synthesize("tiny", ["qa", "code"], 6, seed=2), d / "tiny.npz")
+    tiny = synthesize("tiny", ["qa", "code"], 6, seed=2)
+    save_trace(tiny, d / "tiny.npz")
+    make_predictor("frequency").fit(tiny, [0]).save(d / "tiny-pred.npz")
     other = make_trace(np.array([[[0]], [[1]], [[2]], [[3]]]), [2, 2], [0, 0])
     make_predictor("frequency").fit(other, [0]).save(d / "other.npz")
     return d

@@ -2,6 +2,9 @@
 named on the command line, output writes, progress bars and the run summary."""
 from __future__ import annotations
 
+import argparse
+import math
+
 import importlib
 import os
 import shutil
@@ -192,3 +195,52 @@ def needs(command: str, extra: str):
     except ImportError as e:
         raise UserError(f"{command} needs the '{extra}' extra ({e}); install with: pip install torch==2.13.0 && "
                         f"pip install -e '.[{extra}]'") from None
+
+
+# ---- option values: checked as they are read, so a zero, negative or NaN never passes silently ----
+def _number(text: str, kind):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def positive_whole(text: str) -> int:
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return v
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 (seeds)."""
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return v
+
+
+def positive(text: str) -> float:
+    v = _number(text, float)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def share(text: str) -> float:
+    """A fraction in [0, 1]."""
+    v = _number(text, float)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, got {text!r}")
+    return v
+
+
+def open_share(text: str) -> float:
+    """A fraction strictly between 0 and 1 (a held-out share)."""
+    v = _number(text, float)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be a share strictly between 0 and 1, got {text!r}")
+    return v

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from sim.cli.common import (Registry, add_force, add_set, default_results_dir, needs, output_file, print_summary,
-                             progress, replacing, results_dir, scenario)
+from sim.cli.common import (Registry, add_force, add_set, default_results_dir, needs, output_file, positive_whole,
+                            print_summary, progress, replacing, results_dir, scenario)
 from traces.errors import UserError
 
 CONFIRM_FAILED = 4   # exit status of `emoe confirm` when a tolerance is exceeded (results written)
@@ -26,7 +26,7 @@ def default_tolerances() -> str:
 
 def add_device(s, scale_help="divide hidden sizes by this (CPU runs of big models)"):
     s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--scale", type=int, default=1, help=scale_help)
+    s.add_argument("--scale", type=positive_whole, default=1, help=scale_help)
     s.add_argument("--dtype", choices=DTYPES, metavar="DTYPE",
                    help="%(choices)s (default bfloat16 on cuda, float32 on cpu)")
 
@@ -91,8 +91,8 @@ def add_profile(sub):
     s = sub.add_parser("profile", help="measure copy bandwidth and layer costs; write a hardware profile")
     s.add_argument("--scenario", help="measure layer costs for this scenario's model (and calibrate the step)")
     add_device(s, scale_help="as for `emoe replay`")
-    s.add_argument("--max-copy-mb", type=int, default=64, help="largest copy size measured (MiB)")
-    s.add_argument("--threads", type=int, help="torch threads (default: torch's); the replay uses the same")
+    s.add_argument("--max-copy-mb", type=positive_whole, default=64, help="largest copy size measured (MiB)")
+    s.add_argument("--threads", type=positive_whole, help="torch threads (default: torch's); the replay uses the same")
     add_set(s)
     s.add_argument("-o", "--output", required=True)
     add_force(s)
@@ -109,8 +109,6 @@ def measure_profile(a):
     from traces.model_shape import get_model
     output_file(a.output, "-o", a.force)
     check_device(a)
-    if a.threads is not None and a.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {a.threads}")
     dtype_name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     dtype = DTYPES[dtype_name]
     spec, calib = None, None
@@ -206,8 +204,9 @@ def add_confirm(sub):
                    "model on this kind of device) instead of profiling")
     s.add_argument("--tolerance", metavar="NAME=SHARE,...", help="relative tolerances (default "
                    f"{default_tolerances()}; a bare number sets all)")
-    s.add_argument("--threads", type=int, help="torch threads for the profile and the CPU replay (default: torch's)")
-    s.add_argument("--max-copy-mb", type=int, default=64, help="largest copy size profiled (MiB)")
+    s.add_argument("--threads", type=positive_whole,
+                   help="torch threads for the profile and the CPU replay (default: torch's)")
+    s.add_argument("--max-copy-mb", type=positive_whole, default=64, help="largest copy size profiled (MiB)")
     add_set(s)
     s.add_argument("-o", "--output", help="directory for everything (default runs/NAME-confirm-TIMESTAMP-TOKEN)")
     add_force(s)

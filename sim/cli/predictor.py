@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.cli.common import Registry, add_force, output_file, write_text
+from sim.cli.common import Registry, add_force, count, open_share, output_file, positive_whole, write_text
 from traces.errors import UserError, message
 
 
@@ -24,8 +24,8 @@ def add_train(sub):
     s.add_argument("trace")
     s.add_argument("--kind", default="emoe_a", choices=Registry("sim.predictors", "TRAINABLE"), metavar="KIND",
                    help="%(choices)s (default emoe_a)")
-    s.add_argument("--holdout", type=float, default=0.2, help="share of requests held out for evaluation")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--holdout", type=open_share, default=0.2, help="share of requests held out for evaluation")
+    s.add_argument("--seed", type=count, default=0)
     s.add_argument("-o", "--output", required=True, help="predictor file (.npz added unless it ends so)")
     add_force(s)
     s.set_defaults(func=train)
@@ -66,7 +66,7 @@ def add_eval(sub):
     s = sub.add_parser("eval", help="precision/recall/F1 per layer on requests the predictor never saw")
     s.add_argument("predictor")
     s.add_argument("trace")
-    s.add_argument("--top", type=int, help="experts predicted per layer (default: half)")
+    s.add_argument("--top", type=positive_whole, help="experts predicted per layer (default: half)")
     s.add_argument("--json", metavar="OUT")
     add_force(s)
     s.set_defaults(func=score)
@@ -86,6 +86,9 @@ def score(a):
     held = np.setdiff1d(np.arange(tr.n_requests), seen_requests(tr, pred.train_ids, pred.train_digests))
     if not len(held):
         raise UserError("every request of this trace was used to train the predictor; evaluate on another trace")
+    if a.top is not None and a.top > tr.n_experts:
+        raise UserError(f"--top {a.top}: the trace's model has {tr.n_experts} experts per layer; "
+                        "predict at most that many")
     df = evaluate(pred, tr, held, a.top)
     by_layer = summary_by_layer(df)
     print(f"{pred.kind} on {len(held)} held-out requests of {a.trace} (top {a.top or max(tr.n_experts // 2, 1)} "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sim.cli.common import Registry, add_force, needs, output_file, write_text
+from sim.cli.common import Registry, add_force, count, needs, output_file, positive_whole, share, write_text
 from traces.errors import UserError, message
 
 
@@ -54,8 +54,8 @@ def add_capture(sub):
     s = sub.add_parser("capture", help="record routing traces from a Hugging Face MoE checkpoint")
     s.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout)")
     s.add_argument("--prompts", required=True, help="JSONL of {task, prompt}")
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=positive_whole, default=32)
+    s.add_argument("--batch-size", type=positive_whole, default=8)
     s.add_argument("--device", default="cpu")
     s.add_argument("-o", "--output", required=True)
     add_force(s)
@@ -81,8 +81,8 @@ def add_prompts(sub):
     s = sub.add_parser("prompts", help="build a prompt set per task from the corpora's held-out part")
     s.add_argument("--data", default="../shared/data/corpora")
     s.add_argument("--tasks", help="comma-separated (default: all)")
-    s.add_argument("--per-task", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--per-task", type=positive_whole, default=20)
+    s.add_argument("--seed", type=count, default=0)
     s.add_argument("-o", "--output", required=True)
     add_force(s)
     s.set_defaults(func=prompts)
@@ -109,7 +109,7 @@ def add_accuracy(sub):
                    help="experts kept: %(choices)s (default emoe)")
     s.add_argument("--capacity", default="0.5", help="share(s) of experts kept, e.g. 0.25,0.5,0.75")
     s.add_argument("--interval", default="1", help="predictor interval(s) p, e.g. 1,10,40")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=count, default=0)
     s.add_argument("--json", metavar="OUT")
     add_force(s)
     s.set_defaults(func=measure_accuracy)
@@ -158,8 +158,8 @@ def add_sensitivity(sub):
     s = sub.add_parser("sensitivity", help="per-task, per-layer sensitivity to routing errors (real model)")
     s.add_argument("--model", required=True)
     s.add_argument("--prompts", required=True)
-    s.add_argument("--threshold", type=float, default=0.85, help="agreement a layer must keep to be insensitive")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threshold", type=share, default=0.85, help="agreement a layer must keep to be insensitive")
+    s.add_argument("--seed", type=count, default=0)
     s.add_argument("-o", "--output", required=True)
     add_force(s)
     s.set_defaults(func=measure_sensitivity)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sim.cli.common import (add_force, add_set, default_results_dir, output_file, print_summary, progress, replacing,
-                             results_dir, scenario, write_text)
+from sim.cli.common import (add_force, add_set, default_results_dir, output_file, positive_whole, print_summary,
+                            progress, replacing, results_dir, scenario, write_text)
 
 
 def add_parsers(sub):
@@ -47,7 +47,7 @@ def add_capacity(sub):
     s = sub.add_parser("capacity", help="largest batch and longest prompt that fit under the scenario's policy")
     s.add_argument("scenario")
     add_set(s)
-    s.add_argument("--seq-len", type=int, default=512, help="tokens per request for the batch figure")
+    s.add_argument("--seq-len", type=positive_whole, default=512, help="tokens per request for the batch figure")
     s.add_argument("--compare", action="append", metavar="POLICY",
                    help="also show this policy (YAML, e.g. resident); the last one is the ratio baseline")
     s.add_argument("--json", metavar="OUT")

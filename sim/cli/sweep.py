@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from sim.cli.common import Registry, add_force, output_dir, output_file
+from sim.cli.common import Registry, add_force, output_dir, output_file, positive, positive_whole, share
 from traces.errors import UserError
 
 
@@ -15,7 +15,7 @@ def add_parsers(sub):
 def add_sweep(sub):
     s = sub.add_parser("sweep", help="run a grid of scenarios in parallel (resumable), one table out")
     s.add_argument("sweep", help="sweep YAML (base scenario + grid)")
-    s.add_argument("-j", "--jobs", type=int, default=1, help="local worker processes")
+    s.add_argument("-j", "--jobs", type=positive_whole, default=1, help="local worker processes")
     s.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster: tcp://host:port, or 'local'")
     s.add_argument("-o", "--output", help="sweep directory (default: the file's `output`, or runs/sweep-NAME)")
     s.set_defaults(func=sweep)
@@ -24,8 +24,6 @@ def add_sweep(sub):
 def sweep(a):
     from sim.sweep import load_sweep, run_sweep
     spec = load_sweep(a.sweep)
-    if a.jobs < 1:
-        raise UserError("-j must be at least 1")
     t0 = time.time()
     res = run_sweep(spec, jobs=a.jobs, dask=a.dask, output=a.output)
     df = res["table"]
@@ -40,11 +38,11 @@ def sweep(a):
 def add_choose(sub):
     s = sub.add_parser("choose", help="the SLO- and quality-feasible Pareto set of a sweep; write the chosen scenario")
     s.add_argument("sweep_dir", help="a sweep directory (table.csv, points/)")
-    s.add_argument("--slo-attainment", type=float, default=0.0, metavar="SHARE",
+    s.add_argument("--slo-attainment", type=share, default=0.0, metavar="SHARE",
                    help="least SLO attainment, e.g. 0.95")
-    s.add_argument("--min-quality", type=float, default=0.0, metavar="SHARE",
+    s.add_argument("--min-quality", type=share, default=0.0, metavar="SHARE",
                    help="least estimated quality, e.g. 0.95")
-    s.add_argument("--max-memory-gb", type=float, help="most peak GPU memory")
+    s.add_argument("--max-memory-gb", type=positive, help="most peak GPU memory")
     g = s.add_mutually_exclusive_group()
     # OBJECTIVES: name -> (column, sign); sign 1 is smaller-is-better
     g.add_argument("--minimise", choices=Registry("sim.choose", "OBJECTIVES", where=lambda o: o[1] > 0),

@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from sim.cli.common import Registry, add_force, output_dir, output_file, preset, progress, write_text
+from sim.cli.common import (Registry, add_force, count, output_dir, output_file, positive, positive_whole, preset,
+                            progress, write_text)
 from traces.errors import UserError, message
 
 TOKEN_SETS = Registry("traces.stats", "TOKEN_SETS")
@@ -25,15 +26,15 @@ def add_synth(sub):
     s.add_argument("--model", help="model preset (see `emoe models`); a fitted profile names its own")
     s.add_argument("--tasks", help="comma-separated tasks, optionally weighted: qa:2,code:1 (default: "
                    "qa,summarization,code,math,conversation, or a fitted profile's tasks and shares)")
-    s.add_argument("--requests", type=int, default=200)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--requests", type=positive_whole, default=200)
+    s.add_argument("--seed", type=count, default=0)
     s.add_argument("--profile", default="real", help="routing profile: real (fitted to real Mixtral routing), "
                    "paper (the paper's recurrence), or a PROFILE.yaml from `emoe trace fit`")
     s.add_argument("--like", metavar="TRACE", help="copy each request's task and lengths (and arrivals) from "
                    "this trace: synthetic routing at exactly its shape")
-    s.add_argument("--rate", type=float, help="write Poisson arrival times at this rate (req/s)")
-    s.add_argument("--prompt-len", type=float, help="override every task's mean prompt tokens")
-    s.add_argument("--output-len", type=float, help="override every task's mean output tokens")
+    s.add_argument("--rate", type=positive, help="write Poisson arrival times at this rate (req/s)")
+    s.add_argument("--prompt-len", type=positive, help="override every task's mean prompt tokens")
+    s.add_argument("--output-len", type=positive, help="override every task's mean output tokens")
     s.add_argument("--router-probs", action="store_true", help="also store full router probabilities")
     s.add_argument("--knob", action="append", metavar="NAME=VALUE",
                    help="override one routing-profile knob, e.g. request_deviation=0.3")
@@ -192,7 +193,7 @@ def add_compare(sub):
     s.add_argument("a", help="trace (.npz) or statistics JSON")
     s.add_argument("b", help="trace (.npz), statistics JSON, or reference:mixtral-8x7b-instruct (real figures)")
     s.add_argument("--tokens", default="all", choices=TOKEN_SETS, metavar="TOKENS", help="%(choices)s (default all)")
-    s.add_argument("--tol", type=float, default=0.15, help="relative tolerance of the verdict (default 0.15)")
+    s.add_argument("--tol", type=positive, default=0.15, help="relative tolerance of the verdict (default 0.15)")
     s.add_argument("--group-size", default="auto", help="average A's statistics over groups of this many "
                    "requests (default auto: B's request count when A has at least twice as many)")
     s.add_argument("--json", metavar="OUT", help="write the comparison as JSON")
@@ -228,9 +229,10 @@ def add_fit(sub):
     s.add_argument("--tokens", default="all", choices=TOKEN_SETS, metavar="TOKENS",
                    help="tokens whose statistics the fit matches: %(choices)s (default all)")
     s.add_argument("--name", help="profile name (default fitted-MODEL)")
-    s.add_argument("--rounds", type=int, default=25)
-    s.add_argument("--replicas", type=int, help="synthetic replicas of the trace per round (default: ~20k tokens)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rounds", type=positive_whole, default=25)
+    s.add_argument("--replicas", type=positive_whole,
+                   help="synthetic replicas of the trace per round (default: ~20k tokens)")
+    s.add_argument("--seed", type=count, default=0)
     add_force(s)
     s.set_defaults(func=fit)
 
