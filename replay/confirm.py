@@ -44,6 +44,7 @@ from sim.run import run_scenario
 from sim.scenario import load_scenario
 from traces.errors import UserError
 from traces.model_shape import get_model
+from traces import yamlio
 
 CALIBRATION_REQUESTS = 24   # the profile's step-overhead replay: a short all-at-once batch
 
@@ -86,7 +87,7 @@ def check_profile(profile_path, spec, device: str) -> dict:
     if not p.is_file():
         raise ConfirmError(f"--profile {p}: no such file; write one with `emoe profile` or leave --profile out")
     try:
-        prof = yaml.safe_load(p.read_text())
+        prof = yamlio.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfirmError(f"--profile {p}: malformed YAML ({e})") from None
     if not isinstance(prof, dict) or "hardware" not in prof or not isinstance(prof.get("measured"), dict):

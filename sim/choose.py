@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from sim.plots import pareto_mask
 from traces.errors import UserError
+from traces import yamlio
 
 # objective name -> (column, sign): smaller sign * value is better
 OBJECTIVES = {"memory": ("peak_memory_bytes", 1), "latency": ("e2e_mean_s", 1), "p99": ("e2e_p99_s", 1),
@@ -78,9 +78,9 @@ def _parameters(sweep_dir: Path, h: str) -> str:
     p = sweep_dir / "points" / h / "scenario.yaml"
     if not p.exists():
         return ""
-    pol = yaml.safe_load(p.read_text()).get("policy", {})
+    pol = yamlio.safe_load(p.read_text()).get("policy", {})
     rest = {k: v for k, v in pol.items() if k not in ("name", "capacity") and v is not None}
-    sched = yaml.safe_load(p.read_text()).get("scheduler", {}).get("name")
+    sched = yamlio.safe_load(p.read_text()).get("scheduler", {}).get("name")
     text = ", ".join(f"{k}={v}" for k, v in sorted(rest.items()))
     return f"{text}; {sched}" if sched and sched != "fcfs" else text
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
+from traces import yamlio
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def load_profile(path) -> dict:
     if not p.exists():
         raise FileNotFoundError(f"hardware profile '{p}' does not exist; write one with "
                                 "`emoe profile --device cuda -o PROFILE.yaml` or use a preset")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = yamlio.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a hardware profile is a mapping of {sorted(HW_FIELDS)}")
     hw = dict(data.get("hardware", data))

@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from traces.errors import UserError
+from traces import yamlio
 
 DEFAULT = Path(__file__).parent / "presets" / "quality-calibration.yaml"
 ENV = "EMOE_QUALITY_CALIBRATION"
@@ -77,7 +78,7 @@ def _load(path: str) -> dict:
         raise UserError(f"quality calibration '{p}' does not exist; write one with `emoe calibrate-quality "
                         "ACCURACY.json --model-name NAME -o FILE`")
     try:
-        calib = yaml.safe_load(p.read_text())
+        calib = yamlio.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{p}: not a quality calibration (malformed YAML: {' '.join(str(e).split())})") from None
     check(calib, str(p))

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import yaml
 
 from traces.errors import UserError
+from traces import yamlio
 
 SUMMARY_KEYS = ("requests_completed", "requests_rejected", "peak_memory_bytes", "ttft_mean_s", "ttft_p99_s",
                 "tpot_mean_s", "e2e_mean_s", "e2e_p99_s", "throughput_tokens_per_s", "slo_attainment",
@@ -179,4 +179,4 @@ def load_results(path) -> dict:
     return dict(summary=json.loads((p / "summary.json").read_text()),
                 requests=pd.read_csv(p / "requests.csv"),
                 timeline=pd.read_csv(p / "timeline.csv"),
-                scenario=yaml.safe_load((p / "scenario.yaml").read_text()))
+                scenario=yamlio.safe_load((p / "scenario.yaml").read_text()))

@@ -33,6 +33,7 @@ import yaml
 from sim.params import ParamError
 from sim.workload_params import SYNTH_KEYS, WorkloadParams, check_keys  # noqa: F401 (SYNTH_KEYS: re-exported)
 from traces.errors import UserError, message
+from traces import yamlio
 
 
 class ScenarioError(UserError):
@@ -75,7 +76,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ScenarioError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. policy.capacity=0.4")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw)
+        value = yamlio.safe_load(raw)
     except yaml.YAMLError as e:
         raise ScenarioError(f"--set {text!r}: value is not valid YAML ({e})") from None
     if isinstance(value, str):   # YAML 1.1 reads 1e5 as a string; users mean a number
@@ -111,7 +112,7 @@ def load_scenario(path=None, overrides=(), data: dict | None = None) -> dict:
         if not p.exists():
             raise ScenarioError(f"scenario file '{p}' does not exist (try scenarios/quickstart.yaml)")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yamlio.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ScenarioError(f"{src}: malformed YAML: {e}") from None
         base_dir = p.resolve().parent
@@ -192,8 +193,8 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
         get_hardware(sc["hardware"], base_dir)
     except (KeyError, ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as e:
         raise ScenarioError(f"{src}: hardware: {message(e)}") from None
-    if not isinstance(sc["seed"], int):
-        raise ScenarioError(f"{src}: seed must be an integer, got {sc['seed']!r}")
+    if not isinstance(sc["seed"], int) or isinstance(sc["seed"], bool) or sc["seed"] < 0:
+        raise ScenarioError(f"{src}: seed must be a whole number >= 0, got {sc['seed']!r}")
 
     w = sc["workload"]
     _check_keys("workload", w, DEFAULTS["workload"], src)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
+from traces import yamlio
 
 DEFAULT = Path(__file__).parent / "presets" / "sensitivity.yaml"
 
@@ -39,7 +39,7 @@ class SensitivityTable:
 def load_sensitivity(spec, n_layers: int, base_dir: Path | None = None) -> SensitivityTable:
     """spec: None (the shipped defaults), a YAML path, or an inline mapping."""
     if spec is None:
-        return SensitivityTable(yaml.safe_load(DEFAULT.read_text()), n_layers, str(DEFAULT))
+        return SensitivityTable(yamlio.safe_load(DEFAULT.read_text()), n_layers, str(DEFAULT))
     if isinstance(spec, dict):
         return SensitivityTable(spec, n_layers, "policy.sensitivity")
     p = Path(spec)
@@ -48,4 +48,4 @@ def load_sensitivity(spec, n_layers: int, base_dir: Path | None = None) -> Sensi
     if not p.exists():
         raise FileNotFoundError(f"sensitivity table '{p}' does not exist; write one with `emoe sensitivity` "
                                 "or omit policy.sensitivity to use the defaults")
-    return SensitivityTable(yaml.safe_load(p.read_text()) or {}, n_layers, str(p))
+    return SensitivityTable(yamlio.safe_load(p.read_text()) or {}, n_layers, str(p))

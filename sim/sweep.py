@@ -40,6 +40,7 @@ import yaml
 
 from sim.scenario import ScenarioError, load_scenario, public
 from traces.errors import UserError
+from traces import yamlio
 
 SWEEP_KEYS = {"base", "set", "grid", "zip", "seeds", "output", "name"}
 
@@ -53,7 +54,7 @@ def load_sweep(path) -> dict:
     if not p.exists():
         raise SweepError(f"sweep file '{p}' does not exist")
     try:
-        spec = yaml.safe_load(p.read_text()) or {}
+        spec = yamlio.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise SweepError(f"{p}: malformed YAML: {e}") from None
     if not isinstance(spec, dict):

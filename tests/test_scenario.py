@@ -1,4 +1,6 @@
 """Bad scenarios fail with a message naming the file, the key and the fix."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -141,3 +143,21 @@ def test_a_pathlib_path_is_a_trace_path(tiny_trace_path):
     sc = load_scenario(data={"name": "p", "model": "tiny", "workload": {"trace": tiny_trace_path},
                              "policy": {"name": "resident"}})
     assert sc["workload"]["trace"] == str(tiny_trace_path)
+
+
+def test_numbers_in_any_yaml_float_form(tmp_path):
+    """PyYAML alone reads 2.0e11 as a string; a user means a number."""
+    from traces import yamlio
+    assert yamlio.safe_load("a: 2.0e11\nb: 1e5\nc: 2.0e+11\nd: 1.5E-3\ne: v1e5") == \
+        {"a": 2.0e11, "b": 1e5, "c": 2.0e11, "d": 1.5e-3, "e": "v1e5"}
+    f = tmp_path / "s.yaml"
+    f.write_text("model: mixtral-8x7b\nhardware: {preset: a100-40gb, count: 4, hbm_bytes_per_s: 2.0e11}\n"
+                 "workload: {synthetic: {tasks: [qa], requests: 2}}\npolicy: {name: resident}\n")
+    assert load_scenario(f)["hardware"]["hbm_bytes_per_s"] == 2.0e11
+
+
+def test_a_scenario_name_never_leads_its_results_out_of_runs():
+    from sim.cli.common import default_results_dir
+    for name in ("../../../x", "/etc/passwd", "a/b", "..", ""):
+        d = default_results_dir(name)
+        assert d.parent == Path("runs") and ".." not in d.parts and "/" not in d.name

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from traces.errors import UserError
+from traces import yamlio
 
 PROFILE_FORMAT = "emoe-routing-profile"
 PROFILE_VERSION = 1
@@ -126,7 +127,7 @@ def load_profile(path) -> RoutingProfile:
         raise UserError(f"routing profile '{path}' does not exist; write one with "
                                 "`emoe trace fit REAL.npz -o PROFILE.yaml` or use --profile real|paper")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yamlio.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:

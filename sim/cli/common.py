@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import importlib
 import os
@@ -161,7 +162,9 @@ def default_results_dir(name: str, kind: str = "") -> Path:
     """runs/NAME[-KIND]-TIMESTAMP-TOKEN: the random token keeps two runs started in the same
     second (or on two machines sharing runs/) out of each other's directory."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{name}{'-' + kind if kind else ''}-{stamp}-{uuid.uuid4().hex[:6]}"
+    # A scenario's name is a label, not a path: '../x' or 'a/b' must not leave runs/.
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(name)).strip(".-") or "run"
+    return Path("runs") / f"{safe}{'-' + kind if kind else ''}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 SUMMARY_ROWS = [("requests_completed", "requests completed", "{:.0f}"), ("requests_rejected", "rejected", "{:.0f}"),
