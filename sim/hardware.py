@@ -75,6 +75,7 @@ PRESETS: dict[str, HardwareSpec] = {
 }
 
 HW_FIELDS = {f.name for f in fields(HardwareSpec)}
+PROFILE_SECTIONS = {"hardware", "measured", "copies", "info"}   # what `emoe profile` writes
 
 
 def load_profile(path) -> dict:
@@ -85,7 +86,21 @@ def load_profile(path) -> dict:
     data = yamlio.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a hardware profile is a mapping of {sorted(HW_FIELDS)}")
-    hw = dict(data.get("hardware", data))
+    # `emoe profile` writes {hardware, measured, copies, info}; a hand-written profile may be
+    # the hardware fields alone. Anything else is a typo that would silently leave a default.
+    if "hardware" in data:
+        unknown = set(data) - PROFILE_SECTIONS
+        hw = data["hardware"]
+        if not isinstance(hw, dict):
+            raise ValueError(f"{p}: 'hardware' must be a mapping of {sorted(HW_FIELDS)}")
+        hw = dict(hw)
+        unknown |= {f"hardware.{k}" for k in set(hw) - HW_FIELDS}
+    else:
+        hw = dict(data)
+        unknown = set(hw) - HW_FIELDS - {"measured"}
+    if unknown:
+        raise ValueError(f"{p}: unknown hardware profile key(s) {sorted(unknown)}; a profile holds "
+                         f"{sorted(PROFILE_SECTIONS)} (as `emoe profile` writes it) or the fields {sorted(HW_FIELDS)}")
     if "measured" in data:
         hw["measured"] = data["measured"]
     return {k: v for k, v in hw.items() if k in HW_FIELDS}

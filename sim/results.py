@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 
 from traces.errors import UserError
@@ -176,7 +177,17 @@ def load_results(path) -> dict:
     if not (p / "summary.json").exists():
         raise UserError(f"'{p}' is not a results directory (no summary.json); give a directory `emoe run` "
                         "or `emoe replay` wrote")
-    return dict(summary=json.loads((p / "summary.json").read_text()),
-                requests=pd.read_csv(p / "requests.csv"),
-                timeline=pd.read_csv(p / "timeline.csv"),
-                scenario=yamlio.safe_load((p / "scenario.yaml").read_text()))
+    name = "summary.json"
+    try:
+        summary = json.loads((p / name).read_text())
+        name = "requests.csv"
+        requests = pd.read_csv(p / name)
+        name = "timeline.csv"
+        timeline = pd.read_csv(p / name)
+        name = "scenario.yaml"
+        scenario = yamlio.safe_load((p / name).read_text())
+    except FileNotFoundError:
+        raise UserError(f"'{p}' lacks {name}; it is not a whole results directory (run it again)") from None
+    except (ValueError, pd.errors.ParserError, yaml.YAMLError, UnicodeDecodeError) as e:   # JSON errors: ValueError
+        raise UserError(f"{p / name}: damaged ({str(e).splitlines()[0]}); run it again") from None
+    return dict(summary=summary, requests=requests, timeline=timeline, scenario=scenario)

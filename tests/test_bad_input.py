@@ -78,6 +78,8 @@ CASES = {
          {"s.yaml": scen(hardware={"profile": "nope.yaml"})}),
         ("hardware-profile-yaml", RUN, "hardware: ", {"s.yaml": scen(hardware={"profile": "p.yaml"}),
                                                      "p.yaml": "hardware: [1\n"}),
+        ("hardware-profile-keys", RUN, "unknown hardware profile key(s) ['foo', 'hardware.hbm']",
+         {"s.yaml": scen(hardware={"profile": "p.yaml"}), "p.yaml": "foo: 1\nhardware: {hbm: 2.0e11}\n"}),
         ("hardware-value", RUN, "hardware.memory_bytes must be a non-negative number",
          {"s.yaml": scen(hardware={**TINY_HW, "memory_bytes": -1})}),
         ("seed", RUN, "seed must be a whole number >= 0", {"s.yaml": scen(seed="x")}),
@@ -227,6 +229,8 @@ CASES = {
         ("plot-nothing", ["plot", "nowhere", "-o", "pl"], "nowhere: neither a sweep directory", {}),
         ("plot-table", ["plot", "t.csv", "-o", "pl"], "the table has no 'label' column", {"t.csv": "a,b\n1,2\n"}),
         ("compare", ["compare", "a", "b"], "'a' is not a results directory", {"a/x.txt": "", "b/x.txt": ""}),
+        ("compare-damaged", ["compare", "a", "b"], "summary.json: damaged", {"a/summary.json": "{bad",
+                                                                               "b/summary.json": "{}"}),
         ("choose", ["choose", "nowhere"], "'nowhere' is not a sweep directory", {}),
     ],
     "real-models": [
