@@ -97,8 +97,11 @@ def test_confirm_refuses_a_profile_of_another_model_and_bad_options(tmp_path, ti
                  "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was measured for tiny" in err[0] and "tiny/s2" in err[0]
-    for args in (["--tolerance", "latency=fast"], ["--profile", str(tmp_path / "none.yaml")], ["--threads", "0"]):
+    for args in (["--tolerance", "latency=fast"], ["--profile", str(tmp_path / "none.yaml")]):
         assert main(["confirm", str(sc), "--device", "cpu", *args, "-o", str(tmp_path / "y")]) == 2
+    with pytest.raises(SystemExit) as stop:     # refused as the argument is read
+        main(["confirm", str(sc), "--device", "cpu", "--threads", "0", "-o", str(tmp_path / "y")])
+    assert stop.value.code == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
