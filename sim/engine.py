@@ -15,10 +15,10 @@ how memory is read (`memory_parts`).
 """
 from __future__ import annotations
 
-import numpy as np
-
-import bisect
 from dataclasses import dataclass
+
+import numpy as np
+from sortedcontainers import SortedKeyList
 
 from sim.clock import VirtualClock
 from sim.costmodel import CostModel, StepTiming
@@ -56,7 +56,10 @@ class Engine:
         self.cost = CostModel(model, hw)
         scheduler.attach(policy, self.cost, self.max_tokens)
         self.mem = MemoryLedger(model, hw, policy, self.max_tokens, float(limits["memory_utilization"]))
-        self.waiting: list = []
+        # The waiting queue: in the scheduler's order when its key is static (a sorted list:
+        # admitting or re-queueing costs O(log n), where a Python list's front removal moved all
+        # n entries, which a million queued requests made the run's largest cost); else arrival order.
+        self.waiting = SortedKeyList(key=self._queue_key) if scheduler.static_key else []
         self.running: list = []
         self.finished: list = []
         self.rejected: list = []
@@ -115,7 +118,7 @@ class Engine:
     def enqueue(self, req) -> None:
         """Into the waiting queue, kept in the scheduler's order when its key is static."""
         if self.scheduler.static_key:
-            bisect.insort(self.waiting, req, key=self._queue_key)
+            self.waiting.add(req)
         else:
             self.waiting.append(req)
 
