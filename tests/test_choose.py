@@ -59,7 +59,9 @@ def test_cli_writes_the_chosen_scenario_that_replay_runs(sweep_dir, tmp_path, ca
     assert (tmp_path / "fig" / "pareto.png").stat().st_size > 5000
     # Refuses to overwrite; nothing feasible and bad shares are one-line errors.
     assert main(["choose", str(sweep_dir), "-o", str(out)]) == 2
-    assert main(["choose", str(sweep_dir), "--slo-attainment", "1.5"]) == 2
+    with pytest.raises(SystemExit) as stop:    # a share above 1: refused as the argument is read
+        main(["choose", str(sweep_dir), "--slo-attainment", "1.5"])
+    assert stop.value.code == 2
     assert main(["choose", str(sweep_dir), "--max-memory-gb", "0.000001"]) == 2
     assert main(["choose", str(tmp_path)]) == 2
     pytest.importorskip("torch")
