@@ -122,6 +122,17 @@ class Engine:
         else:
             self.waiting.append(req)
 
+    def _unqueue(self, req) -> None:
+        """Out of the waiting queue. A sorted queue finds a request by its key; one whose key
+        moved since it was queued (a scheduler breaking the static_key promise) is found by
+        identity instead of failing."""
+        try:
+            self.waiting.remove(req)
+        except ValueError:
+            if not isinstance(self.waiting, SortedKeyList):
+                raise
+            del self.waiting[next(i for i, r in enumerate(self.waiting) if r is req)]
+
     def _queue_key(self, req):
         return self.scheduler.key(req, 0.0)
 
@@ -147,7 +158,7 @@ class Engine:
             return True
 
         for req in self.scheduler.select(self.waiting, self.running, now, fits):
-            self.waiting.remove(req)
+            self._unqueue(req)
             if (req.prompt_tokens + 1) * mem.kv_per_token > mem.kv_budget:
                 req.rejected = (f"prompt of {req.prompt_tokens} tokens needs "
                                          f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "

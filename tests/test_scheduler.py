@@ -148,3 +148,23 @@ def test_emoe_scheduler_attains_at_least_fcfs_and_edf_when_saturated(tiny_trace_
            for name in ("fcfs", "edf", "emoe")}
     assert slo["fcfs"] < 0.9, "not saturated: the comparison says nothing"
     assert slo["emoe"] >= slo["fcfs"] and slo["emoe"] >= slo["edf"], slo
+
+
+def test_the_sorted_waiting_queue_keeps_scheduler_order_and_survives_a_moving_key(tiny_trace_path):
+    """The engine keeps a static-key queue sorted (admission order = key order, ties in arrival
+    order); a request whose key moved after it was queued is still found and removed."""
+    from sim.engine import Engine
+    from sim.run import build
+    from sim.workload import build_requests
+    sc = tiny_scenario(tiny_trace_path, scheduler={"name": "sjf"}, workload__requests=8)
+    parts = build(sc)
+    reqs = build_requests(sc, parts.trace)
+    eng = Engine(*parts[:2], parts.trace, reqs, parts.policy, parts.scheduler, sc["limits"])
+    for r in reversed(reqs):
+        eng.enqueue(r)
+    keys = [eng.scheduler.key(r, 0.0) for r in eng.waiting]
+    assert keys == sorted(keys) and len(eng.waiting) == len(reqs)
+    moved = eng.waiting[3]
+    moved.expected_output += 1e6          # a key that is not what it was when queued
+    eng._unqueue(moved)
+    assert moved not in list(eng.waiting) and len(eng.waiting) == len(reqs) - 1

@@ -13,8 +13,9 @@ from sim.params import Params
 class Scheduler:
     name = "base"
     Params: type[Params] = Params     # the scheduler's parameters (a frozen dataclass that checks itself)
-    # True when key() does not depend on `now`: the engine then keeps the waiting queue
-    # in key order as requests arrive, and select() never re-sorts it (O(admitted) per step).
+    # True when key() depends on neither `now` nor a request's progress (it is fixed once the
+    # request arrives): the engine then keeps the waiting queue sorted by it as requests
+    # arrive, and select() never re-sorts it (O(admitted x log waiting) per step).
     static_key = True
 
     def __init__(self, params: dict | Params | None = None):
