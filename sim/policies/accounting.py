@@ -68,7 +68,7 @@ class Accounting:
             n_routes = len(batch.token_req) * self.L
             slots = n_routes * self.k
             hits = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
-            self._credit_unrerouted(batch.requests[0], hits, slots, n_routes)
+            self._credit_unrerouted(batch.requests, [hits], [slots], [n_routes])
             return
         per_routes = np.bincount(batch.token_req, minlength=n_req) * self.L
         slots = per_routes * self.k
@@ -78,9 +78,7 @@ class Accounting:
             per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req).astype(np.int64)
         if rerouted is None:
             # Every route keeps its whole gate mass: a request keeps L per token, exactly.
-            self._credit(batch.requests, per_hit.tolist(), slots.tolist(), per_routes.tolist())
-            self.gate_kept += float(len(batch.token_req) * self.L)
-            self.routes += int(per_routes.sum())
+            self._credit_unrerouted(batch.requests, per_hit.tolist(), slots.tolist(), per_routes.tolist())
             return
         if hit_slots is None:
             kept = np.full(len(batch.token_req), float(self.L))
@@ -99,15 +97,6 @@ class Accounting:
         self.routes += int(per_routes.sum())
         self.reroutes += int(rerouted.sum())
 
-    @staticmethod
-    def _credit(requests, hits: list, slots: list, routes: list) -> None:
-        """Per-request counters of a step where nothing was rerouted."""
-        for r, h, s, n in zip(requests, hits, slots, routes):
-            r.hits += h
-            r.misses += s - h
-            r.gate_kept += n
-            r.routes += n
-
     def run(self, experts: np.ndarray, counts: np.ndarray, miss: np.ndarray, req) -> None:
         """The counters of T single-token fetch steps of `req` (what served + step add up step by
         step): experts (T, L, k) routed, counts (T, L, E) per expert, miss (T, L, E) copied."""
@@ -122,16 +111,19 @@ class Accounting:
         for _ in range(T):          # float sums in the same order as step by step
             self.sensitive_kept += s
             self.sensitive_routes += s
-        self._credit_unrerouted(req, hits, slots, T * self.L)
+        self._credit_unrerouted([req], [hits], [slots], [T * self.L])
 
-    def _credit_unrerouted(self, req, hits: int, slots: int, n_routes: int) -> None:
-        """One request's routes, none rerouted: every route keeps its whole gate mass."""
-        req.hits += hits
-        req.misses += slots - hits
-        req.gate_kept += n_routes
-        req.routes += n_routes
-        self.gate_kept += n_routes
-        self.routes += n_routes
+    def _credit_unrerouted(self, requests, hits: list, slots: list, routes: list) -> None:
+        """Requests' routes, none rerouted (per request: hits, route slots, routes): every
+        route keeps its whole gate mass."""
+        for r, h, s, n in zip(requests, hits, slots, routes):
+            r.hits += h
+            r.misses += s - h
+            r.gate_kept += n
+            r.routes += n
+        total = sum(routes)
+        self.gate_kept += total
+        self.routes += total
 
     def counters(self, bytes_per_expert: float) -> dict:
         accesses = self.hits + self.misses
