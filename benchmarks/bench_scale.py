@@ -13,7 +13,9 @@ requests of 512 prompt and 256 output tokens on average (the trace's lognormal l
   sweep-40   a 40-point sweep with -j 2 over the 10,000-request trace (each point cut at 2,000
              steps: what is measured is what the workers load, not how long they simulate)
 
-Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss). The sweep's
+Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss), its results
+written as `emoe run` writes them (requests and timeline as CSV and Parquet); the time is the
+simulation's, the writing's apart. The sweep's
 figures are peaks of its whole process tree (the parent and its -j workers) sampled every
 0.1 s, as summed RSS and as summed PSS (pages shared between processes, such as the mapped
 trace and the libraries, counted once), beside the same for one point run alone (`emoe run`).
@@ -122,9 +124,13 @@ def child(case: str) -> None:
     t0 = time.perf_counter()
     res = run_scenario(sc)
     wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(dir=OUT) as d:   # the results written, as `emoe run` does
+        res.write(Path(d) / "results")
+        write_s = time.perf_counter() - t0 - wall
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(case=case, wall_s=wall, peak_rss_bytes=rss, steps=res.summary["engine_steps"],
-                          e2e_mean_s=res.summary["e2e_mean_s"], completed=res.summary["requests_completed"])))
+    print(json.dumps(dict(case=case, wall_s=wall, write_s=write_s, peak_rss_bytes=rss,
+                          steps=res.summary["engine_steps"], e2e_mean_s=res.summary["e2e_mean_s"],
+                          completed=res.summary["requests_completed"])))
 
 
 def _tree_memory(pid: int) -> tuple[int, int]:
@@ -215,6 +221,8 @@ def main():
         wall = statistics.median(r["wall_s"] for r in runs)
         rss = statistics.median(r["peak_rss_bytes"] for r in runs)
         extra = f", {runs[0]['steps']:,} steps, mean e2e {runs[0]['e2e_mean_s']:.2f} s" if "steps" in runs[0] else ""
+        if "write_s" in runs[0]:
+            extra += f", results written in {statistics.median(r['write_s'] for r in runs):.1f} s"
         if case == "sweep-40":
             one_rss = statistics.median(r["one_rss_bytes"] for r in runs)
             pss = statistics.median(r["peak_pss_bytes"] for r in runs)

@@ -138,10 +138,9 @@ class ReplayEngine(Engine):
                     router_misses=st["misses"], router_reroutes=st["reroutes"],
                     router_hit_rate=1 - st["misses"] / st["routes"] if st["routes"] else 1.0)
 
-    def _advance(self, now: float):
-        finished_before = len(self.finished)
-        super()._advance(now)
-        for r in self.finished[finished_before:]:
+    def _finish(self, done: list, now: float):
+        super()._finish(done, now)
+        for r in done:
             self.rt.kv_free(r.index)
 
     def memory_parts(self, plan, work) -> dict:

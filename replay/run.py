@@ -117,7 +117,7 @@ def replay_scenario(sc: dict, device: str = "cpu", scale: int = 1, dtype: str | 
         files["layers.csv"] = pd.DataFrame(events, columns=LAYER_COLUMNS).to_csv(index=False)
     if error:
         extra["error"] = error
-    summary, req, tl = outcome(eng, requests, sc, extra)
+    summary, req, tl = outcome(eng, sc, extra)
     meta = dict(engine="replay", device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda")
                 else "cpu", dtype=dtype, scale=scale, weights=str(weights) if weights else None,
                 routing="router" if weights else "trace", torch=torch.__version__, code_version=code_version(),

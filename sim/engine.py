@@ -15,6 +15,7 @@ how memory is read (`memory_parts`).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ from sim.clock import VirtualClock
 from sim.costmodel import CostModel, StepTiming
 from sim.memory import MemoryLedger
 from sim.policies.base import StepBatch
+from sim.resultlog import RequestLog
 from sim.timeline import TIMELINE_COLUMNS, TimelineLog, TimelineRow, rows_from_columns  # noqa: F401 (TIMELINE_COLUMNS: re-exported)
 
 
@@ -43,9 +45,13 @@ class StepWork:
 
 class Engine:
     def __init__(self, model, hw, trace, requests, policy, scheduler, limits: dict, progress=None, clock=None):
+        """requests: a list, or requests in arrival order built as they arrive (sim/workload.py
+        Arrivals); either way, each request's row goes to the request table when it leaves."""
         self.model, self.hw, self.trace = model, hw, trace
         self.clock = clock or VirtualClock()
-        self.requests = requests
+        self.n_requests = len(requests)
+        self._to_arrive = iter(sorted(requests, key=lambda r: (r.arrival_s, r.index))
+                               if isinstance(requests, list) else requests)
         self.policy, self.scheduler = policy, scheduler
         self.max_tokens = int(limits["max_batch_tokens"])
         self.max_running = int(limits["max_running"])
@@ -61,14 +67,15 @@ class Engine:
         # n entries, which a million queued requests made the run's largest cost); else arrival order.
         self.waiting = SortedKeyList(key=self._queue_key) if scheduler.static_key else []
         self.running: list = []
-        self.finished: list = []
-        self.rejected: list = []
+        self.n_finished = self.n_rejected = 0
+        self.served = RequestLog()         # the request table: rows of requests that left
         self.timeline = TimelineLog()      # TimelineRow fields, in order (decode runs add plain tuples)
         self.steps = 0
         self.preemptions = 0
         self.progress = progress
         self._wake = None
         self._next_arrival_s = 0.0     # when the arrival process next enqueues a request
+        self._arriving = None          # ... and which request that is
         self.stopped_early = ""
         self.elapsed_s: float | None = None   # the clock when serving ended (set by run)
 
@@ -84,10 +91,11 @@ class Engine:
         return self
 
     def _arrivals(self, env):
-        for req in sorted(self.requests, key=lambda r: (r.arrival_s, r.index)):
-            self._next_arrival_s = req.arrival_s
+        for req in self._to_arrive:
+            self._arriving, self._next_arrival_s = req, req.arrival_s
             if req.arrival_s > env.now:
                 yield env.timeout(req.arrival_s - env.now)
+            self._arriving = None
             self.enqueue(req)
             self.policy.on_arrival(req, env.now)
             if self._wake is not None and not self._wake.triggered:
@@ -95,8 +103,7 @@ class Engine:
         self._next_arrival_s = float("inf")
 
     def _serve(self, env):
-        total = len(self.requests)
-        while len(self.finished) + len(self.rejected) < total:
+        while self.n_finished + self.n_rejected < self.n_requests:
             if (self.max_steps and self.steps >= self.max_steps) or (self.max_time and env.now >= self.max_time):
                 self.stopped_early = f"stopped at limit (steps={self.steps}, t={env.now:.1f}s)"
                 return
@@ -163,7 +170,7 @@ class Engine:
                 req.rejected = (f"prompt of {req.prompt_tokens} tokens needs "
                                          f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
                                          f"more than the {mem.kv_budget / 1e9:.2f} GB left")
-                self.rejected.append(req)
+                self.n_rejected += 1
                 self._release(req)
                 continue
             if req.admitted_s is None:
@@ -339,16 +346,27 @@ class Engine:
         self._finish(done, now)
 
     def _release(self, req) -> None:
-        """A streamed trace may drop a request's routing once it is served (or refused)."""
+        """A request left (served or refused): its row goes to the request table, and a
+        streamed trace may drop its routing."""
+        self.served.add(req)
         if self.trace is not None:
             self.trace.release(req.index)
+
+    def tables(self):
+        """(request table, timeline) as TableLogs, once serving ended: requests still running,
+        waiting or not yet arrived (a run stopped at a limit) are tabled as they stand."""
+        if self._to_arrive is not None:
+            arriving = [self._arriving] if self._arriving is not None else []
+            self.served.close(itertools.chain(self.running, self.waiting, arriving, self._to_arrive))
+            self._to_arrive = None
+        return self.served.table, self.timeline.table()
 
     def _finish(self, done: list, now: float):
         for r in done:
             r.finish_s = now
             self.running.remove(r)
             self.mem.kv_used -= r.context * self.mem.kv_per_token
-            self.finished.append(r)
+            self.n_finished += 1
             self.policy.on_finish(r, now)
             self.scheduler.on_finish(r, now)
             self._release(r)

@@ -99,33 +99,45 @@ _REQUEST_DTYPES.update({c: "int64" for c in ("prompt_tokens", "output_tokens", "
 _REQUEST_DTYPES.update({c: "bool" for c in ("slo_met", "completed")})
 
 
-def summarize(req: pd.DataFrame, policy_counters: dict, peak_total: float, peak_parts: dict,
+def summarize(req, policy_counters: dict, peak_total: float, peak_parts: dict,
               extra: dict | None = None, model: str | None = None, calibration: str | None = None) -> dict:
     """The headline metrics of a run, simulated or replayed alike, with the estimated output
     quality beside the latency (sim/quality.py; `model` names the model the run served, so the
     estimate says when it was calibrated on another one; `calibration` is the scenario's
-    quality.calibration file, None for the package's default)."""
-    done = req[req.completed]
-    span = (done.finish_s.max() - req.arrival_s.min()) if len(done) else np.nan
+    quality.calibration file, None for the package's default).
 
-    def stat(col, f):
-        return float(f(done[col])) if len(done) else float("nan")
-    s = dict(requests_completed=int(len(done)), requests_rejected=int((req.rejected != "").sum()),
+    req: the request table, a DataFrame or a TableLog (sim/resultlog.py); it is read a column
+    at a time, so a million requests' table need not be in memory at once."""
+    def col(name) -> np.ndarray:
+        return req[name].to_numpy() if isinstance(req, pd.DataFrame) else req.column(name)
+
+    completed = col("completed").astype(bool)
+    n_done = int(completed.sum())
+
+    def done(name) -> pd.Series:
+        return pd.Series(col(name)[completed])
+    span = float(done("finish_s").max() - pd.Series(col("arrival_s")).min()) if n_done else np.nan
+
+    def stat(name, *fs):
+        values = done(name)
+        return [float(f(values)) if n_done else float("nan") for f in fs]
+    ttft_mean, ttft_p50, ttft_p99 = stat("ttft_s", np.mean, np.median, lambda x: np.percentile(x, 99))
+    e2e_mean, e2e_p50, e2e_p99 = stat("e2e_s", np.mean, np.median, lambda x: np.percentile(x, 99))
+    s = dict(requests_completed=n_done, requests_rejected=int((col("rejected") != "").sum()),
              peak_memory_bytes=float(peak_total),
-             ttft_mean_s=stat("ttft_s", np.mean), ttft_p50_s=stat("ttft_s", np.median),
-             ttft_p99_s=stat("ttft_s", lambda x: np.percentile(x, 99)),
-             tpot_mean_s=stat("tpot_s", np.mean),
-             e2e_mean_s=stat("e2e_s", np.mean), e2e_p50_s=stat("e2e_s", np.median),
-             e2e_p99_s=stat("e2e_s", lambda x: np.percentile(x, 99)),
-             throughput_tokens_per_s=float(done.generated_tokens.sum() / span) if len(done) and span > 0 else 0.0,
-             slo_attainment=float(req.slo_met.mean()) if len(req) else float("nan"),
+             ttft_mean_s=ttft_mean, ttft_p50_s=ttft_p50, ttft_p99_s=ttft_p99,
+             tpot_mean_s=stat("tpot_s", np.mean)[0],
+             e2e_mean_s=e2e_mean, e2e_p50_s=e2e_p50, e2e_p99_s=e2e_p99,
+             throughput_tokens_per_s=float(done("generated_tokens").sum() / span) if n_done and span > 0 else 0.0,
+             slo_attainment=float(pd.Series(col("slo_met")).mean()) if len(completed) else float("nan"),
              makespan_s=float(span))
     s.update(policy_counters)
     s.update({f"peak_{k}_bytes": float(v) for k, v in peak_parts.items()})
     if extra:
         s.update(extra)
     from sim import quality
-    s.update(quality.summarize(quality.load(calibration), req, model, calibration))
+    per_task = pd.DataFrame({c: col(c) for c in ("completed", "task", "gate_mass_kept", "output_tokens")})
+    s.update(quality.summarize(quality.load(calibration), per_task, model, calibration))
     return s
 
 
@@ -137,10 +149,12 @@ def _jsonable(x):
     return str(x)
 
 
-def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline: pd.DataFrame, summary: dict,
+def write_results(out_dir, scenario_yaml: str, requests, timeline, summary: dict,
                   meta: dict, trace=None, files: dict | None = None) -> Path:
     """Write into a temporary sibling, then move into place: a crash leaves no half directory,
-    and an existing directory is never overwritten."""
+    and an existing directory is never overwritten. requests, timeline: DataFrames or TableLogs
+    (sim/resultlog.py), written block by block."""
+    from sim.resultlog import TableLog
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"results directory '{out}' exists and is not empty; choose another -o "
@@ -156,13 +170,15 @@ def write_results(out_dir, scenario_yaml: str, requests: pd.DataFrame, timeline:
             (tmp / name).write_text(text)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
-        requests.to_csv(tmp / "requests.csv", index=False)
-        timeline.to_csv(tmp / "timeline.csv", index=False)
         try:
-            requests.to_parquet(tmp / "requests.parquet", index=False)
-            timeline.to_parquet(tmp / "timeline.parquet", index=False)
+            import pyarrow.parquet  # noqa: F401
+            parquet = True
         except ImportError:
-            pass   # pyarrow missing: CSV is complete on its own
+            parquet = False   # CSV is complete on its own
+        for name, table in (("requests", requests), ("timeline", timeline)):
+            if isinstance(table, pd.DataFrame):
+                table = TableLog.of(table)
+            table.write(tmp / f"{name}.parquet" if parquet else None, tmp / f"{name}.csv")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import time
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 import yaml
 
-from sim.engine import TIMELINE_COLUMNS, Engine
+from sim.engine import Engine
 from sim.hardware import get_hardware
 from sim.policies import make_policy
-from sim.results import code_version, request_table, summarize, write_results
+from sim.results import code_version, summarize, write_results
 from sim.scenario import ScenarioError, dump
 from sim.schedulers import make_scheduler
-from sim.workload import build_requests, load_workload_trace
+from sim.workload import Arrivals, load_workload_trace
 from traces.errors import UserError, message
 from traces.model_shape import get_model
 
@@ -25,16 +26,26 @@ from traces.model_shape import get_model
 @dataclass
 class RunResult:
     summary: dict
-    requests: pd.DataFrame
-    timeline: pd.DataFrame
+    request_log: object      # sim/resultlog.py TableLogs: held, or spilled to disk for a day of traffic
+    timeline_log: object
     meta: dict
     scenario: dict
     trace: object = None     # written beside the results when the scenario points to it
     files: dict | None = None  # more result files, name -> text (e.g. the replay's generations)
 
+    @cached_property
+    def requests(self) -> pd.DataFrame:
+        """The request table, in workload order (read whole into memory when first asked for)."""
+        return self.request_log.frame()
+
+    @cached_property
+    def timeline(self) -> pd.DataFrame:
+        """One row per engine step (read whole into memory when first asked for)."""
+        return self.timeline_log.frame()
+
     def write(self, out_dir) -> Path:
-        return write_results(out_dir, dump(self.scenario), self.requests, self.timeline, self.summary, self.meta,
-                             trace=self.trace, files=self.files)
+        return write_results(out_dir, dump(self.scenario), self.request_log, self.timeline_log, self.summary,
+                             self.meta, trace=self.trace, files=self.files)
 
 
 class Parts(NamedTuple):
@@ -76,10 +87,10 @@ def scenario_policy(sc: dict, model, trace):
 def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:
     t0 = time.perf_counter()
     parts = build(sc, trace)
-    requests = build_requests(sc, parts.trace)
-    eng = Engine(*parts[:2], parts.trace, requests, parts.policy, parts.scheduler, sc["limits"], progress).run()
+    eng = Engine(*parts[:2], parts.trace, Arrivals(sc, parts.trace), parts.policy, parts.scheduler, sc["limits"],
+                 progress).run()
     wall = time.perf_counter() - t0
-    summary, req, tl = outcome(eng, requests, sc)
+    summary, req, tl = outcome(eng, sc)
     meta = dict(engine="sim", code_version=code_version(), seed=sc["seed"], wall_time_s=wall,
                 engine_steps_per_s=eng.steps / wall if wall else None, stopped_early=eng.stopped_early,
                 model=parts.model.describe(), hardware=parts.hw.__dict__)
@@ -91,11 +102,11 @@ def _elapsed(eng: Engine) -> float:
     return eng.elapsed_s if eng.elapsed_s is not None else eng.clock.elapsed_s(eng.env)
 
 
-def outcome(eng: Engine, requests: list, sc: dict, extra: dict | None = None):
-    """(summary, request table, timeline) of a finished engine, simulated or replayed.
-    extra: the engine's own figures (the replayer's measured copies), before the scheduler's."""
-    req = request_table(requests)
-    tl = pd.DataFrame(eng.timeline.columns(), columns=list(TIMELINE_COLUMNS))
+def outcome(eng: Engine, sc: dict, extra: dict | None = None):
+    """(summary, request table, timeline) of a finished engine, simulated or replayed, the
+    tables as TableLogs. extra: the engine's own figures (the replayer's measured copies),
+    before the scheduler's."""
+    req, tl = eng.tables()
     figures = dict(engine_steps=eng.steps, preemptions=eng.preemptions, budget_bytes=eng.mem.budget,
                    kv_budget_bytes=eng.mem.kv_budget, simulated_time_s=float(_elapsed(eng)),
                    **(extra or {}))

@@ -46,14 +46,18 @@ _INT_COLUMNS = [i for i, c in enumerate(TIMELINE_COLUMNS) if get_type_hints(Time
 
 class TimelineLog:
     """The engine's timeline as it grows: rows are packed into float64 blocks of BLOCK steps
-    (8 bytes a field instead of a Python object each: a day of traffic is millions of steps).
+    (8 bytes a field instead of a Python object each: a day of traffic is millions of steps),
+    each block then a table block (sim/resultlog.py: spilled to disk beyond what is held).
     Every field is an integer or a float64 already, so packing loses nothing."""
     BLOCK = 8192
 
-    def __init__(self):
-        self._blocks: list[np.ndarray] = []
+    def __init__(self, hold_rows: int | None = None):
+        import pandas as pd
+        from sim.resultlog import TableLog
+        empty = pd.DataFrame({c: np.zeros(0, np.int64 if i in _INT_COLUMNS else np.float64)
+                              for i, c in enumerate(TIMELINE_COLUMNS)})
+        self._table = TableLog(list(TIMELINE_COLUMNS), hold_rows, empty=empty)
         self._rows: list[tuple] = []
-        self._packed = 0
 
     def append(self, row: tuple) -> None:
         self._rows.append(row)
@@ -66,20 +70,22 @@ class TimelineLog:
             self._pack()
 
     def _pack(self) -> None:
-        block = np.array(self._rows, dtype=np.float64).reshape(-1, len(TIMELINE_COLUMNS))
-        self._blocks.append(block)
-        self._packed += len(block)
+        import pandas as pd
+        data = np.array(self._rows, dtype=np.float64).reshape(-1, len(TIMELINE_COLUMNS))
         self._rows = []
+        self._table.append(pd.DataFrame({c: data[:, i].astype(np.int64) if i in _INT_COLUMNS else data[:, i]
+                                         for i, c in enumerate(TIMELINE_COLUMNS)}))
 
     def __len__(self) -> int:
-        return self._packed + len(self._rows)
+        return len(self._table) + len(self._rows)
+
+    def table(self):
+        """The timeline so far as a TableLog."""
+        if self._rows:
+            self._pack()
+        return self._table
 
     def columns(self) -> dict[str, np.ndarray]:
         """Column name -> values (integer columns as int64), in step order."""
-        if self._rows:
-            self._pack()
-        data = np.concatenate(self._blocks) if self._blocks else np.zeros((0, len(TIMELINE_COLUMNS)))
-        out = {}
-        for i, c in enumerate(TIMELINE_COLUMNS):
-            out[c] = data[:, i].astype(np.int64) if i in _INT_COLUMNS else data[:, i].copy()
-        return out
+        df = self.table().frame()
+        return {c: df[c].to_numpy() for c in TIMELINE_COLUMNS}

@@ -71,19 +71,37 @@ def slo_for(sc: dict, task: str) -> dict:
     return {**slo.get("default", {}), **slo.get(task, {})}
 
 
-def build_requests(sc: dict, trace: Trace) -> list[Request]:
-    arrivals = arrival_times(sc, trace)
-    # What a server may know of a task before generating: its mean output length.
-    expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in trace.tasks}
-    slos = {t: slo_for(sc, t) for t in trace.tasks}   # one dict per task, shared by its requests
-    reqs = []
-    names = {t: t for t in trace.tasks}   # one string per task, shared by its requests
-    for i in range(trace.n_requests):
-        task = names[str(trace.task[i])]
-        p, o = int(trace.prompt_tokens[i]), int(trace.output_tokens[i])
+class Arrivals:
+    """The workload's requests in arrival order (ties by index), each Request built as it
+    arrives: a day of traffic cannot hold a million of them at once."""
+
+    def __init__(self, sc: dict, trace: Trace):
+        self.trace = trace
+        self.arrival_s = arrival_times(sc, trace)
+        # What a server may know of a task before generating: its mean output length.
+        self.expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in trace.tasks}
+        self.slos = {t: slo_for(sc, t) for t in trace.tasks}   # one dict per task, shared by its requests
+        self.names = {t: t for t in trace.tasks}               # one string per task, shared by its requests
+
+    def __len__(self) -> int:
+        return self.trace.n_requests
+
+    def __iter__(self):
+        order = np.lexsort((np.arange(len(self)), self.arrival_s))
+        return (self.request(int(i)) for i in order)
+
+    def request(self, i: int) -> Request:
+        t = self.trace
+        task = self.names[str(t.task[i])]
+        p, o = int(t.prompt_tokens[i]), int(t.output_tokens[i])
         if p == 0:   # decode-only traces: the first routed token stands in for the prompt
             p, o = 1, o - 1
-        reqs.append(Request(index=i, rid=str(trace.request_id[i]), task=task, prompt_tokens=p,
-                            output_tokens=max(o, 1), row0=int(trace.offsets[i]), arrival_s=float(arrivals[i]),
-                            slo=slos[task], expected_output=expected[task]))
-    return reqs
+        return Request(index=i, rid=str(t.request_id[i]), task=task, prompt_tokens=p, output_tokens=max(o, 1),
+                       row0=int(t.offsets[i]), arrival_s=float(self.arrival_s[i]), slo=self.slos[task],
+                       expected_output=self.expected[task])
+
+
+def build_requests(sc: dict, trace: Trace) -> list[Request]:
+    """Every request at once, in workload order (the replayer keeps them for their generations)."""
+    a = Arrivals(sc, trace)
+    return [a.request(i) for i in range(len(a))]
