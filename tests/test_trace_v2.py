@@ -270,3 +270,21 @@ def test_round_trip_of_any_small_shape(shape, seed):
         convert_trace(p, Path(d) / "v1.npz", version=1, compress=bool(seed % 2))
         same(load_trace(Path(d) / "v1.npz"), t)
         assert convert_trace(Path(d) / "v1.npz", Path(d) / "v2.npz")["path"].read_bytes() == p.read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_overlap_digests_read_a_mapped_trace_without_keeping_it(tmp_path, monkeypatch):
+    """The predictor-overlap check hashes every request's routing before a run: on a mapped
+    trace its pages are dropped as it goes, and the digests are those of the trace in memory."""
+    from sim.predictors import overlap
+    R, n, L, E = 400, 1000, 16, 8                       # 400 k tokens: 12.8 MB of experts
+    rng = np.random.default_rng(2)
+    first = rng.integers(0, E, (R * n, L))
+    experts = np.stack([first, (first + 1) % E], axis=2).astype(np.uint8)
+    t = make_trace(experts, [n // 2] * R, [n // 2] * R, n_experts=E)
+    p = save_trace(t, tmp_path / "big.npz")
+    monkeypatch.setattr(overlap, "DROP_ROWS", 50_000)
+    tr = load_trace(p)
+    base = _rss()
+    assert overlap.request_digests(tr) == overlap.request_digests(t)
+    assert _rss() - base < 0.2 * tr.experts.nbytes

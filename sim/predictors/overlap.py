@@ -14,15 +14,30 @@ import hashlib
 import numpy as np
 
 
+DROP_ROWS = 1 << 20   # a mapped trace's pages read so far are dropped every this many rows
+
+
 def request_digests(trace, idx=None) -> list[str]:
-    """One short hex digest per request: prompt and output lengths plus routed experts."""
+    """One short hex digest per request: prompt and output lengths plus routed experts. A trace
+    mapped from its file is read in one pass whose pages are dropped as it goes (a day of
+    traffic's routing need not sit in memory for this check)."""
+    from traces.npz import MappedRows
     idx = range(trace.n_requests) if idx is None else [int(i) for i in idx]
-    out = []
+    drop = trace.source.drop_rows if isinstance(trace.source, MappedRows) else None
+    out, lo, hi = [], None, 0
     for r in idx:
         h = hashlib.blake2b(digest_size=8)
         h.update(np.array([trace.prompt_tokens[r], trace.output_tokens[r]], dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(trace.experts[trace.token_slice(r)]).tobytes())
+        rows = trace.token_slice(r)
+        h.update(np.ascontiguousarray(trace.experts[rows]).tobytes())
         out.append(h.hexdigest())
+        if drop is not None:   # (before the run: no other reader of these pages yet)
+            lo, hi = rows.start if lo is None else min(lo, rows.start), max(hi, rows.stop)
+            if hi - lo >= DROP_ROWS:
+                drop(lo, hi)
+                lo, hi = None, 0
+    if drop is not None and lo is not None:
+        drop(lo, hi)
     return out
 
 
