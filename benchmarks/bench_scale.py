@@ -9,7 +9,9 @@ requests of 512 prompt and 256 output tokens on average (the trace's lognormal l
   10k-10     10,000 requests, Poisson at 10 requests/s
   100k-sat   100,000 requests, all at t=0 (a 14.7 GB trace file: 192 bytes of routing a token)
   100k-short, 1m-short  100,000 and 1,000,000 requests of 64 + 32 tokens (mean), all at t=0:
-             how time and memory grow with the number of requests
+             how time and memory grow with the number of requests (all of them queued at once)
+  100k-short-day, 1m-short-day  the same requests arriving as a Poisson process at 2.7 requests/s
+             (~90% of what the engine serves): a day of traffic, with a short queue
   sweep-40   a 40-point sweep with -j 2 over the 10,000-request trace (each point cut at 2,000
              steps: what is measured is what the workers load, not how long they simulate)
 
@@ -46,7 +48,11 @@ SEED_REQUESTS = 500
 CASES = {"1k-sat": (1_000, {"process": "batch"}), "10k-10": (10_000, {"process": "poisson", "rate": 10.0}),
          "100k-sat": (100_000, {"process": "batch"}),
          # short requests (64 + 32 tokens mean): a million fit this machine's disk (18 GB of routing)
-         "100k-short": (100_000, {"process": "batch"}), "1m-short": (1_000_000, {"process": "batch"})}
+         "100k-short": (100_000, {"process": "batch"}), "1m-short": (1_000_000, {"process": "batch"}),
+         # a day of traffic arrives over the day: Poisson at ~90% of what the engine serves of
+         # these requests (2.98 requests/s, the 1m-short makespan's): the queue stays short
+         "100k-short-day": (100_000, {"process": "poisson", "rate": 2.7}),
+         "1m-short-day": (1_000_000, {"process": "poisson", "rate": 2.7})}
 SHORT = (64, 32)   # prompt and output tokens (means) of the *-short cases
 
 
@@ -120,15 +126,17 @@ def child(case: str) -> None:
     from sim.run import run_scenario
     from sim.scenario import load_scenario
     n, arrival = CASES[case]
-    sc = load_scenario(data=scenario(trace_for(n, case.endswith("short")), arrival))
+    sc = load_scenario(data=scenario(trace_for(n, "short" in case), arrival))
     t0 = time.perf_counter()
     res = run_scenario(sc)
     wall = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(dir=OUT) as d:   # the results written, as `emoe run` does
         res.write(Path(d) / "results")
         write_s = time.perf_counter() - t0 - wall
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(case=case, wall_s=wall, write_s=write_s, peak_rss_bytes=rss,
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    rss = use.ru_maxrss * 1024
+    print(json.dumps(dict(case=case, wall_s=wall, write_s=write_s, cpu_s=use.ru_utime + use.ru_stime,
+                          peak_rss_bytes=rss,
                           steps=res.summary["engine_steps"], e2e_mean_s=res.summary["e2e_mean_s"],
                           completed=res.summary["requests_completed"])))
 
@@ -212,7 +220,7 @@ def main():
                 runs.append(sweep_case())
                 continue
             if case in CASES:
-                trace_for(CASES[case][0], case.endswith("short"))   # written outside the measurement
+                trace_for(CASES[case][0], "short" in case)   # written outside the measurement
             out = subprocess.run([sys.executable, __file__, "--child", case], cwd=ROOT, capture_output=True,
                                  text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode:
@@ -221,6 +229,8 @@ def main():
         wall = statistics.median(r["wall_s"] for r in runs)
         rss = statistics.median(r["peak_rss_bytes"] for r in runs)
         extra = f", {runs[0]['steps']:,} steps, mean e2e {runs[0]['e2e_mean_s']:.2f} s" if "steps" in runs[0] else ""
+        if "cpu_s" in runs[0]:   # CPU time: what a loaded machine's wall clock blurs
+            extra += f", CPU {statistics.median(r['cpu_s'] for r in runs):.1f} s"
         if "write_s" in runs[0]:
             extra += f", results written in {statistics.median(r['write_s'] for r in runs):.1f} s"
         if case == "sweep-40":
