@@ -79,9 +79,10 @@ class Arrivals:
         self.trace = trace
         self.arrival_s = arrival_times(sc, trace)
         # What a server may know of a task before generating: its mean output length.
-        self.expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in trace.tasks}
-        self.slos = {t: slo_for(sc, t) for t in trace.tasks}   # one dict per task, shared by its requests
-        self.names = {t: t for t in trace.tasks}               # one string per task, shared by its requests
+        tasks = trace.tasks
+        self.expected = {t: float(trace.output_tokens[trace.task == t].mean()) for t in tasks}
+        self.slos = {t: slo_for(sc, t) for t in tasks}   # one dict per task, shared by its requests
+        self.names = {t: t for t in tasks}               # one string per task, shared by its requests
 
     def __len__(self) -> int:
         return self.trace.n_requests

@@ -87,8 +87,8 @@ class Trace:
     def __post_init__(self):
         self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int32)
         self.output_tokens = np.asarray(self.output_tokens, dtype=np.int32)
-        self.request_id = np.asarray(self.request_id).astype(str)
-        self.task = np.asarray(self.task).astype(str)
+        self.request_id = np.asarray(self.request_id).astype(str, copy=False)   # (a day: millions)
+        self.task = np.asarray(self.task).astype(str, copy=False)
         self.offsets = np.zeros(len(self.prompt_tokens) + 1, dtype=np.int64)
         np.cumsum(self.prompt_tokens.astype(np.int64) + self.output_tokens, out=self.offsets[1:])
 
