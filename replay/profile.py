@@ -9,7 +9,8 @@
   routed experts by active experts and token-expert pairs (layer + a * active +
   b * pairs; the per-layer part joins the attention block's constant, since both
   are paid once per layer), one layer's attention block by tokens, context and
-  requests (a + b * tokens + c * context + d * requests);
+  requests, prompt chunks' context apart (a + b * tokens + c * context + d * requests
+  + e * prefill context: a chunk's scores cost more per element than a decode token's);
 - per-step overhead: a short calibration replay whose step times, less the modelled
   layers and the measured waits for copies, are fitted in the cost model's form
   a + b * sampled + c * tokens (engine, policy, embedding; per request sampled; per
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from replay.model import ReplayModel
+from replay.model import KV_BLOCK_TOKENS, ReplayModel
 
 
 NOISY = 0.10   # relative spread (MAD / median) above which a profile is not trusted
@@ -189,12 +190,14 @@ def model_profile(spec, device, dtype) -> dict:
         b, a = np.polyfit(ex_x, sh_y, 1)
         shared = dict(a=max(float(a), 0.0), b=max(float(b), 0.0))
         spreads["shared_s"] = float(np.median(sh_sp))
-    # One layer's attention block by tokens, context and requests.
-    # Each case's requests get their own ids, so every case's KV stays allocated while all
-    # cases are timed interleaved.
+    # One layer's attention block by tokens, context and requests, and the context prompt chunks
+    # attend to apart (a chunk's scores, tokens x context, cost more per element than a decode
+    # token's once they leave the cache: the prefill-heavy steps). Each case's requests get their
+    # own ids, so every case's KV stays allocated while all cases are timed interleaved.
     rows, fns, rid0 = [], [], 0
     for n_req, n, ctx in [(1, 1, 16), (1, 1, 256), (1, 1, 1024), (4, 1, 256), (8, 1, 256), (16, 1, 128),
-                          (1, 16, 0), (1, 64, 0), (1, 256, 0), (2, 128, 128), (8, 1, 1024)]:
+                          (8, 1, 1024), (1, 16, 0), (1, 64, 0), (1, 128, 0), (1, 256, 0), (1, 512, 0),
+                          (2, 128, 128), (3, 192, 0), (1, 128, 384)]:
         for rid in range(rid0, rid0 + n_req):
             rt.kv_alloc(rid, ctx + n + 1)
         segs = [(rid, (rid - rid0) * n, n, ctx) for rid in range(rid0, rid0 + n_req)]
@@ -204,13 +207,14 @@ def model_profile(spec, device, dtype) -> dict:
             rope = rt.rope_tables(segs)
         fns.append(lambda x=x, segs=segs, rope=rope: rt.attention(0, x, segs, rope))
         ctx_sum = n_req * (n * ctx + n * (n + 1) / 2)
-        rows.append([1.0, n_req * n, ctx_sum, n_req])
+        rows.append([1.0, n_req * n, ctx_sum, n_req, ctx_sum if n > 1 else 0.0])
     with torch.no_grad():
         ys, at_sp = interleaved(fns, device)
     spreads["attention_s"] = float(np.median(at_sp))
     coef = _nonnegative_lstsq(np.array(rows), np.array(ys))
     # The experts' per-layer part rides with the attention block's constant: both once per layer.
-    attention = dict(a=float(coef[0]) + expert["layer"], b=float(coef[1]), c=float(coef[2]), d=float(coef[3]))
+    attention = dict(a=float(coef[0]) + expert["layer"], b=float(coef[1]), c=float(coef[2]), d=float(coef[3]),
+                     e=float(coef[4]))
     rt.cache.link.close()
     shape = {f: getattr(spec, f) for f in ("name", "hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k",
                                            "n_heads", "n_kv_heads", "dtype_bytes", "n_shared_experts")}
@@ -238,12 +242,20 @@ def layer_seconds(measured: dict, timeline, n_layers: int):
     """What the profile's layer functions charge for each step of a timeline (attention and
     routed experts of every MoE layer, shared experts where the model has them)."""
     a, e = measured["attention_s"], measured["expert_s"]
-    layers = n_layers * (a["a"] + a["b"] * timeline.tokens + a["c"] * timeline.attn_ctx
-                         + a["d"] * timeline.batch_requests) + e["a"] * timeline.active_experts \
+    layers = n_layers * attention_seconds(a, timeline) + e["a"] * timeline.active_experts \
         + e["b"] * timeline.tokens * measured["model"]["top_k"]
     if "shared_s" in measured:
         layers = layers + n_layers * (measured["shared_s"]["a"] + measured["shared_s"]["b"] * timeline.tokens)
     return layers
+
+
+def attention_seconds(a: dict, timeline):
+    """One layer's attention for each step of a timeline, as sim/costmodel.py attention_s charges
+    it (e: prompt chunks' context, absent from older profiles and timelines)."""
+    t = a["a"] + a["b"] * timeline.tokens + a["c"] * timeline.attn_ctx + a["d"] * timeline.batch_requests
+    if a.get("e") and "prefill_ctx" in timeline:
+        t = t + a["e"] * timeline.prefill_ctx
+    return t
 
 
 def step_wall(timeline):
@@ -354,6 +366,7 @@ def _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host
         measured["step_s"] = fit_step_overhead(measured, res.timeline, spec.n_moe_layers)
         measured["spread"]["step_s"] = measured["step_s"].pop("spread")
     measured["threads"] = threads
+    measured["kv_block_tokens"] = KV_BLOCK_TOKENS   # how the replay holds KV: the simulator's ledger counts the same
     measured["spread"]["copies"] = copies["spread"]
     name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({platform.processor() or platform.machine()})")
