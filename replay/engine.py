@@ -158,7 +158,8 @@ class ReplayEngine(Engine):
         rt = self.rt
         staged = min(self._streamed, self.model.top_k)
         parts = dict(dense=float(rt.dense_bytes), experts=float((rt.cache.resident() + staged) * rt.cache.slot_bytes),
-                     kv=float(rt.kv_bytes()), activations=float(work.n_tokens * self.mem.act_per_token),
+                     kv=float(rt.kv_bytes()),
+                     activations=float(work.n_tokens * self.mem.act_per_token + work.n_sampled * self.mem.logit_bytes),
                      predictor=float(self.policy.predictor_bytes))
         if self.cuda:
             parts["cuda_allocated"] = float(torch.cuda.memory_allocated(rt.device))
