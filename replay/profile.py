@@ -312,20 +312,43 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
         a, per_request = _trimmed_line(tl.sampled.to_numpy(float)[decode], resid[decode])
     else:
         a, per_request = max(float(np.median(resid)), 0.0), 0.0
-    c = 0.0
+    c = e = 0.0
     pre = ~decode
     if pre.any():
         p = tl[pre]
         d = p.tokens.to_numpy(float) - p.prefill_tokens.to_numpy(float)          # decode tokens in the step
         done = p.sampled.to_numpy(float) - d                                      # prompts finishing
         y = resid[pre] - a - per_request * d - per_request * done
-        c = float(np.clip(np.median(y / np.maximum(p.prefill_tokens.to_numpy(float) - done, 1.0)), 0.0, per_request)) \
-            if per_request > 0 else max(float(np.median(y / p.prefill_tokens.to_numpy(float))), 0.0)
+        per_token = np.maximum(p.prefill_tokens.to_numpy(float) - done, 1.0)
+        if pre.sum() >= 3 and "prefill_ctx" in p:
+            # The scenario's own prompt chunks: per token (c) and, per layer, per unit of the context
+            # they attend to (e, beyond what the attention cases priced: a chunk's scores out of cache).
+            c, e = _trimmed_fit(np.stack([per_token, n_layers * p.prefill_ctx.to_numpy(float)], axis=1), y)
+            c = min(c, per_request) if per_request > 0 else c
+        else:
+            c = float(np.clip(np.median(y / per_token), 0.0, per_request)) if per_request > 0 \
+                else max(float(np.median(y / p.prefill_tokens.to_numpy(float))), 0.0)
     b = max(per_request - c, 0.0)
     # How steady the calibration replay ran: the unexplained part's spread relative to a step.
-    r = resid - (a + b * tl.sampled.to_numpy(float) + c * tl.tokens.to_numpy(float))
+    r = resid - (a + b * tl.sampled.to_numpy(float) + c * tl.tokens.to_numpy(float)
+                 + e * n_layers * (tl.prefill_ctx.to_numpy(float) if "prefill_ctx" in tl else 0.0))
     spread = float(np.median(np.abs(r - np.median(r))) * 1.4826 / np.median(wall)) if len(r) > 2 else 0.0
-    return dict(a=a, b=b, c=c, spread=spread)
+    return dict(a=a, b=b, c=c, spread=spread, prefill_e=e)
+
+
+def _trimmed_fit(X: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Coefficients >= 0 of y = X @ coef (no intercept), least squares in y's units after dropping
+    points more than 3 MADs off (a step a burst of other work delayed)."""
+    keep = np.ones(len(y), dtype=bool)
+    coef = _nonnegative_lstsq(X, y, relative=False)
+    for _ in range(3):
+        r = y - X @ coef
+        mad = float(np.median(np.abs(r[keep] - np.median(r[keep])))) * 1.4826
+        if mad <= 0 or len(y) < 8:
+            break
+        keep = np.abs(r - np.median(r[keep])) <= 3 * mad
+        coef = _nonnegative_lstsq(X[keep], y[keep], relative=False)
+    return tuple(float(v) for v in coef)
 
 
 def run_profile(device: str, spec, dtype, calibration_scenario: dict | None, max_copy_bytes: int,
@@ -365,6 +388,8 @@ def _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host
                               host_experts=host_experts)
         measured["step_s"] = fit_step_overhead(measured, res.timeline, spec.n_moe_layers)
         measured["spread"]["step_s"] = measured["step_s"].pop("spread")
+        # Prompt chunks' attention beyond what the attention cases priced (their scores leave the cache).
+        measured["attention_s"]["e"] += measured["step_s"].pop("prefill_e")
     measured["threads"] = threads
     measured["kv_block_tokens"] = KV_BLOCK_TOKENS   # how the replay holds KV: the simulator's ledger counts the same
     measured["spread"]["copies"] = copies["spread"]

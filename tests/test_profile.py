@@ -64,7 +64,8 @@ def test_step_fit_recovers_the_cost_models_fixed_terms():
                 "expert_s": {"a": 2e-4, "b": 1e-6, "layer": 0.0}}
     rng = np.random.default_rng(0)
     batch = np.repeat(np.arange(24, 0, -1), 6)          # a batch shrinking as its requests finish ...
-    prefill = np.where(np.arange(len(batch)) % 10 == 3, 200, 0)   # ... and a prompt chunk now and then
+    sizes = np.array([64, 200, 128, 400, 256])[np.arange(len(batch)) // 10 % 5]
+    prefill = np.where(np.arange(len(batch)) % 10 == 3, sizes, 0)   # ... and a prompt chunk now and then
     tl = pd.DataFrame({"tokens": batch + prefill, "sampled": batch, "batch_requests": batch,
                        "attn_ctx": batch * 300.0, "active_experts": np.minimum(batch * 2, 8) * 4,
                        "prefill_tokens": prefill, "stall_s": 0.002 * (prefill > 0),
@@ -72,14 +73,17 @@ def test_step_fit_recovers_the_cost_models_fixed_terms():
     layers = layer_seconds(measured, tl, 4)
     # The prompt chunks' context is priced by e where the timeline has it (older ones: not).
     assert (layers - layer_seconds(measured, tl.drop(columns="prefill_ctx"), 4)).max() == pytest.approx(
-        4 * 2e-8 * 200 * 201 / 2)
-    # The cost model's fixed_s: a + b * sampled + c * tokens (all tokens), plus the waits for copies.
-    step = layers + 3e-3 + 4e-4 * tl.sampled + 5e-5 * tl.tokens + tl.stall_s + rng.normal(0, 1e-5, len(tl))
+        4 * 2e-8 * tl.prefill_ctx.max())
+    # The cost model's fixed_s: a + b * sampled + c * tokens (all tokens), plus the waits for copies,
+    # and prompt chunks' attention beyond what the profile's cases priced (1e-8 per layer and context).
+    step = layers + 3e-3 + 4e-4 * tl.sampled + 5e-5 * tl.tokens + tl.stall_s + rng.normal(0, 1e-5, len(tl)) \
+        + 4 * 1e-8 * tl.prefill_ctx
     step[5::17] += 0.05                                   # a few steps delayed by a burst of other work
     tl["t_s"] = np.concatenate([[0.0], np.cumsum(step)[:-1]])
     tl["step_s"] = step
     fit = fit_step_overhead(measured, tl, 4)
     assert (fit["a"], fit["b"], fit["c"]) == pytest.approx((3e-3, 4e-4, 5e-5), rel=0.05)
+    assert fit["prefill_e"] == pytest.approx(1e-8, rel=0.05)
     # A step after which the engine idled until an arrival says nothing about the step: left out.
     idle = tl.copy()
     idle.loc[40:, "t_s"] += 5.0
