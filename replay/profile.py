@@ -14,7 +14,9 @@
 - per-step overhead: a short calibration replay whose step times, less the modelled
   layers and the measured waits for copies, are fitted in the cost model's form
   a + b * sampled + c * tokens (engine, policy, embedding; per request sampled; per
-  token). The policy's own host work per step is part of it, so `emoe confirm`
+  token); its prompt chunks also give the part of the prefill-context coefficient e
+  the one-layer cases miss (the cost of a chunk's scores jumps once they leave the cache).
+  The policy's own host work per step is part of it, so `emoe confirm`
   calibrates with the scenario's own policy and scheduler.
 
 Measured to hold on a busy machine: the thread count is fixed (and recorded, so the
@@ -297,8 +299,11 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
     share of the layers suffers, which the layer medians leave out); c: per token (prompt chunks
     carry most). On a decode-only step of D requests the form is a + (b + c) * D, so decode steps
     give a and b + c (a line through them, the steps a burst delayed left out); steps with prompt
-    chunks then give c (median), and b = (b + c) - c. The first step (warming up) and steps after
-    which the engine idled until an arrival are left out."""
+    chunks then give c and prefill_e (least squares on per token and on per layer and unit of
+    prompt-chunk context, the steps a burst delayed left out; with under 3 such steps c alone, a
+    median), and b = (b + c) - c. prefill_e is attention the profile's chunk cases did not price
+    (added to attention_s's e). The first step (warming up) and steps after which the engine
+    idled until an arrival are left out."""
     if len(timeline) > 4:   # the first step warms up (first use of every layer, allocations): not typical
         timeline = timeline.iloc[1:]
     layers = layer_seconds(measured, timeline, n_layers).to_numpy()
