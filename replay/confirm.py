@@ -36,7 +36,7 @@ import yaml
 
 from replay.compare import check_comparable, compare, format_verdict, json_safe, passed, verdict
 from replay.model import scaled_spec
-from replay.profile import busy_steps, run_profile, step_wall, write_profile
+from replay.profile import attention_seconds, busy_steps, run_profile, step_wall, write_profile
 from replay.run import DTYPES, replay_scenario
 from sim.costmodel import measured_for
 from sim.hardware import get_hardware
@@ -139,7 +139,7 @@ def step_breakdown(timeline: pd.DataFrame, measured: dict, n_layers: int) -> dic
     a, e, st = measured["attention_s"], measured["expert_s"], measured["step_s"]
     k = measured["model"]["top_k"]
     tl = timeline
-    attn = n_layers * (a["a"] + a["b"] * tl.tokens + a["c"] * tl.attn_ctx + a["d"] * tl.batch_requests)
+    attn = n_layers * attention_seconds(a, tl)
     experts = e["a"] * tl.active_experts + e["b"] * tl.tokens * k
     if "shared_s" in measured:
         experts = experts + n_layers * (measured["shared_s"]["a"] + measured["shared_s"]["b"] * tl.tokens)

@@ -37,6 +37,7 @@ class ReplayEngine(Engine):
             model_rt.cache.load(int(layer), int(e))
         self._initial = int(self.policy.resident.sum())             # copies made before the first step
         self._resident = self.policy.resident.copy()
+        self._streamed = 0                                          # experts the last step streamed
 
     def run(self) -> ReplayEngine:
         super().run()            # the simulator's loop, on the wall clock
@@ -83,7 +84,7 @@ class ReplayEngine(Engine):
     def execute(self, now: float, work, plan) -> StepTiming:
         t_start = time.perf_counter()
         rt = self.rt
-        copy_before, stall_before = rt.cache.copy_s, rt.cache.stall_s
+        copy_before, stall_before, streamed_before = rt.cache.copy_s, rt.cache.stall_s, rt.cache.streamed
         if plan.extra_time_s:
             time.sleep(plan.extra_time_s)   # the predictor's own time, first in the step as in the simulator
         load_plan = self._sync_cache(plan)
@@ -92,15 +93,19 @@ class ReplayEngine(Engine):
         L = used.shape[0]
         used[np.arange(L)[None, :, None], routes] = True
         segments, start = [], 0
+        running = {r.index for r in self.running}
+        for rid in [rid for rid in rt.kv if rid not in running]:
+            rt.kv_free(rid)               # preempted: its KV is given up (recomputed when it returns)
+        # KV grows with the tokens written (whole blocks), as the simulator's ledger counts it.
         for r in work.decode:
-            rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
+            rt.kv_alloc(r.index, r.context + 1)
             segments.append((r.index, start, 1, r.context))
             start += 1
         for r, c in work.chunks:
             if r.prefilled == 0:
                 rt.kv_free(r.index)       # a recomputed (preempted) request starts over
                 r.generated_ids = []
-            rt.kv_alloc(r.index, r.prompt_tokens + r.output_tokens)
+            rt.kv_alloc(r.index, r.prefilled + c)
             segments.append((r.index, start, c, r.prefilled))
             start += c
         sampled = list(range(len(work.decode))) + [s + n - 1 for (rid, s, n, pos), (r, c)
@@ -124,6 +129,7 @@ class ReplayEngine(Engine):
             torch.cuda.current_stream(rt.device).synchronize()
             rt.cache.collect_stall()
         duration = time.perf_counter() - t_start
+        self._streamed = rt.cache.streamed - streamed_before
         return StepTiming(duration, rt.cache.copy_s - copy_before, rt.cache.stall_s - stall_before)
 
     def router_summary(self) -> dict:
@@ -144,10 +150,15 @@ class ReplayEngine(Engine):
             self.rt.kv_free(r.index)
 
     def memory_parts(self, plan, work) -> dict:
-        """Measured: tensor bytes (CPU), or the CUDA allocator (also recorded separately)."""
+        """Measured: tensor bytes (CPU), or the CUDA allocator (also recorded separately). Experts:
+        the cache's occupied slots plus the staging slots this step streamed experts through (at most
+        top_k at once): working memory of the step, as the simulator's ledger counts it (and its
+        activations); a cache with room for every expert never streams."""
         rt = self.rt
-        parts = dict(dense=float(rt.dense_bytes), experts=float(rt.cache.resident() * rt.cache.slot_bytes),
-                     kv=float(rt.kv_bytes()), activations=float(work.n_tokens * self.mem.act_per_token),
+        staged = min(self._streamed, self.model.top_k)
+        parts = dict(dense=float(rt.dense_bytes), experts=float((rt.cache.resident() + staged) * rt.cache.slot_bytes),
+                     kv=float(rt.kv_bytes()),
+                     activations=float(work.n_tokens * self.mem.act_per_token + work.n_sampled * self.mem.logit_bytes),
                      predictor=float(self.policy.predictor_bytes))
         if self.cuda:
             parts["cuda_allocated"] = float(torch.cuda.memory_allocated(rt.device))

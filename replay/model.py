@@ -22,6 +22,11 @@ import torch.nn.functional as F
 
 from replay.link import LANDED, QUEUED, Copy, HostLink
 
+# KV is held in blocks of this many tokens per request (a paged KV cache's granularity, vLLM's
+# default block). `emoe profile` records it (measured.kv_block_tokens) so the simulator's memory
+# ledger counts KV in the same blocks.
+KV_BLOCK_TOKENS = 16
+
 
 def scaled_spec(spec, scale: int, dtype_bytes: int):
     """Shrink hidden sizes by `scale` (for CPU runs); heads keep their count."""
@@ -65,6 +70,7 @@ class ExpertCache:
         self.link = HostLink(self)
         self.lock = self.link.cond                  # one lock for the link's queues and the slots
         self.stall_s = 0.0                          # time layers waited for copies (CPU: measured here)
+        self.streamed = 0                           # demand copies streamed through the staging slots
         self._stall_events: list = []               # CUDA: (before, after) waits on the compute stream
 
     @property
@@ -118,6 +124,7 @@ class ExpertCache:
 
     def stream_in(self, layer: int, expert: int, after=None) -> Copy:
         """A demand copy of an expert that does not fit the cache: a staging slot when it starts."""
+        self.streamed += 1
         return self.link.issue(Copy(layer, expert, None, "demand", after))
 
     def evict(self, layer: int, expert: int) -> None:
@@ -274,7 +281,8 @@ class ReplayModel:
                 return (torch.randn(*shape, generator=g) * std).to(dtype).to(self.device)
             return torch.empty(*shape, dtype=dtype, device=self.device).normal_(0, std)
         self.embed = w(spec.vocab, H)
-        self.head = w(spec.vocab, H)
+        # Tied embeddings (the small MoE, Qwen3's small models): the LM head is the embedding matrix.
+        self.head = self.embed if spec.tied_embeddings else w(spec.vocab, H)
         self.norm = torch.ones(H, dtype=dtype, device=self.device)
         self.layers = []
         # Shared experts (Qwen-MoE, DeepSeek) serve every token: one dense FFN on the device.
@@ -295,7 +303,7 @@ class ReplayModel:
                                  n_staging=min(spec.top_k, max(n_slots - 1, 0)))
         elt = torch.tensor([], dtype=dtype).element_size()
         self.dense_bytes = sum(t.numel() for layer in self.layers for t in layer.values()) * elt \
-            + (self.embed.numel() + self.head.numel() + self.norm.numel()) * elt
+            + (self.embed.numel() + (0 if self.head is self.embed else self.head.numel()) + self.norm.numel()) * elt
         self.miss_mode = "fetch"        # router routing: what a router's pick of an absent expert gets
         self.norm_topk = True           # router routing: renormalise the top-k weights (Mixtral)
         self.qk_norm = None             # real weights: RMSNorm of q and k, "full" (OLMoE) or "head" (Qwen3)
@@ -304,13 +312,24 @@ class ReplayModel:
         self._kv_bytes = 0               # kept as buffers come and go: read every step
 
     # ---- KV cache ----------------------------------------------------------------------------
-    def kv_alloc(self, rid: int, max_tokens: int) -> None:
-        if rid in self.kv:
+    def kv_alloc(self, rid: int, tokens: int) -> None:
+        """Hold room for a request's first `tokens` tokens, in whole blocks of KV_BLOCK_TOKENS (as a
+        paged KV cache holds them: a request's KV grows with its tokens, not reserved for its whole
+        output up front). A request that outgrows its blocks gets a larger buffer, its KV copied over."""
+        held = self.kv.get(rid)
+        have = held[0][0].shape[0] if held else 0
+        if tokens <= have:
             return
-        s = self.spec
-        self.kv[rid] = [(torch.empty(max_tokens, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device),
-                         torch.empty(max_tokens, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device))
-                        for _ in range(s.n_moe_layers)]
+        s, n = self.spec, -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+        grown = []
+        for li in range(s.n_moe_layers):
+            kv = [torch.empty(n, s.n_kv_heads, s.hd, dtype=self.dtype, device=self.device) for _ in range(2)]
+            if held:
+                kv[0][:have], kv[1][:have] = held[li]
+            grown.append(tuple(kv))
+        if held:
+            self._kv_bytes -= self._request_kv_bytes(rid)
+        self.kv[rid] = grown
         self._kv_bytes += self._request_kv_bytes(rid)
 
     def kv_free(self, rid: int) -> None:

@@ -9,11 +9,14 @@
   routed experts by active experts and token-expert pairs (layer + a * active +
   b * pairs; the per-layer part joins the attention block's constant, since both
   are paid once per layer), one layer's attention block by tokens, context and
-  requests (a + b * tokens + c * context + d * requests);
+  requests, prompt chunks' context apart (a + b * tokens + c * context + d * requests
+  + e * prefill context: a chunk's scores cost more per element than a decode token's);
 - per-step overhead: a short calibration replay whose step times, less the modelled
   layers and the measured waits for copies, are fitted in the cost model's form
   a + b * sampled + c * tokens (engine, policy, embedding; per request sampled; per
-  token). The policy's own host work per step is part of it, so `emoe confirm`
+  token); its prompt chunks also give the part of the prefill-context coefficient e
+  the one-layer cases miss (the cost of a chunk's scores jumps once they leave the cache).
+  The policy's own host work per step is part of it, so `emoe confirm`
   calibrates with the scenario's own policy and scheduler.
 
 Measured to hold on a busy machine: the thread count is fixed (and recorded, so the
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from replay.model import ReplayModel
+from replay.model import KV_BLOCK_TOKENS, ReplayModel
 
 
 NOISY = 0.10   # relative spread (MAD / median) above which a profile is not trusted
@@ -189,12 +192,14 @@ def model_profile(spec, device, dtype) -> dict:
         b, a = np.polyfit(ex_x, sh_y, 1)
         shared = dict(a=max(float(a), 0.0), b=max(float(b), 0.0))
         spreads["shared_s"] = float(np.median(sh_sp))
-    # One layer's attention block by tokens, context and requests.
-    # Each case's requests get their own ids, so every case's KV stays allocated while all
-    # cases are timed interleaved.
+    # One layer's attention block by tokens, context and requests, and the context prompt chunks
+    # attend to apart (a chunk's scores, tokens x context, cost more per element than a decode
+    # token's once they leave the cache: the prefill-heavy steps). Each case's requests get their
+    # own ids, so every case's KV stays allocated while all cases are timed interleaved.
     rows, fns, rid0 = [], [], 0
     for n_req, n, ctx in [(1, 1, 16), (1, 1, 256), (1, 1, 1024), (4, 1, 256), (8, 1, 256), (16, 1, 128),
-                          (1, 16, 0), (1, 64, 0), (1, 256, 0), (2, 128, 128), (8, 1, 1024)]:
+                          (8, 1, 1024), (1, 16, 0), (1, 64, 0), (1, 128, 0), (1, 256, 0), (1, 512, 0),
+                          (2, 128, 128), (3, 192, 0), (1, 128, 384)]:
         for rid in range(rid0, rid0 + n_req):
             rt.kv_alloc(rid, ctx + n + 1)
         segs = [(rid, (rid - rid0) * n, n, ctx) for rid in range(rid0, rid0 + n_req)]
@@ -204,13 +209,14 @@ def model_profile(spec, device, dtype) -> dict:
             rope = rt.rope_tables(segs)
         fns.append(lambda x=x, segs=segs, rope=rope: rt.attention(0, x, segs, rope))
         ctx_sum = n_req * (n * ctx + n * (n + 1) / 2)
-        rows.append([1.0, n_req * n, ctx_sum, n_req])
+        rows.append([1.0, n_req * n, ctx_sum, n_req, ctx_sum if n > 1 else 0.0])
     with torch.no_grad():
         ys, at_sp = interleaved(fns, device)
     spreads["attention_s"] = float(np.median(at_sp))
     coef = _nonnegative_lstsq(np.array(rows), np.array(ys))
     # The experts' per-layer part rides with the attention block's constant: both once per layer.
-    attention = dict(a=float(coef[0]) + expert["layer"], b=float(coef[1]), c=float(coef[2]), d=float(coef[3]))
+    attention = dict(a=float(coef[0]) + expert["layer"], b=float(coef[1]), c=float(coef[2]), d=float(coef[3]),
+                     e=float(coef[4]))
     rt.cache.link.close()
     shape = {f: getattr(spec, f) for f in ("name", "hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k",
                                            "n_heads", "n_kv_heads", "dtype_bytes", "n_shared_experts")}
@@ -238,12 +244,20 @@ def layer_seconds(measured: dict, timeline, n_layers: int):
     """What the profile's layer functions charge for each step of a timeline (attention and
     routed experts of every MoE layer, shared experts where the model has them)."""
     a, e = measured["attention_s"], measured["expert_s"]
-    layers = n_layers * (a["a"] + a["b"] * timeline.tokens + a["c"] * timeline.attn_ctx
-                         + a["d"] * timeline.batch_requests) + e["a"] * timeline.active_experts \
+    layers = n_layers * attention_seconds(a, timeline) + e["a"] * timeline.active_experts \
         + e["b"] * timeline.tokens * measured["model"]["top_k"]
     if "shared_s" in measured:
         layers = layers + n_layers * (measured["shared_s"]["a"] + measured["shared_s"]["b"] * timeline.tokens)
     return layers
+
+
+def attention_seconds(a: dict, timeline):
+    """One layer's attention for each step of a timeline, as sim/costmodel.py attention_s charges
+    it (e: prompt chunks' context, absent from older profiles and timelines)."""
+    t = a["a"] + a["b"] * timeline.tokens + a["c"] * timeline.attn_ctx + a["d"] * timeline.batch_requests
+    if a.get("e") and "prefill_ctx" in timeline:
+        t = t + a["e"] * timeline.prefill_ctx
+    return t
 
 
 def step_wall(timeline):
@@ -285,8 +299,11 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
     share of the layers suffers, which the layer medians leave out); c: per token (prompt chunks
     carry most). On a decode-only step of D requests the form is a + (b + c) * D, so decode steps
     give a and b + c (a line through them, the steps a burst delayed left out); steps with prompt
-    chunks then give c (median), and b = (b + c) - c. The first step (warming up) and steps after
-    which the engine idled until an arrival are left out."""
+    chunks then give c and prefill_e (least squares on per token and on per layer and unit of
+    prompt-chunk context, the steps a burst delayed left out; with under 3 such steps c alone, a
+    median), and b = (b + c) - c. prefill_e is attention the profile's chunk cases did not price
+    (added to attention_s's e). The first step (warming up) and steps after which the engine
+    idled until an arrival are left out."""
     if len(timeline) > 4:   # the first step warms up (first use of every layer, allocations): not typical
         timeline = timeline.iloc[1:]
     layers = layer_seconds(measured, timeline, n_layers).to_numpy()
@@ -300,20 +317,43 @@ def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:
         a, per_request = _trimmed_line(tl.sampled.to_numpy(float)[decode], resid[decode])
     else:
         a, per_request = max(float(np.median(resid)), 0.0), 0.0
-    c = 0.0
+    c = e = 0.0
     pre = ~decode
     if pre.any():
         p = tl[pre]
         d = p.tokens.to_numpy(float) - p.prefill_tokens.to_numpy(float)          # decode tokens in the step
         done = p.sampled.to_numpy(float) - d                                      # prompts finishing
         y = resid[pre] - a - per_request * d - per_request * done
-        c = float(np.clip(np.median(y / np.maximum(p.prefill_tokens.to_numpy(float) - done, 1.0)), 0.0, per_request)) \
-            if per_request > 0 else max(float(np.median(y / p.prefill_tokens.to_numpy(float))), 0.0)
+        per_token = np.maximum(p.prefill_tokens.to_numpy(float) - done, 1.0)
+        if pre.sum() >= 3 and "prefill_ctx" in p:
+            # The scenario's own prompt chunks: per token (c) and, per layer, per unit of the context
+            # they attend to (e, beyond what the attention cases priced: a chunk's scores out of cache).
+            c, e = _trimmed_fit(np.stack([per_token, n_layers * p.prefill_ctx.to_numpy(float)], axis=1), y)
+            c = min(c, per_request) if per_request > 0 else c
+        else:
+            c = float(np.clip(np.median(y / per_token), 0.0, per_request)) if per_request > 0 \
+                else max(float(np.median(y / p.prefill_tokens.to_numpy(float))), 0.0)
     b = max(per_request - c, 0.0)
     # How steady the calibration replay ran: the unexplained part's spread relative to a step.
-    r = resid - (a + b * tl.sampled.to_numpy(float) + c * tl.tokens.to_numpy(float))
+    r = resid - (a + b * tl.sampled.to_numpy(float) + c * tl.tokens.to_numpy(float)
+                 + e * n_layers * (tl.prefill_ctx.to_numpy(float) if "prefill_ctx" in tl else 0.0))
     spread = float(np.median(np.abs(r - np.median(r))) * 1.4826 / np.median(wall)) if len(r) > 2 else 0.0
-    return dict(a=a, b=b, c=c, spread=spread)
+    return dict(a=a, b=b, c=c, spread=spread, prefill_e=e)
+
+
+def _trimmed_fit(X: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Coefficients >= 0 of y = X @ coef (no intercept), least squares in y's units after dropping
+    points more than 3 MADs off (a step a burst of other work delayed)."""
+    keep = np.ones(len(y), dtype=bool)
+    coef = _nonnegative_lstsq(X, y, relative=False)
+    for _ in range(3):
+        r = y - X @ coef
+        mad = float(np.median(np.abs(r[keep] - np.median(r[keep])))) * 1.4826
+        if mad <= 0 or len(y) < 8:
+            break
+        keep = np.abs(r - np.median(r[keep])) <= 3 * mad
+        coef = _nonnegative_lstsq(X[keep], y[keep], relative=False)
+    return tuple(float(v) for v in coef)
 
 
 def run_profile(device: str, spec, dtype, calibration_scenario: dict | None, max_copy_bytes: int,
@@ -353,7 +393,10 @@ def _profile(dev, spec, dtype, calibration_scenario, max_copy_bytes, scale, host
                               host_experts=host_experts)
         measured["step_s"] = fit_step_overhead(measured, res.timeline, spec.n_moe_layers)
         measured["spread"]["step_s"] = measured["step_s"].pop("spread")
+        # Prompt chunks' attention beyond what the attention cases priced (their scores leave the cache).
+        measured["attention_s"]["e"] += measured["step_s"].pop("prefill_e")
     measured["threads"] = threads
+    measured["kv_block_tokens"] = KV_BLOCK_TOKENS   # how the replay holds KV: the simulator's ledger counts the same
     measured["spread"]["copies"] = copies["spread"]
     name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({platform.processor() or platform.machine()})")

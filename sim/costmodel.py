@@ -91,13 +91,17 @@ class CostModel:
 
     # ---- compute ------------------------------------------------------------
     def attention_s(self, n_tokens: int, attn_ctx: float, kv_tokens: int, n_requests: int = 1,
-                    maximum=max) -> float:
+                    maximum=max, prefill_ctx: float = 0.0) -> float:
         """One layer's attention. attn_ctx: sum over tokens of the context each attends to;
-        kv_tokens: KV entries read (all requests in the step). With maximum=np.maximum,
-        attn_ctx and kv_tokens may be arrays (one per step)."""
+        kv_tokens: KV entries read (all requests in the step); prefill_ctx: the part of attn_ctx
+        that prompt-chunk tokens attend to. With maximum=np.maximum, attn_ctx and kv_tokens may
+        be arrays (one per step)."""
         if self.measured:
             a = self.measured["attention_s"]
-            return a["a"] + a["b"] * n_tokens + a["c"] * attn_ctx + a["d"] * n_requests
+            t = a["a"] + a["b"] * n_tokens + a["c"] * attn_ctx + a["d"] * n_requests
+            # A prompt chunk's scores (tokens x context) cost more per element than a decode
+            # token's once they leave the cache: e, where the profile measured it (older ones: none).
+            return t + a["e"] * prefill_ctx if a.get("e") else t
         m = self.m
         flops = 2 * n_tokens * m.attention_params_per_layer + 4 * attn_ctx * m.n_heads * m.hd
         nbytes = self.attn_bytes + kv_tokens * self.kv_layer_bytes
@@ -131,10 +135,11 @@ class CostModel:
 
     # ---- a whole step ----------------------------------------------------------
     def step(self, t0: float, plan, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: int,
-             n_requests: int = 1, held: np.ndarray | None = None) -> StepTiming:
+             n_requests: int = 1, held: np.ndarray | None = None, prefill_ctx: float = 0.0) -> StepTiming:
         """held: (L, E) the experts the policy holds after planning; queued prefetches of
-        experts it no longer holds (or copies again on demand) are dropped."""
-        attn = self.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests)
+        experts it no longer holds (or copies again on demand) are dropped; prefill_ctx: the part
+        of attn_ctx that prompt-chunk tokens attend to."""
+        attn = self.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests, prefill_ctx=prefill_ctx)
         ffn = self.experts_s(plan.counts, n_tokens)
         fixed = self.fixed_s(n_tokens, n_sampled) + plan.extra_time_s
         self._recording = self.record is not None and self.record_window[0] <= t0 <= self.record_window[1]

@@ -41,6 +41,7 @@ class StepWork:
     n_sampled: int          # requests that produce a token
     attn_ctx: float         # sum over tokens of the context attended to
     kv_read: int            # KV entries read
+    prefill_ctx: float = 0.0   # the part of attn_ctx that prompt-chunk tokens attend to
 
 
 class Engine:
@@ -219,7 +220,8 @@ class Engine:
             prefill_tokens=work.n_tokens - len(work.decode), mem_dense=parts["dense"], mem_experts=parts["experts"],
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
             link_busy_s=timing.link_busy_s, stall_s=timing.stall_s, expert_loads=plan.copies,
-            active_experts=int((plan.counts > 0).sum()), attn_ctx=work.attn_ctx, sampled=work.n_sampled))
+            active_experts=int((plan.counts > 0).sum()), attn_ctx=work.attn_ctx, sampled=work.n_sampled,
+            prefill_ctx=work.prefill_ctx))
         self._chunks = work.chunks
         self._decode = work.decode
         self.steps += 1
@@ -245,17 +247,19 @@ class Engine:
         token_req = np.arange(len(decode))
         attn_ctx = float(decode_ctx) + len(decode)
         kv_read = decode_ctx + sum(r.prefilled for r, _ in chunks) + n_new   # a prefilling request has generated 0
+        prefill_ctx = 0.0
         if chunks:
             rows = np.concatenate([rows] + [np.arange(r.next_row, r.next_row + c) for r, c in chunks])
             token_req = np.concatenate([token_req] + [np.full(c, len(decode) + i) for i, (_, c) in enumerate(chunks)])
-            attn_ctx += sum(c * r.prefilled + c * (c + 1) / 2 for r, c in chunks)
+            prefill_ctx = sum(c * r.prefilled + c * (c + 1) / 2 for r, c in chunks)
+            attn_ctx += prefill_ctx
         t = self.trace
         batch = StepBatch(step=self.steps, experts=t.experts[rows], gates=t.gates[rows],
                           probs=None if t.router_probs is None else t.router_probs[rows], token_req=token_req,
                           requests=reqs)
         n_sampled = len(decode) + sum(1 for r, c in chunks if r.prefilled + c >= r.prompt_tokens)
         return StepWork(decode=decode, chunks=chunks, rows=rows, batch=batch, n_new=n_new, n_tokens=len(rows),
-                        n_sampled=n_sampled, attn_ctx=attn_ctx, kv_read=kv_read)
+                        n_sampled=n_sampled, attn_ctx=attn_ctx, kv_read=kv_read, prefill_ctx=prefill_ctx)
 
     # ---- light load: a lone request's decode steps at once ----------------------------------
     # (limits.decode_runs: false steps one by one instead: same results, for checking)
@@ -295,6 +299,8 @@ class Engine:
         mem = self.mem
         kv = mem.kv_used + np.arange(1, n + 1) * float(mem.kv_per_token)
         mem.kv_used = float(kv[-1])
+        if mem.kv_block > 1:     # KV in blocks: what the lone request holds after each step
+            kv = mem.kv_held(req.context + np.arange(1, n + 1)).astype(float)
         parts = mem.sample_run(plan.resident, kv, 1, 1)
         loads = plan.demand.sum(axis=1)
         active = np.count_nonzero(plan.counts, axis=(1, 2))
@@ -306,7 +312,7 @@ class Engine:
             mem_experts=parts["experts"].tolist(), mem_kv=parts["kv"].tolist(),
             mem_activations=parts["activations"].tolist(), mem_predictor=parts["predictor"].tolist(),
             link_busy_s=copies.tolist(), stall_s=copies.tolist(), expert_loads=loads.tolist(),
-            active_experts=active.tolist(), attn_ctx=attn_ctx.tolist(), sampled=one))
+            active_experts=active.tolist(), attn_ctx=attn_ctx.tolist(), sampled=one, prefill_ctx=[0.0] * n))
         for start, d in zip(starts.tolist(), durations.tolist()):
             self.scheduler.on_step(self.running, d, start)
         self.steps += n
@@ -322,11 +328,18 @@ class Engine:
     def execute(self, now: float, work: StepWork, plan) -> StepTiming:
         """The step's time: the cost model here, real execution in the replayer."""
         return self.cost.step(now, plan, work.n_tokens, work.n_sampled, work.attn_ctx, work.kv_read,
-                              len(work.batch.requests), held=self.policy.resident)
+                              len(work.batch.requests), held=self.policy.resident, prefill_ctx=work.prefill_ctx)
 
     def memory_parts(self, plan, work: StepWork) -> dict:
         """The step's memory by part: the ledger here, measured bytes in the replayer."""
-        return self.mem.sample(int(self.policy.resident.sum()), plan.staged, work.n_tokens, work.n_sampled)
+        kv = self.kv_held_bytes(work) if self.mem.kv_block > 1 else None
+        return self.mem.sample(int(self.policy.resident.sum()), plan.staged, work.n_tokens, work.n_sampled, kv)
+
+    def kv_held_bytes(self, work: StepWork) -> float:
+        """KV held once the step's tokens are written, in whole blocks per request."""
+        new = {r.index: 1 for r in work.decode}
+        new.update((r.index, c) for r, c in work.chunks)
+        return float(sum(self.mem.kv_held(r.context + new.get(r.index, 0)) for r in self.running))
 
     def _advance(self, now: float):
         """Apply the step's progress once its time has passed."""

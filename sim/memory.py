@@ -45,6 +45,9 @@ class MemoryLedger:
         self.logit_bytes = model.vocab * 4
         self.act_reserve = max_batch_tokens * self.act_per_token
         self.kv_per_token = model.kv_bytes_per_token
+        # KV held in blocks of this many tokens per request (a measured profile of the replay says
+        # how the replay holds it; 1: per token, the datasheet presets). Admission stays per token.
+        self.kv_block = int((hw.measured or {}).get("kv_block_tokens", 1))
         self.kv_budget = self.budget - self.dense - self.expert_reserve - self.predictor - self.act_reserve
         if self.kv_budget < self.kv_per_token * 16:
             fixed = self.dense + self.expert_reserve + self.predictor + self.act_reserve
@@ -62,11 +65,18 @@ class MemoryLedger:
     def kv_fits(self, tokens: int) -> bool:
         return self.kv_used + tokens * self.kv_per_token <= self.kv_budget
 
-    def sample(self, resident_experts: int, staged: int, n_tokens: int, n_sampled: int) -> dict:
-        """The memory of one step, by part; updates the peaks."""
+    def kv_held(self, tokens):
+        """Bytes of KV a request holding `tokens` tokens occupies (whole blocks; an array works too)."""
+        b = self.kv_block
+        return (-(-tokens // b) * b) * self.kv_per_token
+
+    def sample(self, resident_experts: int, staged: int, n_tokens: int, n_sampled: int,
+               kv: float | None = None) -> dict:
+        """The memory of one step, by part; updates the peaks. kv: the KV held, if not kv_used
+        (KV in blocks: Engine.kv_held_bytes)."""
         parts = dict(dense=float(self.dense),
                      experts=float((resident_experts + min(staged, self.model.top_k)) * self.bpe),
-                     kv=float(self.kv_used),
+                     kv=float(self.kv_used if kv is None else kv),
                      activations=float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes),
                      predictor=float(self.predictor))
         total = sum(parts.values())

@@ -26,6 +26,7 @@ class TimelineRow(NamedTuple):
     active_experts: int     # (layer, expert) pairs computing
     attn_ctx: float         # sum over tokens of the context attended to
     sampled: int            # requests that produced a token
+    prefill_ctx: float      # the part of attn_ctx that prompt-chunk tokens attend to
 
 
 TIMELINE_COLUMNS = TimelineRow._fields

@@ -305,3 +305,27 @@ def test_a_copy_in_flight_at_the_step_start_delays_streamed_copies_not_cached_ex
     walk = b._step_with_copies(0.0, p, b.attention_s(6, 100, 100), b.experts_s(counts, 6), b.fixed_s(6, 1))
     assert fast.duration_s == pytest.approx(walk.duration_s, rel=1e-12)
     assert fast.stall_s == pytest.approx(walk.stall_s, abs=1e-12)
+
+
+def _measured(**attention):
+    shape = {k: getattr(M, k) for k in ("hidden", "expert_ffn", "n_moe_layers", "n_experts", "top_k", "n_heads",
+                                        "n_kv_heads", "n_shared_experts")}
+    return {"model": shape, "attention_s": {"a": 1e-4, "b": 1e-6, "c": 1e-8, "d": 5e-5, **attention},
+            "expert_s": {"a": 2e-4, "b": 1e-6, "layer": 0.0}, "step_s": {"a": 1e-3, "b": 0.0, "c": 0.0}}
+
+
+def test_a_profiles_prefill_context_term_prices_prompt_chunks_only():
+    from dataclasses import replace
+    old = CostModel(M, replace(HW, measured=_measured()))          # a profile from before the term
+    new = CostModel(M, replace(HW, measured=_measured(e=2e-8)))
+    # Without the term (older profiles, datasheet presets) prompt-chunk context costs what it did.
+    assert old.attention_s(300, 5e4, 300, 2, prefill_ctx=4e4) == old.attention_s(300, 5e4, 300, 2)
+    assert new.attention_s(300, 5e4, 300, 2, prefill_ctx=4e4) == pytest.approx(
+        old.attention_s(300, 5e4, 300, 2) + 2e-8 * 4e4)
+    assert new.attention_s(8, 4e3, 4e3, 8) == old.attention_s(8, 4e3, 4e3, 8)     # decode: unchanged
+    p = plan()
+    a = old.step(0.0, p, 300, 1, 5e4, 300, 2, prefill_ctx=4e4).duration_s
+    b = new.step(0.0, p, 300, 1, 5e4, 300, 2, prefill_ctx=4e4).duration_s
+    assert b - a == pytest.approx(L * 2e-8 * 4e4)
+    roofline = CostModel(M, HW)
+    assert roofline.attention_s(300, 5e4, 300, 2, prefill_ctx=4e4) == roofline.attention_s(300, 5e4, 300, 2)

@@ -77,6 +77,48 @@ def test_out_of_memory_keeps_what_was_done(tiny_trace_path, tmp_path, monkeypatc
     assert (out / "requests.csv").exists() and (out / "summary.json").exists()
 
 
+def test_replay_holds_the_memory_the_simulator_counts(tiny_trace_path, tmp_path):
+    """What the replay holds is what the simulator's ledger counts: KV per block of tokens as it
+    is written (a profile records the replay's block), the staging slots a step streams through,
+    dense weights, activations and logits; part by part, exactly."""
+    from replay.model import KV_BLOCK_TOKENS
+    data = scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5})
+    data["hardware"] = {**data["hardware"], "measured": {"kv_block_tokens": KV_BLOCK_TOKENS}}
+    rp = replay_scenario(data, "cpu")
+    resolved = rp.write(tmp_path / "rp") / "scenario.yaml"
+    sim = run_scenario(load_scenario(resolved))
+    assert rp.summary["misses"] > 0           # experts streamed through the staging slots
+    for part in ("dense", "experts", "kv", "activations"):
+        assert rp.summary[f"peak_{part}_bytes"] == sim.summary[f"peak_{part}_bytes"], part
+    assert rp.summary["peak_memory_bytes"] == sim.summary["peak_memory_bytes"]
+    # Stepping one by one (no decode runs) counts the same blocks.
+    one_by_one = load_scenario(resolved)
+    one_by_one["limits"]["decode_runs"] = False
+    steps = run_scenario(one_by_one)
+    assert steps.summary["peak_kv_bytes"] == sim.summary["peak_kv_bytes"]
+
+
+def test_kv_grows_in_blocks_and_a_tied_head_is_the_embedding():
+    from dataclasses import replace
+
+    from replay.model import KV_BLOCK_TOKENS, ReplayModel
+    from traces.model_shape import get_model
+    spec = replace(get_model("tiny"), dtype_bytes=4)
+    rt = ReplayModel(spec, n_slots=4)
+    per_token = 2 * spec.n_moe_layers * spec.n_kv_heads * spec.hd * 4
+    rt.kv_alloc(7, 5)
+    assert rt.kv_bytes() == KV_BLOCK_TOKENS * per_token
+    rt.kv[7][0][0][:5] = 1.0
+    rt.kv_alloc(7, KV_BLOCK_TOKENS + 1)       # outgrows its block: a larger buffer, the KV copied over
+    assert rt.kv_bytes() == 2 * KV_BLOCK_TOKENS * per_token and (rt.kv[7][0][0][:5] == 1.0).all()
+    rt.kv_free(7)
+    assert rt.kv_bytes() == 0
+    assert rt.head is not rt.embed and rt.dense_bytes == spec.dense_bytes
+    tied = replace(spec, tied_embeddings=True)
+    rt = ReplayModel(tied, n_slots=4)
+    assert rt.head is rt.embed and rt.dense_bytes == tied.dense_bytes
+
+
 def test_cuda_requested_without_a_gpu_is_a_clear_error(tiny_trace_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -195,6 +195,7 @@ class EmoeScheduler(Scheduler):
         self._seen = seen
         attn_ctx = float(sum(r.context + seen[r.index][1] for r in decode)) + len(decode)
         kv = attn_ctx
+        prefill_ctx = 0.0
         n_req = len(decode)
         budget = self.costs.chunk_size(len(decode))
         for r in running:
@@ -207,11 +208,12 @@ class EmoeScheduler(Scheduler):
             n_tokens += c
             n_sampled += int(c == left)
             attn_ctx += c * r.prefilled + c * (c + 1) / 2
+            prefill_ctx += c * r.prefilled + c * (c + 1) / 2
             kv += r.prefilled + c
             n_req += 1
             if budget is not None:
                 budget -= c
-        return self.costs.compute_s(n_tokens, n_sampled, attn_ctx, kv, n_req)
+        return self.costs.compute_s(n_tokens, n_sampled, attn_ctx, kv, n_req, prefill_ctx)
 
     def on_finish(self, req, now):
         realised = now - req.arrival_s

@@ -33,15 +33,17 @@ class StepCosts:
             m = cost.m
             self.L, self.E, self.k = m.n_moe_layers, m.n_experts, m.top_k
 
-    def compute_s(self, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: float, n_requests: int) -> float:
+    def compute_s(self, n_tokens: int, n_sampled: int, attn_ctx: float, kv_tokens: float, n_requests: int,
+                  prefill_ctx: float = 0.0) -> float:
         """One step's compute: n_tokens processed, n_sampled of them sampled, attn_ctx the sum
-        over tokens of the context each attends to, kv_tokens KV entries read."""
+        over tokens of the context each attends to (prefill_ctx of it by prompt-chunk tokens),
+        kv_tokens KV entries read."""
         if n_tokens <= 0:
             return 0.0
         if self.cost is None:
             return self.per_token_s * n_tokens
         c = self.cost
-        attn = c.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests)
+        attn = c.attention_s(n_tokens, attn_ctx, kv_tokens, n_requests, prefill_ctx=prefill_ctx)
         return c.fixed_s(n_tokens, n_sampled) + self.L * attn + self.ffn_s(n_tokens)
 
     def ffn_s(self, n_tokens: int) -> float:
@@ -86,8 +88,9 @@ class StepCosts:
         while left > 0:
             c = min(size, left)
             last = c == left
-            with_chunk = self.compute_s(n_decode + c, n_decode + int(last), dec_ctx + c * p + c * (c + 1) / 2,
-                                        dec_ctx + p + c, n_decode + 1)
+            chunk_ctx = c * p + c * (c + 1) / 2
+            with_chunk = self.compute_s(n_decode + c, n_decode + int(last), dec_ctx + chunk_ctx,
+                                        dec_ctx + p + c, n_decode + 1, chunk_ctx)
             total += with_chunk - base
             steps += 1
             p += c
