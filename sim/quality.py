@@ -128,9 +128,9 @@ def summarize(calib: dict | None, requests, model: str | None = None, calibratio
         return {}
     done = requests[requests.completed]
     per = {}
-    for task, g in done.groupby("task"):
+    for task, g in done.groupby("task", observed=True):   # (observed: a categorical task column)
         per[task] = estimate(calib, task, float(g.gate_mass_kept.mean()))
-    weights = done.groupby("task").output_tokens.sum()
+    weights = done.groupby("task", observed=True).output_tokens.sum()
     overall = float(sum(per[t] * weights[t] for t in per) / max(weights.sum(), 1)) if per else float("nan")
     return {"estimated_quality": overall, "estimated_quality_per_task": per,
             "estimated_quality_source": provenance(calib, model),

@@ -80,11 +80,13 @@ class TableLog:
 
     def blocks(self, columns: list[str] | None = None):
         """The table's blocks in order, as DataFrames (only `columns`, if given)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
         for path in self._files:
             f = pq.ParquetFile(path)
             for i in range(f.num_row_groups):
                 yield self._typed(f.read_row_group(i, columns=columns).to_pandas())
+            pa.default_memory_pool().release_unused()   # Arrow's allocator keeps what it freed, else
         for b in self._held:
             yield b if columns is None else b[columns]
 
