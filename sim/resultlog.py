@@ -86,7 +86,7 @@ class TableLog:
             f = pq.ParquetFile(path)
             for i in range(f.num_row_groups):
                 yield self._typed(f.read_row_group(i, columns=columns).to_pandas())
-            pa.default_memory_pool().release_unused()   # Arrow's allocator keeps what it freed, else
+            pa.default_memory_pool().release_unused()   # (Arrow's allocator would keep what it freed)
         for b in self._held:
             yield b if columns is None else b[columns]
 
@@ -107,8 +107,9 @@ class TableLog:
         """The whole table in memory (a user asking for it; a run never does)."""
         parts = list(self.blocks(columns))
         if not parts:
-            return self._empty if columns is None else self._empty[columns]
-        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+            return (self._empty if columns is None else self._empty[columns]).copy()
+        # a copy: what the caller changes is not what the run writes
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True).copy()
 
     def write(self, parquet: Path | None, csv: Path) -> None:
         """The table as CSV (and Parquet, if a path is given), block by block."""
