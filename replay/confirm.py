@@ -102,6 +102,11 @@ def check_profile(profile_path, spec, device: str) -> dict:
     dev = str(prof.get("info", {}).get("device", ""))
     if device.startswith("cuda") != (not dev.startswith("cpu")):
         raise ConfirmError(f"--profile {p} was measured on '{dev}', the replay runs on {device}; profile this device")
+    if "kv_block_tokens" not in prof["measured"]:
+        # the replay holds KV in blocks; without the block the simulation would count it per token
+        raise ConfirmError(f"--profile {p} predates KV blocks (no measured.kv_block_tokens), so the simulation "
+                           "would count KV per token against the replay's blocks; profile again (leave --profile "
+                           "out, or `emoe profile --scenario SCENARIO`)")
     return prof
 
 

@@ -46,13 +46,13 @@ class StepWork:
 
 class Engine:
     def __init__(self, model, hw, trace, requests, policy, scheduler, limits: dict, progress=None, clock=None):
-        """requests: a list, or requests in arrival order built as they arrive (sim/workload.py
-        Arrivals); either way, each request's row goes to the request table when it leaves."""
+        """requests: Requests (any order), or an Arrivals (sim/workload.py), which builds them in
+        arrival order as they arrive; each request's row goes to the request table when it leaves."""
         self.model, self.hw, self.trace = model, hw, trace
         self.clock = clock or VirtualClock()
         self.n_requests = len(requests)
-        self._to_arrive = iter(sorted(requests, key=lambda r: (r.arrival_s, r.index))
-                               if isinstance(requests, list) else requests)
+        in_order = getattr(requests, "in_arrival_order", False)   # sim/workload.py Arrivals
+        self._to_arrive = iter(requests if in_order else sorted(requests, key=lambda r: (r.arrival_s, r.index)))
         self.policy, self.scheduler = policy, scheduler
         self.max_tokens = int(limits["max_batch_tokens"])
         self.max_running = int(limits["max_running"])

@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from traces.errors import UserError
+
+
+class SpoolError(UserError):
+    """The temporary directory cannot take a run's spilled tables."""
+
 
 class TableLog:
     """A table as blocks of rows (DataFrames of the same columns), spilled to Parquet beyond
@@ -69,12 +75,16 @@ class TableLog:
 
     def _spill(self) -> None:
         import pyarrow.parquet as pq
-        if self._spool is None:
-            self._spool = tempfile.TemporaryDirectory(prefix="emoe-spool-")
-        path = Path(self._spool.name) / f"part-{len(self._files):05d}.parquet"
-        with pq.ParquetWriter(path, self._arrow(self._held[0]).schema) as w:
-            for b in self._held:
-                w.write_table(self._arrow(b))
+        try:
+            if self._spool is None:
+                self._spool = tempfile.TemporaryDirectory(prefix="emoe-spool-")
+            path = Path(self._spool.name) / f"part-{len(self._files):05d}.parquet"
+            with pq.ParquetWriter(path, self._arrow(self._held[0]).schema) as w:
+                for b in self._held:
+                    w.write_table(self._arrow(b))
+        except OSError as e:   # (Arrow's IO errors are OSErrors too)
+            raise SpoolError(f"cannot write the results spool in {tempfile.gettempdir()} ({e}); point TMPDIR at a "
+                             "directory with room (a million requests need about 0.3 GB)") from None
         self._files.append(path)
         self._held, self._held_rows = [], 0
 

@@ -74,6 +74,7 @@ def slo_for(sc: dict, task: str) -> dict:
 class Arrivals:
     """The workload's requests in arrival order (ties by index), each Request built as it
     arrives: a day of traffic cannot hold a million of them at once."""
+    in_arrival_order = True   # what the engine iterates as is
 
     def __init__(self, sc: dict, trace: Trace):
         self.trace = trace

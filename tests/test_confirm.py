@@ -9,6 +9,7 @@ import yaml
 
 from replay.compare import DEFAULT_TOLERANCES, parse_tolerances, verdict
 from sim.cli import CONFIRM_FAILED, main
+from traces import yamlio
 from traces.errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -97,6 +98,14 @@ def test_confirm_refuses_a_profile_of_another_model_and_bad_options(tmp_path, ti
                  "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was measured for tiny" in err[0] and "tiny/s2" in err[0]
+    # A profile from before KV blocks: the simulation would count KV per token against the replay's blocks.
+    old = yamlio.safe_load(prof.read_text())
+    assert old["measured"].pop("kv_block_tokens") == 16
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert main(["confirm", str(sc), "--device", "cpu", "--profile", str(tmp_path / "old.yaml"),
+                 "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predates KV blocks" in err[0] and "profile again" in err[0]
     for args in (["--tolerance", "latency=fast"], ["--profile", str(tmp_path / "none.yaml")]):
         assert main(["confirm", str(sc), "--device", "cpu", *args, "-o", str(tmp_path / "y")]) == 2
     with pytest.raises(SystemExit) as stop:     # refused as the argument is read

@@ -93,3 +93,31 @@ def test_engine_holds_no_request_after_it_leaves(tiny_trace_path, small_blocks, 
     assert n >= 40 and len(live) >= 10
     # at most a block waiting to be tabled, those running or queued, and the next to arrive
     assert max(live) <= RequestLog.BLOCK + 16 + 2, max(live)
+
+
+def test_a_spool_that_cannot_be_written_is_one_line_naming_tmpdir(tiny_trace_path, small_blocks, tmp_path,
+                                                                  monkeypatch, capsys):
+    import tempfile
+
+    from sim.cli import main
+    from sim.scenario import dump
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no" / "such" / "dir"))
+    sc = tmp_path / "s.yaml"
+    sc.write_text(dump(tiny_scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5})))
+    assert main(["run", str(sc), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results spool" in err[0] and "TMPDIR" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_takes_requests_in_any_order(tiny_trace_path):
+    """A sequence of Requests (not only a list) is served in arrival order, as Arrivals is."""
+    from sim.run import build, outcome
+    from sim.workload import Arrivals, build_requests
+    sc = tiny_scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5})
+    summaries = []
+    for make in (lambda p: Arrivals(sc, p.trace), lambda p: tuple(reversed(build_requests(sc, p.trace)))):
+        parts = build(sc)
+        eng = Engine(*parts[:2], parts.trace, make(parts), parts.policy, parts.scheduler, sc["limits"]).run()
+        summaries.append(outcome(eng, sc)[0])
+    assert summaries[0] == summaries[1]
