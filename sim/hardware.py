@@ -140,5 +140,9 @@ def get_hardware(spec, base_dir: Path | None = None) -> HardwareSpec:
     if int(base["count"]) != base["count"]:
         raise ValueError(f"hardware.count must be a whole number of GPUs, got {base['count']!r}")
     base["count"] = int(base["count"])
+    block = (base.get("measured") or {}).get("kv_block_tokens", 1)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{base.get('source') or 'hardware'}: measured.kv_block_tokens must be a whole number of "
+                         f"tokens >= 1 (the replay's KV block), got {block!r}; profile again or remove it")
     return HardwareSpec(**base)
 

@@ -80,6 +80,8 @@ CASES = {
                                                      "p.yaml": "hardware: [1\n"}),
         ("hardware-profile-keys", RUN, "unknown hardware profile key(s) ['foo', 'hardware.hbm']",
          {"s.yaml": scen(hardware={"profile": "p.yaml"}), "p.yaml": "foo: 1\nhardware: {hbm: 2.0e11}\n"}),
+        ("hardware-kv-block", RUN, "measured.kv_block_tokens must be a whole number of tokens >= 1",
+         {"s.yaml": scen(hardware={"profile": "p.yaml"}), "p.yaml": "hardware: {}\nmeasured: {kv_block_tokens: 0}\n"}),
         ("hardware-value", RUN, "hardware.memory_bytes must be a non-negative number",
          {"s.yaml": scen(hardware={**TINY_HW, "memory_bytes": -1})}),
         ("seed", RUN, "seed must be a whole number >= 0", {"s.yaml": scen(seed="x")}),
