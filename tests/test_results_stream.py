@@ -28,6 +28,9 @@ CASES = {
     # stopped at a limit: requests running, waiting and not yet arrived are tabled as they stand
     "stopped early": {"limits__max_sim_time_s": 1.0},
     "batch, preempting": {"workload__arrival": {"process": "batch"}, "hardware__memory_bytes": 2.2e6},
+    # shortest first: requests leave far out of workload order, and some are refused
+    "sjf, rejecting": {"workload__arrival": {"process": "batch"}, "scheduler": {"name": "sjf"},
+                       "hardware__memory_bytes": 1.68e6},
 }
 
 
