@@ -276,17 +276,8 @@ def busy_steps(timeline) -> np.ndarray:
 def _trimmed_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(intercept, slope) >= 0 of y = intercept + slope * x, least squares in y's units after
     dropping points more than 3 MADs off the line (a step a burst of other work delayed)."""
-    X = np.stack([np.ones(len(x)), x], axis=1)
-    keep = np.ones(len(x), dtype=bool)
-    coef = _nonnegative_lstsq(X, y, relative=False)
-    for _ in range(3):
-        r = y - X @ coef
-        mad = float(np.median(np.abs(r[keep] - np.median(r[keep])))) * 1.4826
-        if mad <= 0 or len(x) < 8:
-            break
-        keep = np.abs(r - np.median(r[keep])) <= 3 * mad
-        coef = _nonnegative_lstsq(X[keep], y[keep], relative=False)
-    return float(coef[0]), float(coef[1])
+    intercept, slope = _trimmed_fit(np.stack([np.ones(len(x)), x], axis=1), y)
+    return intercept, slope
 
 
 def fit_step_overhead(measured: dict, timeline, n_layers: int) -> dict:

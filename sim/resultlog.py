@@ -79,9 +79,10 @@ class TableLog:
             if self._spool is None:
                 self._spool = tempfile.TemporaryDirectory(prefix="emoe-spool-")
             path = Path(self._spool.name) / f"part-{len(self._files):05d}.parquet"
-            with pq.ParquetWriter(path, self._arrow(self._held[0]).schema) as w:
-                for b in self._held:
-                    w.write_table(self._arrow(b))
+            tables = [self._arrow(b) for b in self._held]
+            with pq.ParquetWriter(path, tables[0].schema) as w:
+                for t in tables:
+                    w.write_table(t)
         except OSError as e:   # (Arrow's IO errors are OSErrors too)
             raise SpoolError(f"cannot write the results spool in {tempfile.gettempdir()} ({e}); point TMPDIR at a "
                              "directory with room (a million requests need about 0.3 GB)") from None
