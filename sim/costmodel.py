@@ -34,6 +34,16 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class _StepOf:
+    """Step j of a RunPlan, as the layer walk (_step_with_copies) reads a StepPlan."""
+    prefetch = ()
+
+    def __init__(self, run, j: int):
+        self.counts, self.demand = run.counts[j], run.demand[j]
+        self.streamed = None if run.streamed is None else run.streamed[j]
+        self.missing = None if run.missing is None else run.missing[j]
+
+
 @dataclass
 class StepTiming:
     duration_s: float
@@ -268,6 +278,72 @@ class CostModel:
             self.link_free_at = (float(starts[j]) + fixed + (last + 1) * float(attn[j]) + float(before)
                                  + float(dem[:last + 1].sum()) * self.copy_s)
         return starts, durations, copies
+
+    def batch_run(self, t0: float, run, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray):
+        """step() for T consecutive decode steps of the same n requests (n tokens a step), all
+        at once: the same arithmetic in the same order, one row per step. Needs an idle link at
+        t0; every step's copies then end before the step does (a layer's copies land before it
+        computes), so each step finds the link idle too and no step waits for an earlier one.
+        A step whose streamed copies do not fit the closed form is walked layer by layer, as
+        step() does. Returns (start times, durations, link busy seconds, stall seconds) and
+        leaves the link, and the copy counts, as step() would."""
+        T, L = run.demand.shape
+        c = self.copy_s
+        self.landing.clear()                     # (step() forgets landed prefetches the same way)
+        attn = self.attention_s(n, attn_ctx, kv_tokens, n, maximum=np.maximum)    # (T,)
+        ffn = self.experts_s(run.counts, n)                                      # (T, L)
+        fixed = self.fixed_s(n, n)
+        base = fixed + L * attn                  # step(): fixed + len(ffn) * attn + ...
+        n_copies = run.demand.sum(axis=1)
+        copies = n_copies * c
+        ffn_total = ffn.cumsum(axis=1)[:, -1]
+        durations = np.where(n_copies > 0, base + ffn_total + copies, base + ffn.sum(axis=1))
+        busy, stall = copies.astype(float), copies.astype(float)
+        walk = np.zeros(T, dtype=bool)
+        extra = None
+        if run.streamed is not None:
+            s = run.streamed
+            on = s > 0
+            each = ffn / np.maximum(np.add.reduce(run.counts > 0, axis=2), np.maximum(s, 1))
+            k = self.m.top_k
+            walk = on.any(axis=1) & (k < 2 or (on & ((each > c) | (ffn - (s - 1) * each > k * c))).any(axis=1))
+            extra = np.where(on, np.maximum(0.0, s * c + each - ffn) - s * c, 0.0)
+            added = run.demand * c + extra
+            added_total = added.cumsum(axis=1)[:, -1]
+            closed = on.any(axis=1)
+            durations = np.where(closed, base + ffn_total + added_total, durations)
+            stall = np.where(closed, added_total, stall)
+        walked = np.flatnonzero(walk)
+        self.copies["demand"] += int(n_copies[~walk].sum())
+        for j in walked.tolist():                # rare: a staging slot binds
+            starts = np.concatenate([[t0], durations[:j]]).cumsum()
+            plan = _StepOf(run, j)
+            self._busy = 0.0
+            tm = self._step_with_copies(float(starts[j]), plan, float(attn[j]), ffn[j], fixed)
+            durations[j], busy[j], stall[j] = tm.duration_s, tm.link_busy_s, tm.stall_s
+        starts = np.concatenate([[t0], durations[:-1]]).cumsum()
+        have = np.flatnonzero(n_copies)
+        if len(have) and not walk[have[-1]]:     # the link as the last step with copies left it
+            j = int(have[-1])
+            dem = run.demand[j]
+            last = int(np.flatnonzero(dem)[-1])
+            ffn_before = float(ffn[j].cumsum()[last - 1]) if last else 0.0
+            if extra is not None and run.streamed[j].any():
+                added_before = float(added[j].cumsum()[last - 1]) if last else 0.0
+                self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + ffn_before
+                                     + added_before + float(dem[last]) * c)
+            else:
+                self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + ffn_before
+                                     + float(dem[:last + 1].sum()) * c)
+        return starts, durations, busy, stall
+
+    def batch_upper_bound(self, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray) -> np.ndarray:
+        """(T,) the longest each decode step of the same n requests could take: every expert
+        active with every token, every one copied (what a batch run's length is cut by)."""
+        L, E = self.m.n_moe_layers, self.m.n_experts
+        attn = self.attention_s(n, attn_ctx, kv_tokens, n, maximum=np.maximum)
+        ffn = float(self.experts_s(np.full((L, E), n * self.m.top_k), n).sum())
+        return (self.fixed_s(n, n) + L * attn + ffn + L * min(E, n * self.m.top_k) * self.copy_s) * (1 + 1e-9)
 
     def decode_upper_bound(self, contexts: np.ndarray, max_loads: int) -> np.ndarray:
         """(T,) the longest each single-token decode step could take, with at most max_loads

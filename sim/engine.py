@@ -24,8 +24,9 @@ from sortedcontainers import SortedKeyList
 from sim.clock import VirtualClock
 from sim.costmodel import CostModel, StepTiming
 from sim.memory import MemoryLedger
-from sim.policies.base import StepBatch
+from sim.policies.base import ExpertPolicy, StepBatch
 from sim.resultlog import RequestLog
+from sim.schedulers.base import Scheduler
 from sim.timeline import TIMELINE_COLUMNS, TimelineLog, TimelineRow, rows_from_columns  # noqa: F401 (TIMELINE_COLUMNS: re-exported)
 
 
@@ -77,6 +78,8 @@ class Engine:
         self._wake = None
         self._next_arrival_s = 0.0     # when the arrival process next enqueues a request
         self._arriving = None          # ... and which request that is
+        self._run_arrivals = None      # (time, scheduled at) of arrivals during a batch run
+        self._run_rows = None          # a batch run's timeline columns, written when it ends
         self.stopped_early = ""
         self.elapsed_s: float | None = None   # the clock when serving ended (set by run)
 
@@ -92,11 +95,15 @@ class Engine:
         return self
 
     def _arrivals(self, env):
+        scheduled = 0.0     # when the arrival event now awaited was scheduled (SimPy's tie order)
         for req in self._to_arrive:
             self._arriving, self._next_arrival_s = req, req.arrival_s
             if req.arrival_s > env.now:
+                scheduled = env.now
                 yield env.timeout(req.arrival_s - env.now)
             self._arriving = None
+            if self._run_arrivals is not None:    # during a batch run: its timeline counts them
+                self._run_arrivals.append((env.now, scheduled))
             self.enqueue(req)
             self.policy.on_arrival(req, env.now)
             if self._wake is not None and not self._wake.triggered:
@@ -114,11 +121,11 @@ class Engine:
                 yield self._wake
                 self._wake = None
                 continue
-            run = self._decode_run(env.now)
+            run = self._decode_run(env.now) or self._batch_run(env.now)
             if run:
-                req, n_steps, end = run
+                reqs, n_steps, end = run
                 yield env.timeout(end - env.now)
-                self._advance_run(req, n_steps, env.now)
+                self._advance_run(reqs, n_steps, env.now)
                 continue
             yield env.timeout(self._step(env.now))
             self._advance(env.now)
@@ -316,13 +323,120 @@ class Engine:
         for start, d in zip(starts.tolist(), durations.tolist()):
             self.scheduler.on_step(self.running, d, start)
         self.steps += n
-        return req, n, float(starts[-1] + durations[-1])
+        return [req], n, float(starts[-1] + durations[-1])
 
-    def _advance_run(self, req, n_steps: int, now: float):
-        """_advance for a decode run: the request generated n_steps tokens."""
-        req.generated += n_steps
-        if req.generated >= req.output_tokens:
-            self._finish([req], now)
+    # ---- saturation: the same requests decoding together, their steps at once ---------------
+    def _batch_run(self, now: float):
+        """At saturation every running request decodes and nothing can join them (no slot, or
+        no one waiting), so the batch is the same from step to step until the first of them
+        finishes. Then the policy and the cost model plan those steps in one vectorised call
+        (same decisions, times to float rounding) and SimPy sees one event. Cut where stepping
+        would do something else: a step whose KV would not fit (a preemption), max_steps, and,
+        unless no request can join before the run ends, the next arrival (every step starts
+        before it even if all its experts missed). Arrivals while every slot is taken only
+        join the queue: the run's timeline counts them per step (an arrival at exactly a step's
+        start counts as SimPy orders the two events). Returns (requests, steps, end) or None."""
+        running, policy = self.running, self.policy
+        B = len(running)
+        if (not self.decode_runs or not B or (B == 1 and not self.waiting) or not policy.plans_batch_runs
+                or not self.cost.link_idle(now) or any(r.in_prefill for r in running)):
+            return None
+        full = B >= self.max_running
+        # Requests waiting: none can be admitted while every slot is taken, and the base
+        # scheduler's select has no side effects to skip (the eMoE scheduler's has).
+        if self.waiting and not (full and type(self.scheduler).select is Scheduler.select):
+            return None
+        # Arrivals during the run change nothing if they cannot join and the policy does not
+        # look at them (the eMoE policy counts them).
+        arrivals_join = not full or type(policy).on_arrival is not ExpertPolicy.on_arrival
+        n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN)
+        if self.max_steps:
+            n = min(n, self.max_steps - self.steps)
+        mem = self.mem
+        new_kv = B * mem.kv_per_token
+        kv = np.concatenate([[mem.kv_used], np.full(n, new_kv)]).cumsum()   # as kv_used += each step
+        fits = kv[:-1] + new_kv <= mem.kv_budget          # stepping's kv_fits, step by step
+        if not fits.all():
+            n = int(np.argmin(fits))                      # the step that would preempt
+        if n < 2:
+            return None
+        ctx0 = np.array([r.prompt_tokens + r.generated - 1 for r in running], dtype=np.int64)
+        steps = np.arange(n)
+        decode_ctx = int(ctx0.sum()) + B * steps                             # (T,) sum of contexts
+        attn_ctx = decode_ctx.astype(float) + B
+        kv_read = decode_ctx + B
+        horizon = min(self._next_arrival_s if arrivals_join else float("inf"), self.max_time or float("inf"))
+        if horizon < float("inf"):
+            longest = self.cost.batch_upper_bound(B, attn_ctx, kv_read)
+            latest_start = now + np.concatenate([[0.0], longest[:-1]]).cumsum()
+            n = int(np.searchsorted(latest_start, horizon, side="left"))
+            if n < 2:
+                return None
+            attn_ctx, kv_read, decode_ctx = attn_ctx[:n], kv_read[:n], decode_ctx[:n]
+        rows = (np.array([r.row0 for r in running], dtype=np.int64) + ctx0)[None, :] + np.arange(n)[:, None]
+        flat, tr = rows.ravel(), self.trace
+
+        def gather(a):                                                    # (n, B, ...) rows
+            got = a[flat]
+            return got.reshape(n, B, *got.shape[1:])
+        run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=gather(tr.gates),
+                        probs=None if tr.router_probs is None else gather(tr.router_probs),
+                        token_req=np.tile(np.arange(B), n), requests=list(running))
+        plan = policy.plan_batch_run(run)
+        starts, durations, busy, stall = self.cost.batch_run(now, plan, B, attn_ctx, kv_read)
+        mem.kv_used = float(kv[n])
+        if mem.kv_block > 1:     # KV in blocks: what the requests hold after each step
+            held = mem.kv_held(ctx0[None, :] + np.arange(1, n + 1)[:, None]).astype(float).sum(axis=1)
+        else:
+            held = kv[1:n + 1]
+        staged = None if plan.streamed is None else plan.streamed.sum(axis=1)
+        parts = mem.sample_run(plan.resident, held, B, B, staged)
+        self._run_rows = dict(
+            t_s=starts, step_s=durations, mem_dense=parts["dense"], mem_experts=parts["experts"],
+            mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
+            link_busy_s=busy, stall_s=stall, expert_loads=plan.demand.sum(axis=1),
+            active_experts=np.count_nonzero(plan.counts, axis=(1, 2)), attn_ctx=attn_ctx, B=B,
+            waiting=len(self.waiting))
+        self._run_arrivals = []
+        if type(self.scheduler).on_step is not Scheduler.on_step:
+            for start, d in zip(starts.tolist(), durations.tolist()):
+                self.scheduler.on_step(running, d, start)
+        self.steps += n
+        return list(running), n, float(starts[-1] + durations[-1])
+
+    def _table_batch_run(self) -> None:
+        """A batch run's timeline rows, once it ended: each step's `waiting` counts the requests
+        that arrived before it started (at exactly its start: if their arrival event was
+        scheduled before the previous step's end event, as SimPy orders ties)."""
+        c, arrived = self._run_rows, self._run_arrivals
+        self._run_rows = self._run_arrivals = None
+        starts, n, B = c["t_s"], len(c["t_s"]), c["B"]
+        waiting = np.full(n, c["waiting"])
+        for at, scheduled in arrived:
+            first = int(np.searchsorted(starts, at, side="right"))      # steps starting after it
+            if 0 < first - 1 < n and starts[first - 1] == at and scheduled < starts[first - 2]:
+                first -= 1                                              # a tie SimPy gives the arrival
+            waiting[first:] += 1
+        same = [B] * n
+        self.timeline.extend(rows_from_columns(
+            t_s=starts.tolist(), step_s=c["step_s"].tolist(), tokens=same, batch_requests=same, running=same,
+            waiting=waiting.tolist(), decode_tokens=same, prefill_tokens=[0] * n,
+            mem_dense=c["mem_dense"].tolist(), mem_experts=c["mem_experts"].tolist(), mem_kv=c["mem_kv"].tolist(),
+            mem_activations=c["mem_activations"].tolist(), mem_predictor=c["mem_predictor"].tolist(),
+            link_busy_s=c["link_busy_s"].tolist(), stall_s=c["stall_s"].tolist(),
+            expert_loads=c["expert_loads"].tolist(), active_experts=c["active_experts"].tolist(),
+            attn_ctx=c["attn_ctx"].tolist(), sampled=same, prefill_ctx=[0.0] * n))
+
+    def _advance_run(self, reqs: list, n_steps: int, now: float):
+        """_advance for a decode or batch run: each request generated n_steps tokens."""
+        if self._run_rows is not None:
+            self._table_batch_run()
+        done = []
+        for r in reqs:
+            r.generated += n_steps
+            if r.generated >= r.output_tokens:
+                done.append(r)
+        self._finish(done, now)
 
     # ---- what differs between the simulator and the replayer ---------------------------------
     def execute(self, now: float, work: StepWork, plan) -> StepTiming:

@@ -87,8 +87,11 @@ class MemoryLedger:
             self.peak_total = total
         return parts
 
-    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int) -> dict:
+    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int,
+                   staged: np.ndarray | None = None) -> dict:
         """sample() for many steps at once (arrays, one element per step); updates the peaks."""
+        if staged is not None:
+            resident_experts = resident_experts + np.minimum(staged, self.model.top_k)
         parts = dict(dense=np.full(len(kv_used), float(self.dense)),
                      experts=(resident_experts * self.bpe).astype(float),
                      kv=np.asarray(kv_used, dtype=float),

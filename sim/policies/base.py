@@ -79,13 +79,18 @@ class StepPlan:
 
 @dataclass(kw_only=True)
 class RunPlan:
-    """T consecutive single-token decode steps of one request, planned at once (light load).
+    """T consecutive decode steps planned at once: of one request (light load, a *decode run*),
+    or of the same B requests (saturation, a *batch run*).
 
     What T calls of plan_step would have returned, stacked; only for policies whose
-    single-token steps load on demand only (no prefetch, no extra time)."""
+    decode steps load on demand only (no prefetch, no extra time)."""
     counts: np.ndarray       # (T, L, E) tokens each expert computes
     demand: np.ndarray       # (T, L) experts loaded on demand
     resident: np.ndarray     # (T,) experts resident after each step
+    # Batch runs (several requests a step) only: of each step's demand copies, those streamed
+    # through the staging buffer (the cache full), and which experts missed. None: no such copies.
+    streamed: np.ndarray | None = None   # (T, L)
+    missing: np.ndarray | None = None    # (T, L, E)
 
 
 class ExpertPolicy:
@@ -102,9 +107,14 @@ class ExpertPolicy:
     # The declaration vouches for the hooks below as that class defines them, so a subclass
     # that overrides any of them without declaring again is stepped (decided once, here).
     decode_runs = False
+    # Saturation (sim/engine.py batch runs): a class that declares decode_runs may also declare
+    # `batch_runs = True` when its plan_batch_run gives exactly what stepping gives for the same
+    # B decoding requests (miss='fetch'); the same hooks vouch for it.
+    batch_runs = False
     DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "initial_load", "reroute_rank_from",
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
-                        "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run")
+                        "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
+                        "plan_batch_run", "_batch_counts", "_account_batch_run")
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -113,6 +123,8 @@ class ExpertPolicy:
                             "instead of overriding plans_decode_runs")
         if "decode_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
             cls.decode_runs = False
+        if "batch_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
+            cls.batch_runs = False
 
     def __init__(self, model, params: dict | Params, trace=None, seed: int = 0, base_dir=None):
         self.model = model
@@ -126,6 +138,9 @@ class ExpertPolicy:
         self.rerouter = Rerouter(self.cache, self.reroute_rank_from)
         self._layer_offset = (np.arange(L) * E)[None, :, None]   # flat (layer, expert) index base
         self._layer_idx = np.arange(L)[None, :, None]
+        # Per (layer, route slot): the flat (layer, expert) index base. Adding it to routes viewed
+        # as (tokens, L * k) is one long inner loop (broadcasting over (L, k) ran ~10x slower).
+        self._route_offset = np.repeat(np.arange(L, dtype=np.int32) * E, self.k)
         self._zeros_L = np.zeros(L, dtype=np.int64)
         self.miss_mode = getattr(self.params, "miss", "fetch")
         self.predictor_bytes = 0
@@ -213,6 +228,49 @@ class ExpertPolicy:
         return True
 
     @property
+    def plans_batch_runs(self) -> bool:
+        """True if plan_batch_run gives exactly what plan_step would, step by step, now."""
+        return self.batch_runs and self.miss_mode == "fetch" and self.plans_decode_runs
+
+    def plan_batch_run(self, run: StepBatch) -> RunPlan:
+        """Serve T decode steps of the same B requests (run.experts (T, B, L, k): step t, request
+        b), updating state and counters as T plan_step calls would."""
+        raise NotImplementedError
+
+    def _batch_counts(self, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """((T, L, E) tokens routed to each expert in each step of a batch run, (T, B, L, k) each
+        route's flat (step, layer, expert) index) for (T, B, L, k) routes."""
+        T = len(experts)
+        flat = self._flat_routes(experts).reshape(T, -1) + (np.arange(T, dtype=np.int32) * (self.L * self.E))[:, None]
+        return (np.bincount(flat.ravel(), minlength=T * self.L * self.E).reshape(T, self.L, self.E),
+                flat.reshape(experts.shape))
+
+    def _account_batch_run(self, run: StepBatch, counts: np.ndarray, flat: np.ndarray,
+                           held: np.ndarray) -> np.ndarray:
+        """The popularity and counters of a batch run served by fetching (what serve adds up step
+        by step); flat: _batch_counts' route index; held (T, L, E): the experts resident as each
+        step began. Returns (T, L, E) the experts each step copied on demand."""
+        T, B = flat.shape[:2]
+        used = counts > 0
+        miss = used & ~held
+        acc = self.accounting
+        n_miss = int(np.count_nonzero(miss))
+        acc.hits += int(np.count_nonzero(used)) - n_miss
+        acc.misses += n_miss
+        acc.loads += n_miss
+        self.rerouter.popularity += counts.sum(axis=0)
+        # route slots whose expert was held, per request: held[t, l, ex[t, b, l, j]]
+        hit = held.ravel().take(flat)                                             # (T, B, L, k)
+        slots = T * self.L * self.k
+        hits = np.count_nonzero(hit, axis=(0, 2, 3)).tolist()
+        s = float(sum(acc._sens(r.task)[1] for r in run.requests))   # what each step adds (Accounting.step)
+        for _ in range(T):          # float sums in the same order as step by step
+            acc.sensitive_kept += s
+            acc.sensitive_routes += s
+        acc._credit_unrerouted(run.requests, hits, [slots] * B, [T * self.L] * B)
+        return miss
+
+    @property
     def max_decode_loads(self) -> int:
         """The most experts one single-token step can load (every routed one missing)."""
         return self.L * self.k
@@ -256,9 +314,13 @@ class ExpertPolicy:
         return np.bincount(flat, minlength=T * self.L * self.E).reshape(T, self.L, self.E)
 
     # ---- a step served from the cache ----------------------------------------
+    def _flat_routes(self, experts: np.ndarray) -> np.ndarray:
+        """(..., L, k) routes -> the same shape of flat (layer, expert) indices."""
+        return (experts.reshape(-1, self.L * self.k) + self._route_offset).reshape(experts.shape)
+
     def _needed(self, experts: np.ndarray) -> np.ndarray:
         """(L, E) tokens routed to each expert."""
-        return np.bincount((self._layer_offset + experts).ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
+        return np.bincount(self._flat_routes(experts).ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
 
     # Hot-path note: serve runs once per engine step (tens of thousands of times per
     # simulated minute at light load), so it uses ndarray methods, np.add.reduce and
@@ -302,7 +364,7 @@ class ExpertPolicy:
             self.touch(used, needed)
             return StepPlan(counts=needed, demand=self._zeros_L, prefetch=prefetch, staged=0, routes=ex)
         held = resident if fresh is None else resident & ~fresh    # resident and not copied now
-        acc.step(batch, held[self._layer_idx, ex], None)
+        acc.step(batch, held.ravel().take(self._flat_routes(ex)), None)   # held[layer, ex], one take
         # (demand copies never evict what this step's own prefetches just brought)
         streamed = cache.admit(missing, used if fresh is None else used | fresh,
                                lambda: self.evict_key(batch)) if n_miss else None

@@ -124,3 +124,61 @@ class OnDemandPolicy(ExpertPolicy):
         self.freq += counts.sum(axis=0)
         self.clock += T
         return RunPlan(counts=counts, demand=miss.sum(axis=2), resident=states[1:].sum(axis=(1, 2)))
+
+    # ---- saturation: the same requests decoding together (sim/engine.py batch runs) ----
+    batch_runs = True
+
+    def plan_batch_run(self, run: StepBatch) -> RunPlan:
+        """LRU or LFU over T decode steps of the same B requests, without stepping. What
+        ExpertCache.admit does to a layer in one step is a ranking: after the step it holds
+        the top `capacity` of, in order, the experts the step used that were resident, those
+        it used that were not (lowest id first: admitted while slots last, the rest streamed
+        through the staging buffer), and the other resident ones by (eviction key, id)
+        (evicted lowest first); never an expert neither resident nor used. So each step is a
+        few whole-array operations on (L, E); the counters are counted once for the run."""
+        ex = run.experts
+        T, L, E = len(ex), self.L, self.E
+        counts, flat = self._batch_counts(ex)
+        used = counts > 0
+        ids = np.arange(E)
+        lru = self.params.eviction == "lru"
+        key0 = (self.last_used if lru else self.freq) * E + ids    # exact integers in a float: unique
+        if lru:    # the last step (< t) each expert was used in, -1 if none yet: the keys before step t
+            last = np.maximum.accumulate(np.where(used, np.arange(T)[:, None, None], -1), axis=0)
+        else:      # tokens routed to each expert before step t
+            seen = counts.cumsum(axis=0)
+
+        def key_before(t: int) -> np.ndarray:
+            if not t:
+                return key0
+            if lru:
+                return np.where(last[t - 1] >= 0, (self.clock + 1 + last[t - 1]) * E + ids, key0)
+            return key0 + seen[t - 1] * E
+
+        used_missing = float(2 ** 52) - ids                         # above any key, lower id first
+        rows, kth, capacity = np.arange(L), E - self.capacity, self.capacity   # kth: the capacity-th highest
+        # A step that uses every expert of every layer leaves a full cache as it is (its misses
+        # stream through): at saturation, most steps; they skip the ranking.
+        every = used.all(axis=(1, 2)).tolist()
+        states = np.empty((T + 1, L, E), dtype=bool)
+        states[0] = res = self.resident.copy()
+        full = bool((res.sum(axis=1) == capacity).all())
+        for t in range(T):
+            if every[t] and full:
+                states[t + 1] = res
+                continue
+            u = used[t]
+            c = np.where(u, np.where(res, np.inf, used_missing), np.where(res, key_before(t), -1.0))
+            cut = np.sort(c, axis=1)[rows, kth]
+            states[t + 1] = res = c >= np.maximum(cut, 0.0)[:, None]
+            full = bool((res.sum(axis=1) == capacity).all())
+        held = states[:-1]
+        miss = self._account_batch_run(run, counts, flat, held)
+        streamed = np.add.reduce(miss & ~states[1:], axis=2)
+        self.resident[...] = res
+        self.last_used = np.where(used.any(axis=0), self.clock + 1 + (T - 1 - used[::-1].argmax(axis=0)),
+                                  self.last_used)
+        self.freq += counts.sum(axis=0)
+        self.clock += T
+        return RunPlan(counts=counts, demand=np.add.reduce(miss, axis=2), resident=states[1:].sum(axis=(1, 2)),
+                       streamed=streamed if streamed.any() else None, missing=miss)

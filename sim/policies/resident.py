@@ -27,3 +27,12 @@ class ResidentPolicy(ExpertPolicy):
         T = len(run.experts)
         return RunPlan(counts=counts, demand=np.zeros((T, self.L), dtype=np.int64),
                        resident=np.full(T, int(self.resident.sum())))
+
+    batch_runs = True
+
+    def plan_batch_run(self, run: StepBatch) -> RunPlan:
+        counts, flat = self._batch_counts(run.experts)
+        self._account_batch_run(run, counts, flat, np.ones(counts.shape, dtype=bool))
+        T = len(counts)
+        return RunPlan(counts=counts, demand=np.zeros((T, self.L), dtype=np.int64),
+                       resident=np.full(T, int(self.resident.sum())))

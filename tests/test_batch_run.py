@@ -1,0 +1,141 @@
+"""Saturation: the same requests' decode steps planned at once (batch runs) must match stepping."""
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.engine import Engine
+from sim.policies import make_policy
+from sim.policies.base import StepBatch
+from sim.request import Request
+from sim.run import run_scenario
+from sim.scenario import load_scenario
+from tests.test_decode_run import SAMPLE, routing
+from traces.model_shape import get_model
+
+
+def requests(n):
+    return [Request(index=i, rid=f"r{i}", task=("qa", "code", "math")[i % 3], prompt_tokens=8, output_tokens=500,
+                    row0=0, arrival_s=0.0, slo={}, expected_output=8.0) for i in range(n)]
+
+
+def batch(ex, reqs):
+    """One step: ex (B, L, k), token b of request b."""
+    return StepBatch(step=0, experts=ex, gates=np.full(ex.shape, 1 / ex.shape[-1], dtype=np.float32), probs=None,
+                     token_req=np.arange(len(reqs)), requests=reqs)
+
+
+CASES = [("mixtral-8x7b", {"name": "on_demand", "capacity": c, "eviction": ev}, B)
+         for c in (0.25, 0.5, 0.75) for ev in ("lru", "lfu") for B in (2, 5, 16)] + [
+    ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3}, 12),
+    ("olmoe-1b-7b", {"name": "on_demand", "capacity": 0.3, "eviction": "lfu"}, 40),
+    ("mixtral-8x7b", {"name": "resident"}, 8)]
+
+
+@pytest.mark.parametrize("model,spec,B", CASES, ids=lambda x: x if isinstance(x, (str, int)) else
+                         "-".join(str(v) for v in x.values()))
+def test_batch_run_equals_steps_from_any_state(model, spec, B):
+    """Every decision and counter of T steps of B requests, planned at once, equals stepping:
+    with few and many tokens a step (a step that uses more experts than the cache holds streams
+    some through), from an irregular starting state."""
+    m = get_model(model)
+    rng = np.random.default_rng(B)
+    pol = make_policy(spec, m, None, 0)
+    assert pol.plans_batch_runs
+    warm = requests(1)
+    for _ in range(3):
+        pol.plan_step(batch(routing(rng, 3, m.n_moe_layers, m.n_experts, m.top_k), warm * 3))
+    T = 60
+    ex = np.stack([routing(rng, B, m.n_moe_layers, m.n_experts, m.top_k) for _ in range(T)])   # (T, B, L, k)
+    ref, reqs_ref, reqs = copy.deepcopy(pol), requests(B), requests(B)
+    demand, resident, counts, streamed = [], [], [], []
+    for t in range(T):
+        plan = ref.plan_step(batch(ex[t], reqs_ref))
+        demand.append(plan.demand)
+        counts.append(plan.counts)
+        resident.append(int(ref.resident.sum()))
+        streamed.append(np.zeros(m.n_moe_layers, dtype=np.int64) if plan.streamed is None else plan.streamed)
+    run = pol.plan_batch_run(StepBatch(step=0, experts=ex, gates=np.full(ex.shape, 0.5, dtype=np.float32),
+                                       probs=None, token_req=np.tile(np.arange(B), T), requests=reqs))
+    np.testing.assert_array_equal(run.demand, demand)
+    np.testing.assert_array_equal(run.resident, resident)
+    np.testing.assert_array_equal(run.counts, counts)
+    np.testing.assert_array_equal(np.zeros_like(run.demand) if run.streamed is None else run.streamed, streamed)
+    if spec["name"] == "on_demand":
+        assert sum(d.sum() for d in demand) > 0
+    if spec["name"] == "on_demand" and B == 16 and spec["capacity"] < 0.75:
+        assert sum(s.sum() for s in streamed) > 0, "no step overflowed the cache"
+    np.testing.assert_array_equal(pol.resident, ref.resident)
+    for name in ("hits", "misses", "loads", "ahead_loads", "routes", "reroutes", "gate_kept"):
+        assert getattr(pol.accounting, name) == getattr(ref.accounting, name), name
+    for name in ("sensitive_kept", "sensitive_routes"):
+        assert getattr(pol.accounting, name) == getattr(ref.accounting, name), name
+    np.testing.assert_array_equal(pol.rerouter.popularity, ref.rerouter.popularity)
+    for name in ("last_used", "freq", "clock"):
+        if hasattr(ref, name):
+            np.testing.assert_array_equal(getattr(pol, name), getattr(ref, name), err_msg=name)
+    for r, q in zip(reqs, reqs_ref):
+        assert (r.hits, r.misses, r.routes, r.reroutes, r.gate_kept) == (q.hits, q.misses, q.routes, q.reroutes,
+                                                                          q.gate_kept)
+
+
+def scenario(policy, scheduler="fcfs", arrival=None, hardware=None, **limits):
+    return load_scenario(data={
+        "name": "sat", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4, **(hardware or {})},
+        "workload": {"trace": str(SAMPLE), "requests": 60, "arrival": arrival or {"process": "batch"},
+                     "slo": {"default": {"ttft_s": 5.0, "e2e_s": 60.0}}},
+        "policy": policy, "scheduler": {"name": scheduler},
+        "limits": {"max_batch_tokens": 1024, "max_running": 8, **limits}})
+
+
+LRU = {"name": "on_demand", "capacity": 0.5}
+ENGINE_CASES = [
+    ("all at t=0", LRU, "fcfs", None, None, {}),
+    ("lfu, small cache", {"name": "on_demand", "capacity": 0.25, "eviction": "lfu"}, "fcfs", None, None, {}),
+    ("resident, sjf", {"name": "resident"}, "sjf", None, None, {}),
+    ("arrivals during runs", LRU, "fcfs", {"process": "poisson", "rate": 1.0}, None, {}),
+    ("light load: runs cut by arrivals", LRU, "edf", {"process": "poisson", "rate": 0.1}, None, {"max_running": 4}),
+    ("max_steps", LRU, "fcfs", None, None, {"max_steps": 700}),
+    ("max_sim_time_s", LRU, "fcfs", None, None, {"max_sim_time_s": 30.0}),
+    ("KV runs out: preemptions", LRU, "fcfs", None, {"memory_bytes": 13.8e9}, {"max_running": 32}),
+    ("KV in blocks", LRU, "fcfs", None, {"measured": {"kv_block_tokens": 16}}, {}),
+    ("fast link: staging slots bind", {"name": "on_demand", "capacity": 0.25}, "fcfs", None,
+     {"h2d_bytes_per_s": 5e12}, {}),
+    ("eMoE scheduler: no runs while requests wait", LRU, "emoe", {"process": "poisson", "rate": 1.0}, None, {}),
+]
+
+
+@pytest.mark.parametrize("name,policy,scheduler,arrival,hardware,limits", ENGINE_CASES,
+                         ids=[c[0] for c in ENGINE_CASES])
+def test_engine_results_identical_with_and_without_batch_runs(monkeypatch, name, policy, scheduler, arrival,
+                                                              hardware, limits):
+    """Requests, timeline (per-step memory, waiting counts, copies, stalls) and summary of a
+    saturated run are stepping's, wherever runs are cut (a finishing request, an arrival that
+    could join, max_steps, max_sim_time_s, a preemption) and whatever the steps' copies do."""
+    steps = []
+    real = Engine._batch_run
+
+    def counting(self, now):
+        r = real(self, now)
+        steps.append(r[1] if r else 0)
+        return r
+    monkeypatch.setattr(Engine, "_batch_run", counting)
+    fast = run_scenario(scenario(policy, scheduler, arrival, hardware, **limits))
+    slow = run_scenario(scenario(policy, scheduler, arrival, hardware, **limits, decode_runs=False))
+    # (the eMoE scheduler's admission has side effects: runs only while nobody waits)
+    assert sum(steps) > (0 if "eMoE" in name else 0.3 * slow.summary["engine_steps"]), "batch runs were not taken"
+    assert slow.summary["engine_steps"] == fast.summary["engine_steps"]
+    pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)
+    pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12)
+    for k, v in slow.summary.items():
+        if isinstance(v, (int, float)):
+            assert fast.summary[k] == pytest.approx(v, rel=1e-12), k
+        else:
+            assert fast.summary[k] == v, k
+    if name.startswith("KV runs out"):
+        assert slow.summary["preemptions"] > 0
+    if name.startswith("arrivals"):
+        assert (fast.timeline.waiting.diff() > 0).sum() > 10      # the queue grew during runs
+    if name.startswith("fast link"):
+        assert fast.timeline.stall_s.sum() > 0
