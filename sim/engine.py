@@ -339,7 +339,7 @@ class Engine:
         running, policy = self.running, self.policy
         B = len(running)
         if (not self.decode_runs or not B or (B == 1 and not self.waiting) or not policy.plans_batch_runs
-                or not self.cost.link_idle(now) or any(r.in_prefill for r in running)):
+                or not self.cost.link_idle(now) or any(r.prefilled < r.prompt_tokens for r in running)):
             return None
         full = B >= self.max_running
         # Requests waiting: none can be admitted while every slot is taken, and the base

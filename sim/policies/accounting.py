@@ -46,15 +46,26 @@ class Accounting:
             got = self._sens_rows[task] = (row, float(row.sum()))
         return got
 
+    def sensitive_sum(self, requests) -> float:
+        """Sum over requests, in order, of their task's sensitivity row's sum (one token each)."""
+        rows = self._sens_rows
+        for r in requests:
+            if r.task not in rows:
+                self._sens(r.task)
+        return float(sum(rows[r.task][1] for r in requests))
+
     def step(self, batch, hit_slots: np.ndarray | None, rerouted: np.ndarray | None) -> None:
         """Per-request and global route counters for this step (hit_slots (n, L, k): the
         routes' experts that were held; rerouted (n, L): routes sent elsewhere)."""
+        n_req = len(batch.requests)
+        tok_per_req = None if n_req == 1 else np.bincount(batch.token_req, minlength=n_req)
         if rerouted is None or hit_slots is None:
-            if len(batch.requests) == 1:
+            if n_req == 1:
                 s = len(batch.token_req) * self._sens(batch.requests[0].task)[1]
             else:
-                tok_per_req = np.bincount(batch.token_req, minlength=len(batch.requests))
-                s = float(sum(n * self._sens(r.task)[1] for n, r in zip(tok_per_req.tolist(), batch.requests)))
+                self.sensitive_sum(batch.requests)      # (every task's row known)
+                rows = self._sens_rows
+                s = float(sum(n * rows[r.task][1] for n, r in zip(tok_per_req.tolist(), batch.requests)))
             self.sensitive_kept += s
             self.sensitive_routes += s
         else:
@@ -63,14 +74,13 @@ class Accounting:
             S = np.stack([self._sens(r.task)[0] for r in batch.requests])[batch.token_req]   # (n, L)
             self.sensitive_kept += float((kept_tl * S).sum())
             self.sensitive_routes += float(S.sum())
-        n_req = len(batch.requests)
         if n_req == 1 and rerouted is None:   # light load: one request, nothing rerouted
             n_routes = len(batch.token_req) * self.L
             slots = n_routes * self.k
             hits = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
             self._credit_unrerouted(batch.requests, [hits], [slots], [n_routes])
             return
-        per_routes = np.bincount(batch.token_req, minlength=n_req) * self.L
+        per_routes = (np.bincount(batch.token_req, minlength=n_req) if tok_per_req is None else tok_per_req) * self.L
         slots = per_routes * self.k
         if hit_slots is None:   # nothing missed this step
             per_hit = slots

@@ -263,7 +263,7 @@ class ExpertPolicy:
         hit = held.ravel().take(flat)                                             # (T, B, L, k)
         slots = T * self.L * self.k
         hits = np.count_nonzero(hit, axis=(0, 2, 3)).tolist()
-        s = float(sum(acc._sens(r.task)[1] for r in run.requests))   # what each step adds (Accounting.step)
+        s = acc.sensitive_sum(run.requests)          # what each step adds (Accounting.step)
         for _ in range(T):          # float sums in the same order as step by step
             acc.sensitive_kept += s
             acc.sensitive_routes += s

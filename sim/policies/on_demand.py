@@ -143,17 +143,17 @@ class OnDemandPolicy(ExpertPolicy):
         ids = np.arange(E)
         lru = self.params.eviction == "lru"
         key0 = (self.last_used if lru else self.freq) * E + ids    # exact integers in a float: unique
-        if lru:    # the last step (< t) each expert was used in, -1 if none yet: the keys before step t
-            last = np.maximum.accumulate(np.where(used, np.arange(T)[:, None, None], -1), axis=0)
-        else:      # tokens routed to each expert before step t
-            seen = counts.cumsum(axis=0)
+        before = []     # (computed when first needed) LRU: the last step (< t) each expert was
+                        # used in, -1 if none yet; LFU: tokens routed to each expert before step t
 
         def key_before(t: int) -> np.ndarray:
             if not t:
                 return key0
-            if lru:
-                return np.where(last[t - 1] >= 0, (self.clock + 1 + last[t - 1]) * E + ids, key0)
-            return key0 + seen[t - 1] * E
+            if not before:
+                before.append(np.maximum.accumulate(np.where(used, np.arange(T)[:, None, None], -1), axis=0)
+                              if lru else counts.cumsum(axis=0))
+            b = before[0][t - 1]
+            return np.where(b >= 0, (self.clock + 1 + b) * E + ids, key0) if lru else key0 + b * E
 
         used_missing = float(2 ** 52) - ids                         # above any key, lower id first
         rows, kth, capacity = np.arange(L), E - self.capacity, self.capacity   # kth: the capacity-th highest
