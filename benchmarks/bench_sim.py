@@ -3,7 +3,8 @@
     python benchmarks/bench_sim.py [--requests 1000] [--repeats 3] [--light 200]
     python benchmarks/bench_sim.py --policies [--light 200] [--repeats 3]
 
-- saturated: every request present at t=0, at most 32 running (16-32 in flight);
+- saturated: every request present at t=0, at most 32 running (16-32 in flight); measured with
+  batch runs (the default) and step by step in one run;
 - light: one request at a time (arrivals far apart), so every step is one token; measured
   with decode runs (the default) and step by step (limits.decode_runs: false) in one run.
 - --policies: instead, light-load steps/s of each policy in POLICY_CASES, with decode runs
@@ -106,6 +107,11 @@ def main():
           f"(runs {[round(x, 2) for x in walls]}); "
           f"{steps / w:,.0f} steps/s, {a.requests / w:,.0f} requests/s; mean running "
           f"{res.timeline.batch_requests.mean():.1f}")
+    # The same saturated run stepping one SimPy step at a time (no batch runs): same results.
+    w1, _, res1, walls1 = measure(scenario(path, {"process": "batch"}, 32, decode_runs=False), trace, a.repeats)
+    same_results(res, res1)
+    print(f"saturated, step by step: median {w1:.2f}s wall (runs {[round(x, 2) for x in walls1]}); "
+          f"{steps / w1:,.0f} steps/s; batch runs are {w1 / w:.1f}x faster, same results")
     light = trace.subset(range(a.light))
     sc = scenario(path, {"process": "poisson", "rate": 0.01}, 32)
     w, steps, res, walls = measure(sc, light, a.repeats)

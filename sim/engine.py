@@ -271,6 +271,7 @@ class Engine:
     # ---- light load: a lone request's decode steps at once ----------------------------------
     # (limits.decode_runs: false steps one by one instead: same results, for checking)
     MAX_RUN = 512           # steps per decode run (bounds the (T, L, E) arrays)
+    MAX_RUN_TOKENS = 16384  # steps x requests per batch run (bounds its (T, B, L, k) routes)
 
     def _decode_run(self, now: float):
         """At light load one request decodes alone for hundreds of steps and nothing else
@@ -349,7 +350,7 @@ class Engine:
         # Arrivals during the run change nothing if they cannot join and the policy does not
         # look at them (the eMoE policy counts them).
         arrivals_join = not full or type(policy).on_arrival is not ExpertPolicy.on_arrival
-        n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN)
+        n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN, max(2, self.MAX_RUN_TOKENS // B))
         if self.max_steps:
             n = min(n, self.max_steps - self.steps)
         mem = self.mem
@@ -379,8 +380,9 @@ class Engine:
         def gather(a):                                                    # (n, B, ...) rows
             got = a[flat]
             return got.reshape(n, B, *got.shape[1:])
-        run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=gather(tr.gates),
-                        probs=None if tr.router_probs is None else gather(tr.router_probs),
+        # Gates and router probabilities are not gathered: only fetching policies take batch
+        # runs, and nothing is rerouted (a plan_batch_run that read them would fail loudly).
+        run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=None, probs=None,
                         token_req=np.tile(np.arange(B), n), requests=list(running))
         plan = policy.plan_batch_run(run)
         starts, durations, busy, stall = self.cost.batch_run(now, plan, B, attn_ctx, kv_read)
