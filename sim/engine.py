@@ -7,7 +7,8 @@ up to limits.max_batch_tokens. Per step, the policy serves the batch's routing
 per token; when it runs out, the latest admitted request is preempted and later
 recomputed from scratch (vLLM's recompute preemption). At light load, a request
 decoding alone is advanced by *decode runs* (many steps planned at once, one SimPy
-event), with the same results as stepping (see _decode_run).
+event), with the same results as stepping (see _decode_run); at saturation, the same
+requests decoding together by *batch runs* (_batch_run).
 
 One loop on two clocks: the replayer (replay/engine.py) runs this same loop on the
 wall clock (sim/clock.py); it differs only in how a step is executed (`execute`) and
