@@ -246,7 +246,7 @@ def validate(sc: dict, src: str, base_dir: Path) -> None:
         raise ScenarioError(f"{src}: limits.max_batch_tokens and limits.max_running must be at least 1")
     if not isinstance(lim["decode_runs"], bool):
         raise ScenarioError(f"{src}: limits.decode_runs must be true or false (false: step one by one, "
-                            f"same results, slower at light load), got {lim['decode_runs']!r}")
+                            f"same results, slower at light load and at saturation), got {lim['decode_runs']!r}")
     _check_quality(sc.get("quality"), src, base_dir)
 
 
