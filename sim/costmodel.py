@@ -293,12 +293,14 @@ class CostModel:
         attn = self.attention_s(n, attn_ctx, kv_tokens, n, maximum=np.maximum)    # (T,)
         ffn = self.experts_s(run.counts, n)                                      # (T, L)
         fixed = self.fixed_s(n, n)
-        base = fixed + L * attn                  # step(): fixed + len(ffn) * attn + ...
+        # step()'s sums in step()'s order, so the times are the same to the bit: with copies its
+        # closed forms add the layers one by one (a cumsum's last element), without them ffn.sum().
+        base = fixed + L * attn                  # fixed + len(ffn) * attn + ...
         n_copies = run.demand.sum(axis=1)
         copies = n_copies * c
         ffn_total = ffn.cumsum(axis=1)[:, -1]
         durations = np.where(n_copies > 0, base + ffn_total + copies, base + ffn.sum(axis=1))
-        busy, stall = copies.astype(float), copies.astype(float)
+        busy, stall = copies, copies.copy()
         walk = np.zeros(T, dtype=bool)
         extra = None
         if run.streamed is not None:
@@ -331,7 +333,7 @@ class CostModel:
             if extra is not None and run.streamed[j].any():
                 added_before = float(added[j].cumsum()[last - 1]) if last else 0.0
                 self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + ffn_before
-                                     + added_before + float(dem[last]) * c)
+                                     + added_before + float(dem[last]) * c)      # (0.0: step()'s wait, none)
             else:
                 self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + ffn_before
                                      + float(dem[:last + 1].sum()) * c)

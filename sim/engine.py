@@ -80,6 +80,8 @@ class Engine:
         self._next_arrival_s = 0.0     # when the arrival process next enqueues a request
         self._arriving = None          # ... and which request that is
         self._run_arrivals = None      # (time, scheduled at) of arrivals during a batch run
+        self._arrival_scheduled = 0.0  # when the awaited arrival's event was set
+        self._last_step_start = 0.0    # of the run now in progress
         self._run_rows = None          # a batch run's timeline columns, written when it ends
         self.stopped_early = ""
         self.elapsed_s: float | None = None   # the clock when serving ended (set by run)
@@ -96,15 +98,14 @@ class Engine:
         return self
 
     def _arrivals(self, env):
-        scheduled = 0.0     # when the arrival event now awaited was scheduled (SimPy's tie order)
         for req in self._to_arrive:
             self._arriving, self._next_arrival_s = req, req.arrival_s
             if req.arrival_s > env.now:
-                scheduled = env.now
+                self._arrival_scheduled = env.now    # when its event was set (SimPy's tie order)
                 yield env.timeout(req.arrival_s - env.now)
             self._arriving = None
             if self._run_arrivals is not None:    # during a batch run: its timeline counts them
-                self._run_arrivals.append((env.now, scheduled))
+                self._run_arrivals.append((env.now, self._arrival_scheduled))
             self.enqueue(req)
             self.policy.on_arrival(req, env.now)
             if self._wake is not None and not self._wake.triggered:
@@ -125,7 +126,14 @@ class Engine:
             run = self._decode_run(env.now) or self._batch_run(env.now)
             if run:
                 reqs, n_steps, end = run
+                start, last_start = env.now, self._last_step_start
                 yield env.timeout(end - env.now)
+                # An arrival due now whose event was set during the run, before its last step
+                # began: stepping's last event was set at that step's start, after the arrival's,
+                # so SimPy handled the arrival first. Let it.
+                if (self._arriving is not None and self._next_arrival_s == env.now
+                        and start <= self._arrival_scheduled < last_start):
+                    yield env.timeout(0)
                 self._advance_run(reqs, n_steps, env.now)
                 continue
             yield env.timeout(self._step(env.now))
@@ -280,7 +288,7 @@ class Engine:
         in one vectorised call (same decisions and times as step by step; sums agree to
         float rounding) instead of one SimPy round trip each. The run is cut so that every
         step starts before the next arrival even if all its experts missed. Returns
-        (request, steps, end time) or None to step normally."""
+        ([request], steps, end time) or None to step normally."""
         if not self.decode_runs or len(self.running) != 1 or self.waiting or not self.policy.plans_decode_runs:
             return None
         req = self.running[0]
@@ -325,6 +333,7 @@ class Engine:
         for start, d in zip(starts.tolist(), durations.tolist()):
             self.scheduler.on_step(self.running, d, start)
         self.steps += n
+        self._last_step_start = float(starts[-1])
         return [req], n, float(starts[-1] + durations[-1])
 
     # ---- saturation: the same requests decoding together, their steps at once ---------------
@@ -350,7 +359,10 @@ class Engine:
             return None
         # Arrivals during the run change nothing if they cannot join and the policy does not
         # look at them (the eMoE policy counts them).
-        arrivals_join = not full or type(policy).on_arrival is not ExpertPolicy.on_arrival
+        # A scheduler's own select() (the eMoE scheduler's records vetoes) must see each arrival
+        # at every step, as stepping shows it: such runs are cut at the next arrival too.
+        arrivals_join = (not full or type(policy).on_arrival is not ExpertPolicy.on_arrival
+                         or type(self.scheduler).select is not Scheduler.select)
         n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN, max(2, self.MAX_RUN_TOKENS // B))
         if self.max_steps:
             n = min(n, self.max_steps - self.steps)
@@ -399,12 +411,15 @@ class Engine:
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
             link_busy_s=busy, stall_s=stall, expert_loads=plan.demand.sum(axis=1),
             active_experts=np.count_nonzero(plan.counts, axis=(1, 2)), attn_ctx=attn_ctx, B=B,
-            waiting=len(self.waiting))
+            waiting=len(self.waiting),
+            # an arrival handled just now, before this run was planned, set the next one's event first
+            won=now if self._arrival_scheduled == now else None)
         self._run_arrivals = []
         if type(self.scheduler).on_step is not Scheduler.on_step:
             for start, d in zip(starts.tolist(), durations.tolist()):
                 self.scheduler.on_step(running, d, start)
         self.steps += n
+        self._last_step_start = float(starts[-1])
         return list(running), n, float(starts[-1] + durations[-1])
 
     def _table_batch_run(self) -> None:
@@ -415,10 +430,13 @@ class Engine:
         self._run_rows = self._run_arrivals = None
         starts, n, B = c["t_s"], len(c["t_s"]), c["B"]
         waiting = np.full(n, c["waiting"])
+        won = c["won"]      # the step start at which the previous arrival won its tie
         for at, scheduled in arrived:
             first = int(np.searchsorted(starts, at, side="right"))      # steps starting after it
-            if 0 < first - 1 < n and starts[first - 1] == at and scheduled < starts[first - 2]:
-                first -= 1                                              # a tie SimPy gives the arrival
+            j = first - 1                                               # a step starting at exactly `at`
+            if 0 < j < n and starts[j] == at and (scheduled < starts[j - 1]
+                                                  or scheduled == starts[j - 1] == won):
+                first, won = j, at                                      # SimPy handles the arrival first
             waiting[first:] += 1
         same = [B] * n
         self.timeline.extend(rows_from_columns(

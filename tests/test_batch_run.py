@@ -80,11 +80,11 @@ def test_batch_run_equals_steps_from_any_state(model, spec, B):
                                                                           q.gate_kept)
 
 
-def scenario(policy, scheduler="fcfs", arrival=None, hardware=None, **limits):
+def scenario(policy, scheduler="fcfs", arrival=None, hardware=None, requests=60, e2e_slo=60.0, **limits):
     return load_scenario(data={
         "name": "sat", "model": "mixtral-8x7b", "hardware": {"preset": "a100-40gb", "count": 4, **(hardware or {})},
-        "workload": {"trace": str(SAMPLE), "requests": 60, "arrival": arrival or {"process": "batch"},
-                     "slo": {"default": {"ttft_s": 5.0, "e2e_s": 60.0}}},
+        "workload": {"trace": str(SAMPLE), "requests": requests, "arrival": arrival or {"process": "batch"},
+                     "slo": {"default": {"ttft_s": 5.0, "e2e_s": e2e_slo}}},
         "policy": policy, "scheduler": {"name": scheduler},
         "limits": {"max_batch_tokens": 1024, "max_running": 8, **limits}})
 
@@ -125,6 +125,16 @@ def test_engine_results_identical_with_and_without_batch_runs(monkeypatch, name,
     slow = run_scenario(scenario(policy, scheduler, arrival, hardware, **limits, decode_runs=False))
     # (the eMoE scheduler's admission has side effects: runs only while nobody waits)
     assert sum(steps) > (0 if "eMoE" in name else 0.3 * slow.summary["engine_steps"]), "batch runs were not taken"
+    identical(fast, slow)
+    if name.startswith("KV runs out"):
+        assert slow.summary["preemptions"] > 0
+    if name.startswith("arrivals"):
+        assert (fast.timeline.waiting.diff() > 0).sum() > 10      # the queue grew during runs
+    if name.startswith("fast link"):
+        assert fast.timeline.stall_s.sum() > 0
+
+
+def identical(fast, slow):
     assert slow.summary["engine_steps"] == fast.summary["engine_steps"]
     pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)
     pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12)
@@ -133,9 +143,61 @@ def test_engine_results_identical_with_and_without_batch_runs(monkeypatch, name,
             assert fast.summary[k] == pytest.approx(v, rel=1e-12), k
         else:
             assert fast.summary[k] == v, k
-    if name.startswith("KV runs out"):
-        assert slow.summary["preemptions"] > 0
-    if name.startswith("arrivals"):
-        assert (fast.timeline.waiting.diff() > 0).sum() > 10      # the queue grew during runs
-    if name.startswith("fast link"):
-        assert fast.timeline.stall_s.sum() > 0
+
+
+def test_emoe_scheduler_sees_every_arrival_of_a_full_run():
+    """The eMoE scheduler's select() records the requests it holds back at every step, even
+    when nothing fits: a full run is cut at each arrival so it sees them as stepping does."""
+    kw = dict(scheduler="emoe", arrival={"process": "poisson", "rate": 0.5}, e2e_slo=100.0, max_running=4)
+    fast = run_scenario(scenario(LRU, **kw))
+    slow = run_scenario(scenario(LRU, **kw, decode_runs=False))
+    assert slow.summary["requests_held_back"] >= 4
+    identical(fast, slow)
+
+
+@pytest.mark.parametrize("case", ["at a run's end", "at one step's start", "at two steps' starts"])
+def test_arrivals_tied_with_step_starts(monkeypatch, case):
+    """Arrivals at exactly a step's start (float-equal): SimPy handles the event set first, and a
+    batch run orders them, and counts them in its timeline, as stepping does (SJF: the late
+    short request overtakes the queue when it is there in time)."""
+    import sim.workload as workload
+    arrivals = [0, 2e4, 0, 0, 1e4, 1e4 + 1, 2e4, 0]
+    monkeypatch.setattr(workload, "arrival_times", lambda sc, trace: np.array(arrivals, dtype=float))
+    ends = []
+    real = Engine._advance_run
+
+    def advance(self, reqs, n, now):
+        ends.append(now)
+        return real(self, reqs, n, now)
+    monkeypatch.setattr(Engine, "_advance_run", advance)
+
+    def both():
+        return (run_scenario(scenario(LRU, "sjf", requests=8, max_running=4)),
+                run_scenario(scenario(LRU, "sjf", requests=8, max_running=4, decode_runs=False)))
+    _, slow = both()
+    first_end = ends[0]
+    t = slow.timeline.t_s.to_numpy()
+    assert first_end in t                     # a stepped step starts where the first run ended
+    j = int(np.searchsorted(t, first_end)) - 60
+    arrivals[4:6] = {"at a run's end": [first_end - 1.0, first_end], "at one step's start": [t[j], 1e4],
+                     "at two steps' starts": [t[j - 1], t[j]]}[case]
+    fast, slow = both()
+    identical(fast, slow)
+
+
+def test_a_subclass_that_resizes_the_cache_is_stepped():
+    """Runs assume the class's cache size (resident: every expert held); a subclass that sizes
+    it otherwise overrides a hook the runs rely on, so it is stepped unless it declares runs."""
+    from sim.policies.resident import ResidentPolicy
+
+    class HalfResident(ResidentPolicy):
+        def _capacity_per_layer(self):
+            return np.full(self.L, self.E // 2, dtype=np.int64)
+    pol = HalfResident(get_model("mixtral-8x7b"), {})
+    assert not pol.plans_decode_runs and not pol.plans_batch_runs
+    assert ResidentPolicy(get_model("mixtral-8x7b"), {}).plans_batch_runs
+    with pytest.raises(TypeError, match="declare"):
+        class Sneaky(ResidentPolicy):
+            @property
+            def plans_batch_runs(self):
+                return True

@@ -46,12 +46,17 @@ class Accounting:
             got = self._sens_rows[task] = (row, float(row.sum()))
         return got
 
-    def sensitive_sum(self, requests) -> float:
-        """Sum over requests, in order, of their task's sensitivity row's sum (one token each)."""
+    def _sens_known(self, requests) -> dict:
+        """The per-task sensitivity rows, every one of these requests' tasks among them."""
         rows = self._sens_rows
         for r in requests:
             if r.task not in rows:
                 self._sens(r.task)
+        return rows
+
+    def sensitive_sum(self, requests) -> float:
+        """Sum over requests, in order, of their task's sensitivity row's sum (one token each)."""
+        rows = self._sens_known(requests)
         return float(sum(rows[r.task][1] for r in requests))
 
     def step(self, batch, hit_slots: np.ndarray | None, rerouted: np.ndarray | None) -> None:
@@ -63,8 +68,7 @@ class Accounting:
             if n_req == 1:
                 s = len(batch.token_req) * self._sens(batch.requests[0].task)[1]
             else:
-                self.sensitive_sum(batch.requests)      # (every task's row known)
-                rows = self._sens_rows
+                rows = self._sens_known(batch.requests)
                 s = float(sum(n * rows[r.task][1] for n, r in zip(tok_per_req.tolist(), batch.requests)))
             self.sensitive_kept += s
             self.sensitive_routes += s

@@ -114,11 +114,12 @@ class ExpertPolicy:
     DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "initial_load", "reroute_rank_from",
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
-                        "plan_batch_run", "_batch_counts", "_account_batch_run")
+                        "plan_batch_run", "_batch_counts", "_account_batch_run", "_flat_routes",
+                        "_capacity_per_layer")
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "plans_decode_runs" in cls.__dict__:
+        if "plans_decode_runs" in cls.__dict__ or "plans_batch_runs" in cls.__dict__:
             raise TypeError(f"{cls.__name__}: declare `decode_runs = True` (and decode_run_ready() for when) "
                             "instead of overriding plans_decode_runs")
         if "decode_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
