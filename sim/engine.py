@@ -357,10 +357,9 @@ class Engine:
         # scheduler's select has no side effects to skip (the eMoE scheduler's has).
         if self.waiting and not (full and type(self.scheduler).select is Scheduler.select):
             return None
-        # Arrivals during the run change nothing if they cannot join and the policy does not
-        # look at them (the eMoE policy counts them).
-        # A scheduler's own select() (the eMoE scheduler's records vetoes) must see each arrival
-        # at every step, as stepping shows it: such runs are cut at the next arrival too.
+        # Arrivals during the run change nothing if they cannot join, the policy does not look
+        # at them (the eMoE policy counts them) and the scheduler's select() is the base one
+        # (the eMoE scheduler's records vetoes, so it must see each arrival at every step).
         arrivals_join = (not full or type(policy).on_arrival is not ExpertPolicy.on_arrival
                          or type(self.scheduler).select is not Scheduler.select)
         n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN, max(2, self.MAX_RUN_TOKENS // B))
