@@ -338,30 +338,35 @@ class Engine:
 
     # ---- saturation: the same requests decoding together, their steps at once ---------------
     def _batch_run(self, now: float):
-        """At saturation every running request decodes and nothing can join them (no slot, or
-        no one waiting), so the batch is the same from step to step until the first of them
-        finishes. Then the policy and the cost model plan those steps in one vectorised call
-        (same decisions, times to float rounding) and SimPy sees one event. Cut where stepping
-        would do something else: a step whose KV would not fit (a preemption), max_steps, and,
-        unless no request can join before the run ends, the next arrival (every step starts
-        before it even if all its experts missed). Arrivals while every slot is taken only
-        join the queue: the run's timeline counts them per step (an arrival at exactly a step's
-        start counts as SimPy orders the two events). Returns (requests, steps, end) or None."""
+        """At saturation every running request decodes and nothing can join them (no slot, no
+        KV for the head of the queue, or no one waiting), so the batch is the same from step
+        to step until the first of them finishes. Then the policy and the cost model plan
+        those steps in one vectorised call (same decisions, times to float rounding) and SimPy
+        sees one event. Cut where stepping would do something else: a step whose KV would not
+        fit (a preemption), max_steps, and, unless no request can join before the run ends,
+        the next arrival (every step starts before it even if all its experts missed).
+        Arrivals that cannot join only queue: the run's timeline counts them per step (an
+        arrival at exactly a step's start counts as SimPy orders the two events). Returns
+        (requests, steps, end) or None."""
         running, policy = self.running, self.policy
         B = len(running)
         if (not self.decode_runs or not B or (B == 1 and not self.waiting) or not policy.plans_batch_runs
                 or not self.cost.link_idle(now) or any(r.prefilled < r.prompt_tokens for r in running)):
             return None
-        full = B >= self.max_running
-        # Requests waiting: none can be admitted while every slot is taken, and the base
-        # scheduler's select has no side effects to skip (the eMoE scheduler's has).
-        if self.waiting and not (full and type(self.scheduler).select is Scheduler.select):
+        sched = self.scheduler
+        base_select = type(sched).select is Scheduler.select
+        # Nobody can join while every slot is taken, or while the head of a first-come queue
+        # did not fit just now (the KV it would need only grows scarcer as the batch decodes,
+        # and later arrivals queue behind it). The base select() has no side effects to skip
+        # (the eMoE scheduler's records vetoes).
+        fifo = sched.static_key and type(sched).key is Scheduler.key
+        closed = B >= self.max_running or (bool(self.waiting) and fifo)
+        if self.waiting and not (closed and base_select):
             return None
         # Arrivals during the run change nothing if they cannot join, the policy does not look
         # at them (the eMoE policy counts them) and the scheduler's select() is the base one
-        # (the eMoE scheduler's records vetoes, so it must see each arrival at every step).
-        arrivals_join = (not full or type(policy).on_arrival is not ExpertPolicy.on_arrival
-                         or type(self.scheduler).select is not Scheduler.select)
+        # (the eMoE scheduler's must see each arrival at every step, as stepping shows it).
+        arrivals_join = not closed or type(policy).on_arrival is not ExpertPolicy.on_arrival or not base_select
         n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN, max(2, self.MAX_RUN_TOKENS // B))
         if self.max_steps:
             n = min(n, self.max_steps - self.steps)
