@@ -120,8 +120,9 @@ class ExpertPolicy:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "plans_decode_runs" in cls.__dict__ or "plans_batch_runs" in cls.__dict__:
-            raise TypeError(f"{cls.__name__}: declare `decode_runs = True` (and decode_run_ready() for when) "
-                            "instead of overriding plans_decode_runs")
+            raise TypeError(f"{cls.__name__}: declare `decode_runs = True` (and decode_run_ready() for when; "
+                            "`batch_runs = True` for saturation) instead of overriding plans_decode_runs or "
+                            "plans_batch_runs")
         if "decode_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
             cls.decode_runs = False
         if "batch_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
