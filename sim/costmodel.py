@@ -327,16 +327,13 @@ class CostModel:
         have = np.flatnonzero(n_copies)
         if len(have) and not walk[have[-1]]:     # the link as the last step with copies left it
             j = int(have[-1])
-            dem = run.demand[j]
-            last = int(np.flatnonzero(dem)[-1])
-            ffn_before = float(ffn[j].cumsum()[last - 1]) if last else 0.0
+            self.copies["demand"] -= int(n_copies[j])          # (counted again by its closed form)
+            args = (float(starts[j]), run.demand[j])
+            rest = (float(attn[j]), ffn[j], fixed)
             if extra is not None and run.streamed[j].any():
-                added_before = float(added[j].cumsum()[last - 1]) if last else 0.0
-                self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + ffn_before
-                                     + added_before + float(dem[last]) * c)      # (0.0: step()'s wait, none)
+                self._step_demand_streamed(*args, extra[j], *rest)
             else:
-                self.link_free_at = (float(starts[j]) + fixed + 0.0 + (last + 1) * float(attn[j]) + ffn_before
-                                     + float(dem[:last + 1].sum()) * c)
+                self._step_demand_only(*args, *rest)
         return starts, durations, busy, stall
 
     def batch_upper_bound(self, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray) -> np.ndarray:

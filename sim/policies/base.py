@@ -138,8 +138,6 @@ class ExpertPolicy:
         self.L, self.E, self.k = L, E, model.top_k
         self.cache = ExpertCache(self._capacity_per_layer(), E, fixed=self.fixed_set)
         self.rerouter = Rerouter(self.cache, self.reroute_rank_from)
-        self._layer_offset = (np.arange(L) * E)[None, :, None]   # flat (layer, expert) index base
-        self._layer_idx = np.arange(L)[None, :, None]
         # Per (layer, route slot): the flat (layer, expert) index base. Adding it to routes viewed
         # as (tokens, L * k) is one long inner loop (broadcasting over (L, k) ran ~10x slower).
         self._route_offset = np.repeat(np.arange(L, dtype=np.int32) * E, self.k)
@@ -311,9 +309,7 @@ class ExpertPolicy:
 
     def _run_counts(self, experts: np.ndarray) -> np.ndarray:
         """(T, L, E) tokens routed to each expert in each single-token step."""
-        T = len(experts)
-        flat = (np.arange(T)[:, None, None] * (self.L * self.E) + self._layer_offset + experts).ravel()
-        return np.bincount(flat, minlength=T * self.L * self.E).reshape(T, self.L, self.E)
+        return self._batch_counts(experts[:, None])[0]
 
     # ---- a step served from the cache ----------------------------------------
     def _flat_routes(self, experts: np.ndarray) -> np.ndarray:
