@@ -9,6 +9,7 @@ Directory layout:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,7 +30,9 @@ SUMMARY_KEYS = ("requests_completed", "requests_rejected", "peak_memory_bytes", 
                 "expert_hit_rate", "bytes_loaded", "routing_fidelity")
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """The code that runs in this process: asked of git once (a sweep's worker runs many points)."""
     import importlib.metadata
     try:
         v = importlib.metadata.version("emoe")

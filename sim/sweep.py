@@ -19,9 +19,9 @@ nothing. A failing point records its error in OUTPUT/points/<hash>.error.json
 and does not stop the others. OUTPUT/table.{parquet,csv} holds one row per point:
 the swept values, status, error, and every summary metric.
 
-Points run on local processes (-j N), or on a Dask cluster (`dask='tcp://host:port'`,
-or 'local' for a LocalCluster): Dask's distributed scheduler takes over when a
-sweep outgrows one machine.
+Points run N at a time on this machine (-j N: this process and N - 1 forked workers),
+or on a Dask cluster (`dask='tcp://host:port'`, or 'local' for a LocalCluster): Dask's
+distributed scheduler takes over when a sweep outgrows one machine.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -280,20 +281,75 @@ def _execute(todo, out: Path, jobs: int, dask: str | None, record):
             client.close()
             if cluster is not None:
                 cluster.close()
-    elif jobs <= 1:
+    elif min(jobs, len(args)) <= 1:
         for pt, sc, d in args:
             record(pt, run_point(sc, d))
     else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        import multiprocessing as mp
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            futures = {ex.submit(run_point, sc, d): pt for pt, sc, d in args}
-            for fut in as_completed(futures):
-                try:
-                    res = fut.result()
-                except Exception as e:  # noqa: BLE001 - any failure is this point's, recorded and reported
-                    res = dict(status="failed", error=f"{type(e).__name__}: {e}")
-                record(futures[fut], res)
+        _run_local_pool(args, min(jobs, len(args)), record)
+
+
+def _run_local_pool(args, jobs: int, record):
+    """`-j N`: N points at a time, one in this process and N - 1 in workers forked from it.
+
+    Forked once this process has imported what a point runs, the workers share its
+    interpreter and libraries (copy-on-write) rather than each importing its own, and the
+    parent, which would otherwise sit idle holding its own ~70 MB of them, runs points too:
+    a -j 2 sweep's memory is two points', not three interpreters' (README, "A day of
+    traffic"). Where fork is not offered (macOS, Windows), N spawned workers run them all.
+    Results are recorded in this thread only, as they come, whichever slot ran them."""
+    import queue
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+    ctx = _worker_context()
+    local = ctx.get_start_method() == "fork"
+    work = queue.SimpleQueue()
+    for item in args:
+        work.put(item)
+    done = queue.SimpleQueue()
+
+    def slot(run):
+        while True:
+            try:
+                pt, sc, d = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                res = run(sc, d)
+            except Exception as e:  # noqa: BLE001 - a worker lost, or a point's own failure
+                res = dict(status="failed", error=f"{type(e).__name__}: {e}")
+            done.put((pt, res))
+
+    with ProcessPoolExecutor(max_workers=jobs - local, mp_context=ctx) as ex:
+        ex.submit(int).result()    # forks every worker now, before this process starts a thread
+        slots = [threading.Thread(target=slot, args=(lambda sc, d: ex.submit(run_point, sc, d).result(),),
+                                  daemon=True) for _ in range(jobs - local)]
+        if local:
+            slots.append(threading.Thread(target=slot, args=(run_point,), daemon=True))
+        for t in slots:
+            t.start()
+        try:
+            for _ in args:
+                record(*done.get())
+        finally:                   # interrupted: no slot takes another point
+            while not work.empty():
+                work.get_nowait()
+        for t in slots:
+            t.join()
+
+
+def _worker_context():
+    """Fork where the platform offers it, once this process holds what every point imports
+    (its pages are then shared with the workers); spawn elsewhere."""
+    import gc
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods() or sys.platform == "darwin":
+        return mp.get_context("spawn")
+    import sim.run  # noqa: F401 - what every point imports
+    from sim.results import code_version
+    code_version()        # asked of git here, once, not by each worker (a fork of a worker)
+    gc.collect()
+    gc.freeze()           # the collector then leaves the shared objects' pages alone
+    return mp.get_context("fork")
 
 
 def describe(sc: dict | None) -> dict:

@@ -47,6 +47,17 @@ def test_local_pool_and_dask_give_identical_tables(sweep_file, tmp_path):
     pd.testing.assert_frame_equal(a, pd.read_parquet(tmp_path / "local" / "table.parquet"))
 
 
+def test_local_slots_give_the_serial_table_failures_included(sweep_file, tmp_path):
+    """-j 3 runs points in this process and in two forked workers; whichever ran a point,
+    the table (run-time failures too) is the one a serial sweep writes."""
+    f = sweep_file({"policy.capacity": [0.25, 0.5, 0.75], "hardware.memory_bytes": [3.0e6, 1.0e5]})
+    spec = load_sweep(f)
+    serial = run_sweep(spec, jobs=1, output=tmp_path / "serial", progress=False)["table"]
+    pooled = run_sweep(spec, jobs=3, output=tmp_path / "pooled", progress=False)["table"]
+    assert sorted(serial.status) == ["done"] * 3 + ["failed"] * 3
+    pd.testing.assert_frame_equal(serial, pooled)
+
+
 def test_bad_value_fails_alone_with_its_message(sweep_file, tmp_path):
     f = sweep_file({"policy.capacity": [0.5, 7.0, 0.75]})
     res = run_sweep(load_sweep(f), output=tmp_path / "o", progress=False)

@@ -15,7 +15,8 @@ def add_parsers(sub):
 def add_sweep(sub):
     s = sub.add_parser("sweep", help="run a grid of scenarios in parallel (resumable), one table out")
     s.add_argument("sweep", help="sweep YAML (base scenario + grid)")
-    s.add_argument("-j", "--jobs", type=positive_whole, default=1, help="local worker processes")
+    s.add_argument("-j", "--jobs", type=positive_whole, default=1,
+                   help="points run at once here (this process and N-1 workers forked from it)")
     s.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster: tcp://host:port, or 'local'")
     s.add_argument("-o", "--output", help="sweep directory (default: the file's `output`, or runs/sweep-NAME)")
     s.set_defaults(func=sweep)
