@@ -56,6 +56,16 @@ class Engine:
         in_order = getattr(requests, "in_arrival_order", False)   # sim/workload.py Arrivals
         self._to_arrive = iter(requests if in_order else sorted(requests, key=lambda r: (r.arrival_s, r.index)))
         self.policy, self.scheduler = policy, scheduler
+        # First come first served, by the base select(), for a policy blind to arrivals: an
+        # arrival only joins the back of the queue, so it is counted as it arrives and its
+        # Request is built when admission reaches it (_top_up). A million requests arriving at
+        # once are then a count, not a million Requests. Others see each arrival as a Request.
+        self._fifo = scheduler.static_key and type(scheduler).key is Scheduler.key
+        self._base_select = type(scheduler).select is Scheduler.select
+        lazy = (in_order and self._fifo and self._base_select and hasattr(requests, "times_in_order")
+                and type(policy).on_arrival is ExpertPolicy.on_arrival)
+        self._lazy_times = requests.times_in_order() if lazy else None
+        self._backlog = 0              # arrived, not yet built: the queue's tail, in arrival order
         self.max_tokens = int(limits["max_batch_tokens"])
         self.max_running = int(limits["max_running"])
         self.max_steps = int(limits.get("max_steps") or 0)
@@ -78,7 +88,8 @@ class Engine:
         self.progress = progress
         self._wake = None
         self._next_arrival_s = 0.0     # when the arrival process next enqueues a request
-        self._arriving = None          # ... and which request that is
+        self._arriving = None          # ... and which request that is (not for a lazy queue)
+        self._awaiting = False         # an arrival's event is pending
         self._run_arrivals = None      # (time, scheduled at) of arrivals during a batch run
         self._arrival_scheduled = 0.0  # when the awaited arrival's event was set
         self._last_step_start = 0.0    # of the run now in progress
@@ -98,11 +109,16 @@ class Engine:
         return self
 
     def _arrivals(self, env):
+        if self._lazy_times is not None:
+            yield from self._arrivals_counted(env)
+            return
         for req in self._to_arrive:
             self._arriving, self._next_arrival_s = req, req.arrival_s
             if req.arrival_s > env.now:
                 self._arrival_scheduled = env.now    # when its event was set (SimPy's tie order)
+                self._awaiting = True
                 yield env.timeout(req.arrival_s - env.now)
+                self._awaiting = False
             self._arriving = None
             if self._run_arrivals is not None:    # during a batch run: its timeline counts them
                 self._run_arrivals.append((env.now, self._arrival_scheduled))
@@ -111,6 +127,39 @@ class Engine:
             if self._wake is not None and not self._wake.triggered:
                 self._wake.succeed()
         self._next_arrival_s = float("inf")
+
+    def _arrivals_counted(self, env):
+        """_arrivals for a lazy queue: the same events, each arrival a count (the Request is
+        built by _top_up). Arrivals due by the time one is handled are handled with it, as
+        _arrivals handles them without yielding."""
+        times, i, n = self._lazy_times, 0, len(self._lazy_times)
+        while i < n:
+            self._next_arrival_s = t = float(times[i])
+            if t > env.now:
+                self._arrival_scheduled = env.now
+                self._awaiting = True
+                yield env.timeout(t - env.now)
+                self._awaiting = False
+            j = max(i + 1, int(np.searchsorted(times, env.now, side="right")))
+            if self._run_arrivals is not None:
+                self._run_arrivals.extend([(env.now, self._arrival_scheduled)] * (j - i))
+            self._backlog += j - i
+            i = j
+            if self._wake is not None and not self._wake.triggered:
+                self._wake.succeed()
+        self._next_arrival_s = float("inf")
+
+    @property
+    def n_waiting(self) -> int:
+        """Requests in the waiting queue, built or not (a lazy queue's tail is a count)."""
+        return len(self.waiting) + self._backlog
+
+    def _top_up(self, slots: int) -> None:
+        """Build the lazy queue's next arrivals until its built part holds one more request than
+        there are free slots: first come first served admits no further than that."""
+        while self._backlog and len(self.waiting) <= slots:
+            self._backlog -= 1
+            self.enqueue(next(self._to_arrive))
 
     def _serve(self, env):
         while self.n_finished + self.n_rejected < self.n_requests:
@@ -131,7 +180,7 @@ class Engine:
                 # An arrival due now whose event was set during the run, before its last step
                 # began: stepping's last event was set at that step's start, after the arrival's,
                 # so SimPy handled the arrival first. Let it.
-                if (self._arriving is not None and self._next_arrival_s == env.now
+                if (self._awaiting and self._next_arrival_s == env.now
                         and start <= self._arrival_scheduled < last_start):
                     yield env.timeout(0)
                 self._advance_run(reqs, n_steps, env.now)
@@ -162,7 +211,7 @@ class Engine:
 
     # ---- admission -------------------------------------------------------------------
     def _admit(self, now: float):
-        if not self.waiting:
+        if not self.n_waiting:
             return
         mem = self.mem
         # KV already promised: held now, plus the prompt still to prefill of running requests.
@@ -181,19 +230,23 @@ class Engine:
             state["tokens"] += need
             return True
 
-        for req in self.scheduler.select(self.waiting, self.running, now, fits):
-            self._unqueue(req)
-            if (req.prompt_tokens + 1) * mem.kv_per_token > mem.kv_budget:
-                req.rejected = (f"prompt of {req.prompt_tokens} tokens needs "
-                                         f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
-                                         f"more than the {mem.kv_budget / 1e9:.2f} GB left")
-                self.n_rejected += 1
-                self._release(req)
-                continue
-            if req.admitted_s is None:
-                req.admitted_s = now
-            self.running.append(req)
-            self.policy.on_admit(req, now)
+        while True:
+            self._top_up(self.max_running - state["running"])
+            for req in self.scheduler.select(self.waiting, self.running, now, fits):
+                self._unqueue(req)
+                if (req.prompt_tokens + 1) * mem.kv_per_token > mem.kv_budget:
+                    req.rejected = (f"prompt of {req.prompt_tokens} tokens needs "
+                                    f"{(req.prompt_tokens + 1) * mem.kv_per_token / 1e9:.2f} GB of KV cache, "
+                                    f"more than the {mem.kv_budget / 1e9:.2f} GB left")
+                    self.n_rejected += 1
+                    self._release(req)
+                    continue
+                if req.admitted_s is None:
+                    req.admitted_s = now
+                self.running.append(req)
+                self.policy.on_admit(req, now)
+            if self.waiting or not self._backlog:   # stopped at a request that did not fit, or all in
+                return
 
     def _preempt_for(self, new_tokens: int):
         """Free KV (latest admitted first) until this step's new tokens fit."""
@@ -232,7 +285,7 @@ class Engine:
         step_s = self.clock.step_s(self.env, timing.duration_s)
         self.timeline.append(TimelineRow(
             t_s=now, step_s=step_s, tokens=work.n_tokens, batch_requests=len(work.batch.requests),
-            running=len(self.running), waiting=len(self.waiting), decode_tokens=len(work.decode),
+            running=len(self.running), waiting=self.n_waiting, decode_tokens=len(work.decode),
             prefill_tokens=work.n_tokens - len(work.decode), mem_dense=parts["dense"], mem_experts=parts["experts"],
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
             link_busy_s=timing.link_busy_s, stall_s=timing.stall_s, expert_loads=plan.copies,
@@ -289,7 +342,7 @@ class Engine:
         float rounding) instead of one SimPy round trip each. The run is cut so that every
         step starts before the next arrival even if all its experts missed. Returns
         ([request], steps, end time) or None to step normally."""
-        if not self.decode_runs or len(self.running) != 1 or self.waiting or not self.policy.plans_decode_runs:
+        if not self.decode_runs or len(self.running) != 1 or self.n_waiting or not self.policy.plans_decode_runs:
             return None
         req = self.running[0]
         if req.in_prefill or not self.cost.link_idle(now):
@@ -350,18 +403,16 @@ class Engine:
         (requests, steps, end) or None."""
         running, policy = self.running, self.policy
         B = len(running)
-        if (not self.decode_runs or not B or (B == 1 and not self.waiting) or not policy.plans_batch_runs
+        if (not self.decode_runs or not B or (B == 1 and not self.n_waiting) or not policy.plans_batch_runs
                 or not self.cost.link_idle(now) or any(r.prefilled < r.prompt_tokens for r in running)):
             return None
-        sched = self.scheduler
-        base_select = type(sched).select is Scheduler.select
+        base_select = self._base_select
         # Nobody can join while every slot is taken, or while the head of a first-come queue
         # did not fit just now (the KV it would need only grows scarcer as the batch decodes,
         # and later arrivals queue behind it). The base select() has no side effects to skip
         # (the eMoE scheduler's records vetoes).
-        fifo = sched.static_key and type(sched).key is Scheduler.key
-        closed = B >= self.max_running or (bool(self.waiting) and fifo)
-        if self.waiting and not (closed and base_select):
+        closed = B >= self.max_running or (bool(self.n_waiting) and self._fifo)
+        if self.n_waiting and not (closed and base_select):
             return None
         # Arrivals during the run change nothing if they cannot join, the policy does not look
         # at them (the eMoE policy counts them) and the scheduler's select() is the base one
@@ -415,7 +466,7 @@ class Engine:
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
             link_busy_s=busy, stall_s=stall, expert_loads=plan.demand.sum(axis=1),
             active_experts=np.count_nonzero(plan.counts, axis=(1, 2)), attn_ctx=attn_ctx, B=B,
-            waiting=len(self.waiting),
+            waiting=self.n_waiting,
             # an arrival handled just now, before this run was planned, set the next one's event first
             won=now if self._arrival_scheduled == now else None)
         self._run_arrivals = []

@@ -88,9 +88,16 @@ class Arrivals:
     def __len__(self) -> int:
         return self.trace.n_requests
 
+    def _order(self) -> np.ndarray:
+        return np.lexsort((np.arange(len(self)), self.arrival_s))
+
     def __iter__(self):
-        order = np.lexsort((np.arange(len(self)), self.arrival_s))
-        return (self.request(int(i)) for i in order)
+        return (self.request(int(i)) for i in self._order())
+
+    def times_in_order(self) -> np.ndarray:
+        """Arrival times in the order __iter__ yields the requests: an engine can count
+        arrivals without building them (sim/engine.py, the lazy queue)."""
+        return self.arrival_s[self._order()]
 
     def request(self, i: int) -> Request:
         t = self.trace

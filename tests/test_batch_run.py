@@ -123,7 +123,7 @@ def test_engine_results_identical_with_and_without_batch_runs(monkeypatch, name,
     def counting(self, now):
         r = real(self, now)
         steps.append(r[1] if r else 0)
-        if r and self.waiting and len(self.running) < self.max_running:
+        if r and self.n_waiting and len(self.running) < self.max_running:
             blocked.append(r[1])     # a run while the queue's head waits for KV
         return r
     monkeypatch.setattr(Engine, "_batch_run", counting)

@@ -200,7 +200,7 @@ def test_engine_results_identical_with_and_without_decode_runs(monkeypatch, poli
     real = Engine._decode_run
 
     def counting(self, now):
-        if len(self.running) == 1 and not self.waiting:
+        if len(self.running) == 1 and not self.n_waiting:
             ready.append(self.policy.plans_decode_runs)
         r = real(self, now)
         runs.append(r[1] if r else 0)
