@@ -45,11 +45,12 @@ class ReplayEngine(Engine):
         return self
 
     def layer_events(self) -> list[dict] | None:
-        """Each layer's attention, experts and stall and each copy, in the run's seconds (CPU;
-        None on CUDA, where they are not recorded yet)."""
-        events = self.rt.cache.events
-        if events is None or not hasattr(self, "env"):
+        """Each layer's attention, experts and stall and each copy, in the run's seconds (on
+        CUDA from the device's timing events, pinned to the wall clock by an anchor)."""
+        if not hasattr(self, "env"):
             return None
+        self.rt.cache.settle(wait=True)
+        events = self.rt.cache.events
         t0 = self.env.real_start     # the wall clock's zero, on time.monotonic
         return [dict(kind=k, layer=layer, expert=e, start_s=a - t0, end_s=b - t0) for k, layer, e, a, b in list(events)]
 
@@ -128,6 +129,7 @@ class ReplayEngine(Engine):
         if self.cuda:   # the step's compute; prefetches for later steps go on on the copy stream
             torch.cuda.current_stream(rt.device).synchronize()
             rt.cache.collect_stall()
+            rt.cache.settle()
         duration = time.perf_counter() - t_start
         self._streamed = rt.cache.streamed - streamed_before
         return StepTiming(duration, rt.cache.copy_s - copy_before, rt.cache.stall_s - stall_before)

@@ -63,15 +63,53 @@ class ExpertCache:
         self.in_use: dict[int, object] = {}         # slot -> compute-done event
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._n_staging = n_staging
-        # CPU: per-layer events on the wall clock (time.monotonic, the replay clock's), for
-        # `emoe timeline --layers`: (kind, layer, expert, start, end). None: not recorded (CUDA).
-        self.events: list | None = None if self.cuda else []
+        # Per-layer events for `emoe timeline --layers`: (kind, layer, expert, start, end), with
+        # start and end stamps (stamp()): time.monotonic() (the replay clock's) on CPU; on CUDA,
+        # timing events on the stream that did the work (the host runs ahead of the device), read
+        # against an anchor pinned to time.monotonic() and turned into seconds by settle().
+        self.events: list = []
+        self._unsettled: list[int] = []             # CUDA: events whose stamps are still events
+        self._settled_to = 0                        # ... and where the events not yet looked at start
+        self._anchor = None
+        if self.cuda:
+            ev = self.stamp()
+            ev.synchronize()                        # the device reached it while the host waited
+            self._anchor = (ev, time.monotonic())
         self.layer = None                           # the layer computing now (its stalls)
         self.link = HostLink(self)
         self.lock = self.link.cond                  # one lock for the link's queues and the slots
         self.stall_s = 0.0                          # time layers waited for copies (CPU: measured here)
         self.streamed = 0                           # demand copies streamed through the staging slots
         self._stall_events: list = []               # CUDA: (before, after) waits on the compute stream
+
+    # ---- per-layer events --------------------------------------------------------------------------
+    def stamp(self, stream=None):
+        """Now, for an event: time.monotonic() on CPU; on CUDA a timing event recorded on
+        `stream` (the compute stream by default), so it is when the device gets there."""
+        if not self.cuda:
+            return time.monotonic()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return ev
+
+    def settle(self, wait: bool = False) -> None:
+        """CUDA: turn the stamps of events the device has finished into seconds on
+        time.monotonic (the anchor's offset plus the device's elapsed time), dropping the CUDA
+        events; those not finished stay for a later call (wait: synchronise first). Called
+        once a step, so a long replay does not hold millions of CUDA events."""
+        if not self.cuda:
+            return
+        if wait:
+            torch.cuda.synchronize(self.device)
+        anchor, m0 = self._anchor
+        pending, n = [], len(self.events)          # the link thread may append meanwhile
+        for i in self._unsettled + list(range(self._settled_to, n)):
+            kind, layer, e, a, b = self.events[i]
+            if not (a.query() and b.query()):
+                pending.append(i)
+                continue
+            self.events[i] = (kind, layer, e, m0 + anchor.elapsed_time(a) / 1e3, m0 + anchor.elapsed_time(b) / 1e3)
+        self._unsettled, self._settled_to = pending, n
 
     @property
     def slot_bytes(self) -> int:
@@ -189,6 +227,7 @@ class ExpertCache:
             start.record(self.stream)
             dst.copy_(src, non_blocking=True)
             done.record(self.stream)
+        self.events.append(("streamed copy" if streamed else f"{copy.kind} copy", copy.layer, copy.expert, start, done))
         copy.done = done
         copy.submitted.set()
         done.synchronize()                      # one copy at a time on the link
@@ -230,6 +269,7 @@ class ExpertCache:
         after = torch.cuda.Event(enable_timing=True)
         after.record(compute)
         self._stall_events.append((before, after))
+        self.events.append(("stall", self.layer, None, before, after))
 
     def collect_stall(self) -> None:
         """CUDA: add up the compute stream's waits (call once it has synchronised)."""
@@ -479,12 +519,9 @@ class ReplayModel:
         for li in range(len(self.layers)):
             if 2 * li in at:
                 issue(2 * li, cache.issue_point())
-            events = cache.events
-            if events is not None:
-                cache.layer, a0 = li, time.monotonic()
+            cache.layer, a0 = li, cache.stamp()
             x, h, logits = self.attention(li, x, segments, rope)
-            if events is not None:
-                events.append(("attention", li, None, a0, time.monotonic()))
+            cache.events.append(("attention", li, None, a0, cache.stamp()))
             router = cache.issue_point()      # CUDA: demand copies start once the router has run
             for le in load_plan["demand"][li]:
                 cache.fetch(*le, after=router)
@@ -497,11 +534,9 @@ class ReplayModel:
             cache.promote(li, experts)      # queued prefetches it needs: demand, ahead of the streamed copies
             streamed = self.stream_missing(li, experts, router)                  # demand, before prefetches
             issue(2 * li + 1, router)
-            if events is not None:
-                e0 = time.monotonic()
+            e0 = cache.stamp()
             x = x + self.experts(li, h, r_l, g_l, router, streamed) + self.shared(li, h)
-            if events is not None:
-                events.append(("experts", li, None, e0, time.monotonic()))
+            cache.events.append(("experts", li, None, e0, cache.stamp()))
         next_tokens = None
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)

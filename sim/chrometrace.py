@@ -12,8 +12,8 @@ times are the wall clock's) give the same picture and can be opened side by side
   layer's attention, expert compute and stall, and thread "host link" each copy (demand,
   streamed through staging, or prefetch; layer and expert). The results keep steps, not
   layers, so these come from simulating the run again (same scenario and seed: the same
-  steps) with the cost model recording per layer inside a window. A CPU replay records
-  them as it runs, on its wall clock (layers.csv); a CUDA replay does not yet.
+  steps) with the cost model recording per layer inside a window. A replay records them
+  as it runs, on its wall clock (layers.csv; on CUDA from timing events).
 
 Format: the JSON object form, {"traceEvents": [...]}, timestamps in microseconds
 (https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU).
@@ -115,11 +115,11 @@ def layer_events(results_dir, timeline, window: tuple[float, float]) -> list[dic
 
 
 def replayed_layer_events(results_dir) -> list[dict]:
-    """A CPU replay's per-layer events, measured on its wall clock (layers.csv)."""
+    """A replay's per-layer events, measured on its wall clock (layers.csv)."""
     f = Path(results_dir) / "layers.csv"
     if not f.exists():
-        raise UserError(f"{results_dir}: this replay has no layers.csv; per-layer events are recorded by CPU "
-                        "replays (a CUDA replay's are not recorded yet)")
+        raise UserError(f"{results_dir}: this replay has no layers.csv (replays before per-layer events were "
+                        "recorded do not); replay the scenario again to get them")
     import pandas as pd
     ev = pd.read_csv(f)
     ev["layer"] = ev.layer.astype("Int64")

@@ -58,8 +58,11 @@ def test_lazy_queue_gives_the_built_queues_results(monkeypatch, name, policy, ar
         assert lazy.summary["requests_completed"] < 60 and len(lazy.requests) == 60
 
 
+EMOE = {"name": "emoe", "capacity": 0.5}
+
+
 @pytest.mark.parametrize("policy,sched,lazy", [(LRU, "fcfs", True), (LRU, "sjf", False), (LRU, "edf", False),
-                                                 (LRU, "emoe", False), ({"name": "emoe", "capacity": 0.5}, "fcfs", False)],
+                                               (LRU, "emoe", False), (EMOE, "fcfs", False)],
                          ids=["fcfs", "sjf", "edf", "emoe scheduler", "emoe policy"])
 def test_who_gets_the_lazy_queue(monkeypatch, policy, sched, lazy):
     """Schedulers that reorder the queue or select by their own rule, and a policy that sees

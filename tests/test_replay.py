@@ -224,3 +224,34 @@ def test_a_replay_stopped_at_a_limit_does_not_wait_for_later_arrivals(tiny_trace
     last_arrival = rp.requests.arrival_s.max()
     assert last_arrival > 2.0 and wall < last_arrival
     assert rp.summary["simulated_time_s"] < last_arrival
+
+
+def test_cuda_layer_events_settle_into_wall_clock_seconds():
+    """On CUDA a layer's events are timing events on the device's clock: each step, those the
+    device finished become seconds on time.monotonic (anchor + elapsed); unfinished ones wait.
+    No GPU here: stand-in events with the CUDA Event methods settle() calls."""
+    import torch
+    from replay.model import ExpertCache
+
+    class Ev:                        # device time t (s), finished or not
+        def __init__(self, t, done=True):
+            self.t, self.done = t, done
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, other):   # milliseconds from self to other, as torch.cuda.Event's
+            return (other.t - self.t) * 1e3
+
+    cache = ExpertCache([[torch.zeros(4)]], 2, torch.device("cpu"), torch.float32)
+    cache.cuda, cache._anchor = True, (Ev(5.0), 100.0)     # the device's 5.0 s is the host's 100.0 s
+    late = Ev(5.9, done=False)
+    cache.events += [("attention", 0, None, Ev(5.25), Ev(5.5)), ("demand copy", 0, 3, Ev(5.5), late)]
+    cache.settle()
+    assert cache.events[0] == ("attention", 0, None, 100.25, 100.5)
+    assert isinstance(cache.events[1][4], Ev)               # its copy had not finished: left as it was
+    cache.events.append(("experts", 0, None, Ev(5.5), Ev(5.75)))
+    late.done = True
+    cache.settle()
+    assert cache.events[1:] == [("demand copy", 0, 3, 100.5, 100.9), ("experts", 0, None, 100.5, 100.75)]
+    assert cache._unsettled == [] and cache._settled_to == 3
