@@ -7,7 +7,9 @@
    experts (5 of 8 per layer), hardware = the measured profile;
 3. simulate the same two scenarios with the measured profile;
 4. write DIR/comparison.md and DIR/comparison.json: sim vs replay per metric, and
-   the replay's host-to-device bandwidth against the profiled one at that copy size.
+   the replay's host-to-device bandwidth against the profiled one at that copy size;
+   DIR/timeline-{replay,sim}-POLICY.json: both runs' first 20 steps per layer (Chrome
+   trace format; the replay's from CUDA events).
 
 On a CPU (`--device cpu --scale 32`) the same flow runs in a few minutes: that is
 how it is tested without a GPU.
@@ -26,6 +28,7 @@ from replay.compare import compare
 from replay.model import scaled_spec
 from replay.profile import run_profile, write_profile
 from replay.run import DTYPES, replay_scenario
+from sim.chrometrace import write_chrome_trace
 from sim.run import run_scenario
 from sim.scenario import load_scenario
 from traces.model_shape import get_model
@@ -97,6 +100,8 @@ def main(argv=None):
         sim = run_scenario(load_scenario(rp_dir / "scenario.yaml"))
         sim_dir = sim.write(out / f"sim-{name}")
         table = compare(sim_dir, rp_dir)
+        for kind, d in (("replay", rp_dir), ("sim", sim_dir)):    # per layer, first 20 steps: opens in Perfetto
+            write_chrome_trace(d, out / f"timeline-{kind}-{name}.json", layers=True)
         entry = {"comparison": table.reset_index().to_dict(orient="records"), "replay_summary": rp.summary}
         if rp.summary.get("h2d_bytes_per_s"):
             prof_bw = bandwidth_at(prof["copies"], spec.bytes_per_expert)

@@ -19,3 +19,7 @@ def test_gpucheck_flow_on_cpu(tmp_path):
     md = (tmp_path / "comparison.md").read_text()
     assert "## resident" in md and "## emoe" in md
     assert (tmp_path / "profile.yaml").exists() and (tmp_path / "replay-emoe" / "trace.npz").exists()
+    for kind in ("replay", "sim"):     # per-layer timelines of both runs, each layer once a step
+        ev = json.loads((tmp_path / f"timeline-{kind}-emoe.json").read_text())["traceEvents"]
+        attention = [e for e in ev if e.get("cat") == "attention"]
+        assert attention and {e["args"]["layer"] for e in attention} == set(range(32))
