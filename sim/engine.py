@@ -407,16 +407,20 @@ class Engine:
                 or not self.cost.link_idle(now) or any(r.prefilled < r.prompt_tokens for r in running)):
             return None
         base_select = self._base_select
-        # Nobody can join while every slot is taken, or while the head of a first-come queue
-        # did not fit just now (the KV it would need only grows scarcer as the batch decodes,
-        # and later arrivals queue behind it). The base select() has no side effects to skip
-        # (the eMoE scheduler's records vetoes).
-        closed = B >= self.max_running or (bool(self.n_waiting) and self._fifo)
-        if self.n_waiting and not (closed and base_select):
+        # Nobody waiting can join while every slot is taken, or while the head of the queue, in
+        # the scheduler's fixed order, did not fit just now (the base select() stops at it; the
+        # KV it would need only grows scarcer as the batch decodes). The base select() has no
+        # side effects to skip (the eMoE scheduler's records vetoes).
+        full = B >= self.max_running
+        head_blocked = bool(self.n_waiting) and self.scheduler.static_key
+        if self.n_waiting and not ((full or head_blocked) and base_select):
             return None
-        # Arrivals during the run change nothing if they cannot join, the policy does not look
-        # at them (the eMoE policy counts them) and the scheduler's select() is the base one
-        # (the eMoE scheduler's must see each arrival at every step, as stepping shows it).
+        # Arrivals during the run change nothing if they cannot join (no slot, or they queue
+        # behind a blocked head: first come first served; under SJF or EDF one may become the
+        # head and fit), the policy does not look at them (the eMoE policy counts them) and the
+        # scheduler's select() is the base one (the eMoE scheduler's must see each arrival at
+        # every step, as stepping shows it).
+        closed = full or (head_blocked and self._fifo)
         arrivals_join = not closed or type(policy).on_arrival is not ExpertPolicy.on_arrival or not base_select
         n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN, max(2, self.MAX_RUN_TOKENS // B))
         if self.max_steps:
