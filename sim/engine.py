@@ -168,6 +168,8 @@ class Engine:
                 return
             self._admit(env.now)
             if not self.running:
+                if self.n_finished + self.n_rejected >= self.n_requests:   # the last ones were refused
+                    break
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None

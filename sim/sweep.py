@@ -295,8 +295,9 @@ def _run_local_pool(args, jobs: int, record):
     interpreter and libraries (copy-on-write) rather than each importing its own, and the
     parent, which would otherwise sit idle holding its own ~70 MB of them, runs points too:
     a -j 2 sweep's memory is two points', not three interpreters' (README, "A day of
-    traffic"). Where fork is not offered (macOS, Windows), N spawned workers run them all.
-    Results are recorded in this thread only, as they come, whichever slot ran them."""
+    traffic"). Off Linux, N spawned workers run them all. Results are recorded in this
+    thread only, as they come, whichever slot ran them; what a point raises beyond an
+    Exception (SystemExit, KeyboardInterrupt) is raised here, as `-j 1` raises it."""
     import queue
     import threading
     from concurrent.futures import ProcessPoolExecutor
@@ -314,13 +315,17 @@ def _run_local_pool(args, jobs: int, record):
             except queue.Empty:
                 return
             try:
-                res = run(sc, d)
+                done.put((pt, run(sc, d), None))
             except Exception as e:  # noqa: BLE001 - a worker lost, or a point's own failure
-                res = dict(status="failed", error=f"{type(e).__name__}: {e}")
-            done.put((pt, res))
+                done.put((pt, dict(status="failed", error=f"{type(e).__name__}: {e}"), None))
+            except BaseException as e:  # noqa: BLE001 - raised in the main thread, never a silent hang
+                done.put((pt, None, e))
+                return
 
-    with ProcessPoolExecutor(max_workers=jobs - local, mp_context=ctx) as ex:
-        ex.submit(int).result()    # forks every worker now, before this process starts a thread
+    initializer = (_die_with_parent, (os.getpid(),)) if local else (None, ())
+    with ProcessPoolExecutor(max_workers=jobs - local, mp_context=ctx, initializer=initializer[0],
+                             initargs=initializer[1]) as ex:
+        ex.submit(int).result()    # forks every worker now, before this function starts its threads
         slots = [threading.Thread(target=slot, args=(lambda sc, d: ex.submit(run_point, sc, d).result(),),
                                   daemon=True) for _ in range(jobs - local)]
         if local:
@@ -329,20 +334,36 @@ def _run_local_pool(args, jobs: int, record):
             t.start()
         try:
             for _ in args:
-                record(*done.get())
+                pt, res, raised = done.get()
+                if raised is not None:
+                    raise raised
+                record(pt, res)
         finally:                   # interrupted: no slot takes another point
             while not work.empty():
                 work.get_nowait()
+            if local:
+                import gc
+                gc.unfreeze()
         for t in slots:
             t.join()
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A forked worker inherits both ends of the pool's pipes, so it would not notice its
+    parent killed (SIGTERM, SIGKILL) and would wait forever: the kernel ends it instead."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:     # the parent died before that took hold
+        os._exit(1)
+
+
 def _worker_context():
-    """Fork where the platform offers it, once this process holds what every point imports
-    (its pages are then shared with the workers); spawn elsewhere."""
+    """Fork on Linux, once this process holds what every point imports (its pages are then
+    shared with the workers); spawn elsewhere."""
     import gc
     import multiprocessing as mp
-    if "fork" not in mp.get_all_start_methods() or sys.platform == "darwin":
+    if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
     import sim.run  # noqa: F401 - what every point imports
     from sim.results import code_version

@@ -185,3 +185,16 @@ def test_every_cache_policy_offers_both_miss_modes_and_names_its_copies(tiny_tra
     assert fetch["routing_fidelity"] == pytest.approx(1.0) and fetch["reroutes"] == 0
     assert reroute["routing_fidelity"] < 1.0 and reroute["reroutes"] > 0
     assert fetch["requests_completed"] == reroute["requests_completed"] == 40
+
+
+@pytest.mark.parametrize("kw", [dict(max_running=1), dict(arrival={"process": "poisson", "rate": 0.02})],
+                         ids=["all at once, one slot", "light load"])
+def test_a_run_whose_last_requests_are_refused_ends(kw):
+    """Prompts too large for the KV left are refused at admission; when they are the last
+    requests and nothing runs, the run ends with them refused (it used to wait for an
+    arrival that would never come: SimPy's 'No scheduled events left')."""
+    from tests.test_batch_run import scenario
+    r = run_scenario(scenario({"name": "on_demand", "capacity": 0.25}, hardware={"memory_bytes": 7.4e9},
+                              requests=30, **kw))
+    assert r.summary["requests_completed"] + r.summary["requests_rejected"] == 30
+    assert r.summary["requests_rejected"] > 0 and not r.summary.get("stopped_early")

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pandas as pd
@@ -154,3 +155,63 @@ def test_a_regenerated_trace_is_never_answered_from_old_results(tmp_path):
     assert changed["ran"] == 2 and changed["skipped"] == 0
     assert set(changed["table"].hash).isdisjoint(first["table"].hash)
     assert changed["table"].misses.tolist() != first["table"].misses.tolist()
+
+
+def _sweep_child(sweep_path, out, jobs, patch):
+    """A `run_sweep` in a fresh process whose points run `patch` first (forked workers inherit it)."""
+    code = textwrap.dedent(f"""
+        import sys, time, sim.run
+        from sim.sweep import load_sweep, run_sweep
+        real = sim.run.run_scenario
+        def patched(s):
+            {patch}
+            return real(s)
+        sim.run.run_scenario = patched
+        run_sweep(load_sweep({str(sweep_path)!r}), jobs={jobs}, output={str(out)!r}, progress=False)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_a_point_that_exits_ends_a_pooled_sweep_as_a_serial_one(sweep_file, tmp_path):
+    """SystemExit raised by a point (a plugin calling sys.exit) is raised by the sweep, as with
+    -j 1; it used to leave a slot without a result and the sweep waiting forever."""
+    f = sweep_file({"policy.capacity": [0.25, 0.5, 0.75]})
+    for jobs in (1, 2, 3):
+        proc = _sweep_child(f, tmp_path / f"o{jobs}", jobs,
+                            'if s["policy"]["capacity"] == 0.5: raise SystemExit("a point called sys.exit")')
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"-j {jobs}: the sweep hung")
+        assert proc.returncode == 1 and "a point called sys.exit" in out, (jobs, out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux only")
+def test_workers_end_with_a_killed_sweep(sweep_file, tmp_path):
+    """Forked workers hold both ends of the pool's pipes: killed, the sweep must not leave them
+    running (the kernel ends them with their parent)."""
+    f = sweep_file({"policy.capacity": [0.25, 0.5, 0.75]})
+    proc = _sweep_child(f, tmp_path / "o", 3, "time.sleep(60)")
+    deadline = time.time() + 60
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.2)
+        workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+    assert len(workers) == 2, "the pool did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def alive(p):
+        try:
+            return open(f"/proc/{p}/stat").read().split()[2] != "Z"
+        except OSError:
+            return False
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.1)
+    left = [p for p in workers if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "forked workers outlived their sweep"
