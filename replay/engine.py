@@ -129,8 +129,8 @@ class ReplayEngine(Engine):
         if self.cuda:   # the step's compute; prefetches for later steps go on on the copy stream
             torch.cuda.current_stream(rt.device).synchronize()
             rt.cache.collect_stall()
-            rt.cache.settle()
         duration = time.perf_counter() - t_start
+        rt.cache.step_done()       # CUDA: the step's per-layer events (first steps only), outside its time
         self._streamed = rt.cache.streamed - streamed_before
         return StepTiming(duration, rt.cache.copy_s - copy_before, rt.cache.stall_s - stall_before)
 

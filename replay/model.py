@@ -26,6 +26,8 @@ from replay.link import LANDED, QUEUED, Copy, HostLink
 # default block). `emoe profile` records it (measured.kv_block_tokens) so the simulator's memory
 # ledger counts KV in the same blocks.
 KV_BLOCK_TOKENS = 16
+# Steps whose per-layer events a CUDA replay records (ExpertCache.stamp): the first ones.
+CUDA_LAYER_STEPS = 20
 
 
 def scaled_spec(spec, scale: int, dtype_bytes: int):
@@ -65,16 +67,18 @@ class ExpertCache:
         self._n_staging = n_staging
         # Per-layer events for `emoe timeline --layers`: (kind, layer, expert, start, end), with
         # start and end stamps (stamp()): time.monotonic() (the replay clock's) on CPU; on CUDA,
-        # timing events on the stream that did the work (the host runs ahead of the device), read
-        # against an anchor pinned to time.monotonic() and turned into seconds by settle().
+        # (anchor, timing event) on the stream that did the work (the host runs ahead of the
+        # device), the anchor pinned to time.monotonic() (reanchor()), turned into seconds by settle().
         self.events: list = []
         self._unsettled: list[int] = []             # CUDA: events whose stamps are still events
         self._settled_to = 0                        # ... and where the events not yet looked at start
         self._anchor = None
-        if self.cuda:
-            ev = self.stamp()
-            ev.synchronize()                        # the device reached it while the host waited
-            self._anchor = (ev, time.monotonic())
+        # On CUDA each stamp is an event recorded and later queried on the host (a few µs each,
+        # four a layer), which would slow every replayed step by some percent: only the first
+        # CUDA_LAYER_STEPS steps are recorded (`emoe timeline --layers` draws the first 20).
+        self.recording = True
+        self._steps_to_record = CUDA_LAYER_STEPS if self.cuda else None
+        self.reanchor()
         self.layer = None                           # the layer computing now (its stalls)
         self.link = HostLink(self)
         self.lock = self.link.cond                  # one lock for the link's queues and the slots
@@ -84,31 +88,59 @@ class ExpertCache:
 
     # ---- per-layer events --------------------------------------------------------------------------
     def stamp(self, stream=None):
-        """Now, for an event: time.monotonic() on CPU; on CUDA a timing event recorded on
-        `stream` (the compute stream by default), so it is when the device gets there."""
+        """Now, for an event: time.monotonic() on CPU; on CUDA (anchor, a timing event recorded
+        on `stream`, the compute stream by default): when the device gets there. The anchor is
+        read first, so the device reaches the event after the anchor. None when not recording."""
         if not self.cuda:
             return time.monotonic()
+        if not self.recording:
+            return None
+        anchor = self._anchor
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
-        return ev
+        return anchor, ev
+
+    def reanchor(self) -> None:
+        """CUDA: pin the device's clock to time.monotonic with an event the device reaches
+        while the host waits for it. Taken once a step (ReplayEngine.execute), so stamps are
+        read against an anchor a step old at most: elapsed_time is float32 milliseconds, whose
+        resolution from one anchor at the run's start would grow to tens of microseconds
+        within minutes, and the two clocks drift."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        ev.synchronize()
+        self._anchor = (ev, time.monotonic())
+
+    def step_done(self) -> None:
+        """CUDA, once a step has synchronised: settle its events, take a fresh anchor, and stop
+        recording after CUDA_LAYER_STEPS steps."""
+        if not (self.cuda and self.recording):
+            return
+        self.settle()
+        self.reanchor()
+        self._steps_to_record -= 1
+        self.recording = self._steps_to_record > 0
 
     def settle(self, wait: bool = False) -> None:
         """CUDA: turn the stamps of events the device has finished into seconds on
-        time.monotonic (the anchor's offset plus the device's elapsed time), dropping the CUDA
-        events; those not finished stay for a later call (wait: synchronise first). Called
-        once a step, so a long replay does not hold millions of CUDA events."""
+        time.monotonic (the start: its anchor's time plus the device's elapsed time since; the
+        end: the start plus the event's own duration), dropping the CUDA events; those not
+        finished stay for a later call (wait: synchronise first). Called once a step, so a
+        long replay does not hold millions of CUDA events."""
         if not self.cuda:
             return
         if wait:
             torch.cuda.synchronize(self.device)
-        anchor, m0 = self._anchor
         pending, n = [], len(self.events)          # the link thread may append meanwhile
         for i in self._unsettled + list(range(self._settled_to, n)):
-            kind, layer, e, a, b = self.events[i]
+            kind, layer, e, (anchor, a), (_, b) = self.events[i]
             if not (a.query() and b.query()):
                 pending.append(i)
                 continue
-            self.events[i] = (kind, layer, e, m0 + anchor.elapsed_time(a) / 1e3, m0 + anchor.elapsed_time(b) / 1e3)
+            start = anchor[1] + anchor[0].elapsed_time(a) / 1e3
+            self.events[i] = (kind, layer, e, start, start + a.elapsed_time(b) / 1e3)
         self._unsettled, self._settled_to = pending, n
 
     @property
@@ -222,12 +254,15 @@ class ExpertCache:
                 in_use = self.in_use.pop(copy.slot, None)
             if in_use is not None:              # never overwrite a slot still being read
                 self.stream.wait_event(in_use)
+            anchor = self._anchor                   # read before the copy's events are recorded
             start = torch.cuda.Event(enable_timing=True)
             done = torch.cuda.Event(enable_timing=True)
             start.record(self.stream)
             dst.copy_(src, non_blocking=True)
             done.record(self.stream)
-        self.events.append(("streamed copy" if streamed else f"{copy.kind} copy", copy.layer, copy.expert, start, done))
+        if self.recording:
+            self.events.append(("streamed copy" if streamed else f"{copy.kind} copy", copy.layer, copy.expert,
+                                (anchor, start), (anchor, done)))
         copy.done = done
         copy.submitted.set()
         done.synchronize()                      # one copy at a time on the link
@@ -258,6 +293,7 @@ class ExpertCache:
             self.events.append(("stall", self.layer, None, m0, time.monotonic()))
             return
         compute = torch.cuda.current_stream(self.device)
+        anchor = self._anchor
         before = torch.cuda.Event(enable_timing=True)
         before.record(compute)
         for c in pending:
@@ -269,7 +305,8 @@ class ExpertCache:
         after = torch.cuda.Event(enable_timing=True)
         after.record(compute)
         self._stall_events.append((before, after))
-        self.events.append(("stall", self.layer, None, before, after))
+        if self.recording:
+            self.events.append(("stall", self.layer, None, (anchor, before), (anchor, after)))
 
     def collect_stall(self) -> None:
         """CUDA: add up the compute stream's waits (call once it has synchronised)."""
@@ -521,7 +558,8 @@ class ReplayModel:
                 issue(2 * li, cache.issue_point())
             cache.layer, a0 = li, cache.stamp()
             x, h, logits = self.attention(li, x, segments, rope)
-            cache.events.append(("attention", li, None, a0, cache.stamp()))
+            if a0 is not None:
+                cache.events.append(("attention", li, None, a0, cache.stamp()))
             router = cache.issue_point()      # CUDA: demand copies start once the router has run
             for le in load_plan["demand"][li]:
                 cache.fetch(*le, after=router)
@@ -536,7 +574,8 @@ class ReplayModel:
             issue(2 * li + 1, router)
             e0 = cache.stamp()
             x = x + self.experts(li, h, r_l, g_l, router, streamed) + self.shared(li, h)
-            cache.events.append(("experts", li, None, e0, cache.stamp()))
+            if e0 is not None:
+                cache.events.append(("experts", li, None, e0, cache.stamp()))
         next_tokens = None
         if len(sampled):
             next_tokens = (_rms(x[sampled], self.norm, self.rms_eps) @ self.head.T).argmax(dim=-1)

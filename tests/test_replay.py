@@ -226,11 +226,14 @@ def test_a_replay_stopped_at_a_limit_does_not_wait_for_later_arrivals(tiny_trace
     assert rp.summary["simulated_time_s"] < last_arrival
 
 
-def test_cuda_layer_events_settle_into_wall_clock_seconds():
-    """On CUDA a layer's events are timing events on the device's clock: each step, those the
-    device finished become seconds on time.monotonic (anchor + elapsed); unfinished ones wait.
-    No GPU here: stand-in events with the CUDA Event methods settle() calls."""
+def test_cuda_layer_events_settle_into_wall_clock_seconds(monkeypatch):
+    """On CUDA a layer's events are timing events on the device's clock, each read against the
+    anchor taken before it was recorded (one a step): each step, those the device finished
+    become seconds on time.monotonic (anchor + elapsed, end = start + duration); unfinished ones
+    wait; recording stops after CUDA_LAYER_STEPS steps. No GPU here: stand-in events with the
+    CUDA Event methods the cache calls."""
     import torch
+    from replay import model
     from replay.model import ExpertCache
 
     class Ev:                        # device time t (s), finished or not
@@ -244,14 +247,25 @@ def test_cuda_layer_events_settle_into_wall_clock_seconds():
             return (other.t - self.t) * 1e3
 
     cache = ExpertCache([[torch.zeros(4)]], 2, torch.device("cpu"), torch.float32)
-    cache.cuda, cache._anchor = True, (Ev(5.0), 100.0)     # the device's 5.0 s is the host's 100.0 s
+    cache.cuda, cache._steps_to_record = True, model.CUDA_LAYER_STEPS
+    first, second = (Ev(5.0), 100.0), (Ev(7.0), 102.5)     # the second anchor: clocks drifted 0.5 s
     late = Ev(5.9, done=False)
-    cache.events += [("attention", 0, None, Ev(5.25), Ev(5.5)), ("demand copy", 0, 3, Ev(5.5), late)]
-    cache.settle()
+    cache.events += [("attention", 0, None, (first, Ev(5.25)), (first, Ev(5.5))),
+                     ("demand copy", 0, 3, (first, Ev(5.5)), (first, late))]
+    anchors = iter([second] + [(Ev(8.0), 200.0)] * 50)
+    monkeypatch.setattr(ExpertCache, "reanchor", lambda self: setattr(self, "_anchor", next(anchors)))
+    cache.step_done()
     assert cache.events[0] == ("attention", 0, None, 100.25, 100.5)
-    assert isinstance(cache.events[1][4], Ev)               # its copy had not finished: left as it was
-    cache.events.append(("experts", 0, None, Ev(5.5), Ev(5.75)))
+    assert isinstance(cache.events[1][4][1], Ev)            # its copy had not finished: left as it was
+    assert cache._anchor == second
+    cache.events.append(("experts", 0, None, (second, Ev(7.25)), (second, Ev(7.5))))
     late.done = True
-    cache.settle()
-    assert cache.events[1:] == [("demand copy", 0, 3, 100.5, 100.9), ("experts", 0, None, 100.5, 100.75)]
+    cache.step_done()
+    assert cache.events[1:] == [("demand copy", 0, 3, 100.5, 100.9), ("experts", 0, None, 102.75, 103.0)]
     assert cache._unsettled == [] and cache._settled_to == 3
+    for _ in range(model.CUDA_LAYER_STEPS - 3):
+        assert cache.recording
+        cache.step_done()
+    assert cache.recording
+    cache.step_done()
+    assert not cache.recording and cache.stamp() is None    # later steps record nothing
