@@ -297,16 +297,29 @@ def _run_local_pool(args, jobs: int, record):
     a -j 2 sweep's memory is two points', not three interpreters' (README, "A day of
     traffic"). Off Linux, N spawned workers run them all. Results are recorded in this
     thread only, as they come, whichever slot ran them; what a point raises beyond an
-    Exception (SystemExit, KeyboardInterrupt) is raised here, as `-j 1` raises it."""
+    Exception (SystemExit, KeyboardInterrupt) is raised here, as `-j 1` raises it. A worker
+    that dies (killed for memory) fails the point it ran; the points left are run by this
+    process, or, with no slot here, fail as not run (a rerun resumes them)."""
     import queue
     import threading
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     ctx = _worker_context()
     local = ctx.get_start_method() == "fork"
     work = queue.SimpleQueue()
     for item in args:
         work.put(item)
     done = queue.SimpleQueue()
+
+    class NotRun(Exception):
+        """The pool was already broken: the point was not sent to a worker."""
+
+    def remote(sc, d):
+        try:
+            fut = ex.submit(run_point, sc, d)
+        except BrokenProcessPool:
+            raise NotRun from None
+        return fut.result()
 
     def slot(run):
         while True:
@@ -316,7 +329,13 @@ def _run_local_pool(args, jobs: int, record):
                 return
             try:
                 done.put((pt, run(sc, d), None))
-            except Exception as e:  # noqa: BLE001 - a worker lost, or a point's own failure
+            except NotRun:                   # back to the queue, for a slot in this process
+                work.put((pt, sc, d))
+                return
+            except BrokenProcessPool as e:   # a worker died: every remote slot is done
+                done.put((pt, dict(status="failed", error=f"worker process died running this point ({e})"), None))
+                return
+            except Exception as e:  # noqa: BLE001 - a point's own failure
                 done.put((pt, dict(status="failed", error=f"{type(e).__name__}: {e}"), None))
             except BaseException as e:  # noqa: BLE001 - raised in the main thread, never a silent hang
                 done.put((pt, None, e))
@@ -326,18 +345,27 @@ def _run_local_pool(args, jobs: int, record):
     with ProcessPoolExecutor(max_workers=jobs - local, mp_context=ctx, initializer=initializer[0],
                              initargs=initializer[1]) as ex:
         ex.submit(int).result()    # forks every worker now, before this function starts its threads
-        slots = [threading.Thread(target=slot, args=(lambda sc, d: ex.submit(run_point, sc, d).result(),),
-                                  daemon=True) for _ in range(jobs - local)]
+        slots = [threading.Thread(target=slot, args=(remote,), daemon=True) for _ in range(jobs - local)]
         if local:
             slots.append(threading.Thread(target=slot, args=(run_point,), daemon=True))
         for t in slots:
             t.start()
         try:
-            for _ in args:
-                pt, res, raised = done.get()
+            left = len(args)
+            while left:
+                try:
+                    pt, res, raised = done.get(timeout=0.5)
+                except queue.Empty:
+                    if any(t.is_alive() for t in slots) or not done.empty():
+                        continue
+                    while not work.empty():   # every slot stopped (the pool broke, none here)
+                        pt, _, _ = work.get_nowait()
+                        record(pt, dict(status="failed", error="not run: the sweep's worker processes died"))
+                    break
                 if raised is not None:
                     raise raised
                 record(pt, res)
+                left -= 1
         finally:                   # interrupted: no slot takes another point
             while not work.empty():
                 work.get_nowait()

@@ -160,8 +160,9 @@ def test_a_regenerated_trace_is_never_answered_from_old_results(tmp_path):
 def _sweep_child(sweep_path, out, jobs, patch):
     """A `run_sweep` in a fresh process whose points run `patch` first (forked workers inherit it)."""
     code = textwrap.dedent(f"""
-        import sys, time, sim.run
+        import os, sys, time, sim.run
         from sim.sweep import load_sweep, run_sweep
+        PARENT = os.getpid()
         real = sim.run.run_scenario
         def patched(s):
             {patch}
@@ -215,3 +216,18 @@ def test_workers_end_with_a_killed_sweep(sweep_file, tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, "forked workers outlived their sweep"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux only")
+def test_a_worker_killed_fails_its_point_and_the_sweep_runs_the_rest(sweep_file, tmp_path):
+    """A worker that dies (killed for memory) fails the point it was running; the points left
+    are run by the sweep's own process instead of all failing with the broken pool."""
+    f = sweep_file({"policy.capacity": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875]})
+    proc = _sweep_child(f, tmp_path / "o", 3, "import os\n"
+                        "            if os.getpid() != PARENT: os._exit(9)")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    t = pd.read_csv(tmp_path / "o" / "table.csv")
+    died = t[t.status == "failed"]
+    assert 1 <= len(died) <= 2 and died.error.str.contains("worker process died").all()
+    assert (t.status == "done").sum() == len(t) - len(died)
