@@ -223,8 +223,7 @@ def test_a_worker_killed_fails_its_point_and_the_sweep_runs_the_rest(sweep_file,
     """A worker that dies (killed for memory) fails the point it was running; the points left
     are run by the sweep's own process instead of all failing with the broken pool."""
     f = sweep_file({"policy.capacity": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875]})
-    proc = _sweep_child(f, tmp_path / "o", 3, "import os\n"
-                        "            if os.getpid() != PARENT: os._exit(9)")
+    proc = _sweep_child(f, tmp_path / "o", 3, "if os.getpid() != PARENT: os._exit(9)")   # in a worker only
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     t = pd.read_csv(tmp_path / "o" / "table.csv")
