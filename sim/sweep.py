@@ -26,6 +26,7 @@ distributed scheduler takes over when a sweep outgrows one machine.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -341,9 +342,8 @@ def _run_local_pool(args, jobs: int, record):
                 done.put((pt, None, e))
                 return
 
-    initializer = (_die_with_parent, (os.getpid(),)) if local else (None, ())
-    with ProcessPoolExecutor(max_workers=jobs - local, mp_context=ctx, initializer=initializer[0],
-                             initargs=initializer[1]) as ex:
+    with ProcessPoolExecutor(max_workers=jobs - local, mp_context=ctx, initializer=_die_with_parent if local else None,
+                             initargs=(os.getpid(),) if local else ()) as ex:
         ex.submit(int).result()    # forks every worker now, before this function starts its threads
         slots = [threading.Thread(target=slot, args=(remote,), daemon=True) for _ in range(jobs - local)]
         if local:
@@ -370,7 +370,6 @@ def _run_local_pool(args, jobs: int, record):
             while not work.empty():
                 work.get_nowait()
             if local:
-                import gc
                 gc.unfreeze()
         for t in slots:
             t.join()
@@ -389,7 +388,6 @@ def _die_with_parent(parent_pid: int) -> None:
 def _worker_context():
     """Fork on Linux, once this process holds what every point imports (its pages are then
     shared with the workers); spawn elsewhere."""
-    import gc
     import multiprocessing as mp
     if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")

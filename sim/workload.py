@@ -1,6 +1,7 @@
 """From a scenario's workload section to the requests an engine serves."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +89,18 @@ class Arrivals:
     def __len__(self) -> int:
         return self.trace.n_requests
 
+    @functools.cached_property
     def _order(self) -> np.ndarray:
+        """Request indices in arrival order, ties by index (read by both methods below)."""
         return np.lexsort((np.arange(len(self)), self.arrival_s))
 
     def __iter__(self):
-        return (self.request(int(i)) for i in self._order())
+        return (self.request(int(i)) for i in self._order)
 
     def times_in_order(self) -> np.ndarray:
         """Arrival times in the order __iter__ yields the requests: an engine can count
         arrivals without building them (sim/engine.py, the lazy queue)."""
-        return self.arrival_s[self._order()]
+        return self.arrival_s[self._order]
 
     def request(self, i: int) -> Request:
         t = self.trace
