@@ -252,15 +252,19 @@ class CostModel:
         return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + added_before[-1] + wait, n * c,
                           added_before[-1] + wait)
 
-    def decode_run(self, t0: float, run, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode_run(self, t0: float, run, contexts: np.ndarray):
         """step() for T consecutive single-token decode steps of one request, all at once:
-        the same arithmetic in the same order, one element per step. Needs every copy on
-        demand and an idle link at t0 (link_idle: so no step waits for an earlier one's copies).
-        Returns (start times, durations, copy seconds) and leaves the link as step() would."""
+        the same arithmetic, one element per step. Needs an idle link at t0 (link_idle), and
+        every copy on demand or, with run.prefetch, prefetched for the step's own layers (so
+        each step's copies have landed before it ends and no step waits for an earlier one's).
+        Returns (start times, durations, link busy seconds, stall seconds) and leaves the link
+        as step() would."""
         L = run.demand.shape[1]
         attn = self.attention_s(1, contexts.astype(float) + 1, contexts + 1, 1, maximum=np.maximum)
         ffn = self.experts_s(run.counts, 1)                                   # (T, L)
         fixed = self.fixed_s(1, 1)
+        if run.prefetch is not None:
+            return self._run_prefetched(t0, run, attn, ffn, fixed)
         n_copies = run.demand.sum(axis=1)
         self.copies["demand"] += int(n_copies.sum())
         copies = n_copies.astype(float) * self.copy_s
@@ -277,7 +281,48 @@ class CostModel:
             before = ffn_before[j, last - 1] if last else 0.0
             self.link_free_at = (float(starts[j]) + fixed + (last + 1) * float(attn[j]) + float(before)
                                  + float(dem[:last + 1].sum()) * self.copy_s)
-        return starts, durations, copies
+        return starts, durations, copies, copies
+
+    def _run_prefetched(self, t0: float, run, attn, ffn, fixed):
+        """A decode or batch run where each step prefetches some of the experts its layers use, layer l's
+        as layer l - 1 starts (layer 0's as it starts), and copies nothing on demand: the
+        copy-by-copy walk (_step_with_copies) with one element per step. The link serves the
+        copies in layer order, back to back from their issue; a layer computes once its own
+        have landed (one not started by the layer's router is promoted to demand: the same
+        start, as the link is busy until then). A step without copies is the no-copy closed
+        form, as step() takes it."""
+        T, L = ffn.shape
+        c = self.copy_s
+        n = run.prefetch                                   # (T, L) copies of each layer's experts
+        t = np.full(T, fixed)                              # as each layer starts (from the step's start)
+        link = np.full(T, -np.inf)                         # when the link is free (idle at each step start)
+        issue = t                                          # when layer l's copies are issued
+        stall = np.zeros(T)
+        firsts, routers = np.empty((L, T)), np.empty((L, T))
+        for layer in range(L):
+            routers[layer] = router = t + attn
+            nl = n[:, layer]
+            has = nl > 0
+            firsts[layer] = first = np.maximum(issue, link)     # its first copy starts (behind earlier layers')
+            link = np.where(has, first + nl * c, link)
+            ready = np.where(has, np.maximum(router, link), router)
+            stall += ready - router
+            issue = t                                      # layer l + 1's copies: as layer l starts
+            t = ready + ffn[:, layer]
+        # copies not started by their layer's router: promoted to demand (copy j starts at first + j c)
+        started = np.ceil((routers - firsts) / c).clip(0).T
+        promoted = int(np.maximum(n - started, 0).sum())
+        n_copies = n.sum(axis=1)
+        walked = n_copies > 0
+        durations = np.where(walked, t, fixed + (L * attn + ffn.sum(axis=1)))
+        starts = np.concatenate([[t0], durations[:-1]]).cumsum()
+        self.copies["prefetch"] += int(n_copies.sum())
+        self.copies["promoted"] += promoted
+        j = np.flatnonzero(walked)
+        if len(j):
+            self.link_free_at = float(starts[j[-1]] + link[j[-1]])
+        self.landing.clear()                   # all landed: step() would forget them at the next step
+        return starts, durations, n_copies * c, np.where(walked, stall, 0.0)
 
     def batch_run(self, t0: float, run, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray):
         """step() for T consecutive decode steps of the same n requests (n tokens a step), all
@@ -285,14 +330,17 @@ class CostModel:
         t0; every step's copies then end before the step does (a layer's copies land before it
         computes), so each step finds the link idle too and no step waits for an earlier one.
         A step whose streamed copies do not fit the closed form is walked layer by layer, as
-        step() does. Returns (start times, durations, link busy seconds, stall seconds) and
-        leaves the link, and the copy counts, as step() would."""
+        step() does; with run.prefetch, the steps are walked as decode_run does. Returns (start
+        times, durations, link busy seconds, stall seconds) and leaves the link, and the copy
+        counts, as step() would."""
         T, L = run.demand.shape
         c = self.copy_s
         self.landing.clear()                     # (step() forgets landed prefetches the same way)
         attn = self.attention_s(n, attn_ctx, kv_tokens, n, maximum=np.maximum)    # (T,)
         ffn = self.experts_s(run.counts, n)                                      # (T, L)
         fixed = self.fixed_s(n, n)
+        if run.prefetch is not None:
+            return self._run_prefetched(t0, run, attn, ffn, fixed)
         # step()'s sums in step()'s order, so the times are the same to the bit: with copies its
         # closed forms add the layers one by one (a cumsum's last element), without them ffn.sum().
         base = fixed + L * attn                  # fixed + len(ffn) * attn + ...

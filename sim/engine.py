@@ -367,14 +367,14 @@ class Engine:
                         probs=None if tr.router_probs is None else tr.router_probs[row: row + n],
                         token_req=np.zeros(n, dtype=np.int64), requests=[req])
         plan = self.policy.plan_decode_run(run)
-        starts, durations, copies = self.cost.decode_run(now, plan, contexts)
+        starts, durations, busy, stall = self.cost.decode_run(now, plan, contexts)
         mem = self.mem
         kv = mem.kv_used + np.arange(1, n + 1) * float(mem.kv_per_token)
         mem.kv_used = float(kv[-1])
         if mem.kv_block > 1:     # KV in blocks: what the lone request holds after each step
             kv = mem.kv_held(req.context + np.arange(1, n + 1)).astype(float)
         parts = mem.sample_run(plan.resident, kv, 1, 1)
-        loads = plan.demand.sum(axis=1)
+        loads = plan.copies()
         active = np.count_nonzero(plan.counts, axis=(1, 2))
         attn_ctx = contexts.astype(float) + 1
         one, zero = [1] * n, [0] * n
@@ -383,7 +383,7 @@ class Engine:
             waiting=zero, decode_tokens=one, prefill_tokens=zero, mem_dense=parts["dense"].tolist(),
             mem_experts=parts["experts"].tolist(), mem_kv=parts["kv"].tolist(),
             mem_activations=parts["activations"].tolist(), mem_predictor=parts["predictor"].tolist(),
-            link_busy_s=copies.tolist(), stall_s=copies.tolist(), expert_loads=loads.tolist(),
+            link_busy_s=busy.tolist(), stall_s=stall.tolist(), expert_loads=loads.tolist(),
             active_experts=active.tolist(), attn_ctx=attn_ctx.tolist(), sampled=one, prefill_ctx=[0.0] * n))
         for start, d in zip(starts.tolist(), durations.tolist()):
             self.scheduler.on_step(self.running, d, start)
@@ -459,6 +459,11 @@ class Engine:
         run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=None, probs=None,
                         token_req=np.tile(np.arange(B), n), requests=list(running))
         plan = policy.plan_batch_run(run)
+        if plan is None:
+            return None
+        if len(plan.counts) < n:                           # the policy planned the first steps only
+            n = len(plan.counts)
+            attn_ctx, kv_read = attn_ctx[:n], kv_read[:n]
         starts, durations, busy, stall = self.cost.batch_run(now, plan, B, attn_ctx, kv_read)
         mem.kv_used = float(kv[n])
         if mem.kv_block > 1:     # KV in blocks: what the requests hold after each step
@@ -470,7 +475,7 @@ class Engine:
         self._run_rows = dict(
             t_s=starts, step_s=durations, mem_dense=parts["dense"], mem_experts=parts["experts"],
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
-            link_busy_s=busy, stall_s=stall, expert_loads=plan.demand.sum(axis=1),
+            link_busy_s=busy, stall_s=stall, expert_loads=plan.copies(),
             active_experts=np.count_nonzero(plan.counts, axis=(1, 2)), attn_ctx=attn_ctx, B=B,
             waiting=self.n_waiting,
             # an arrival handled just now, before this run was planned, set the next one's event first

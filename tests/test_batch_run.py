@@ -11,7 +11,7 @@ from sim.policies.base import StepBatch
 from sim.request import Request
 from sim.run import run_scenario
 from sim.scenario import load_scenario
-from tests.test_decode_run import SAMPLE, routing
+from tests.test_decode_run import CLOCK, SAMPLE, routing
 from traces.model_shape import get_model
 
 
@@ -147,13 +147,15 @@ def test_engine_results_identical_with_and_without_batch_runs(monkeypatch, name,
         assert fast.timeline.stall_s.sum() > 0
 
 
-def identical(fast, slow):
+def identical(fast, slow, clock=0.0):
+    """clock: the absolute tolerance, in seconds, of times and latencies (tests/test_decode_run.py:
+    a prefetching step's walk rounds on the absolute clock)."""
     assert slow.summary["engine_steps"] == fast.summary["engine_steps"]
-    pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)
-    pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12)
+    pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12, atol=clock)
+    pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12, atol=clock)
     for k, v in slow.summary.items():
         if isinstance(v, (int, float)):
-            assert fast.summary[k] == pytest.approx(v, rel=1e-12), k
+            assert fast.summary[k] == pytest.approx(v, rel=1e-12, abs=clock if k.endswith("_s") else 0.0), k
         else:
             assert fast.summary[k] == v, k
 
@@ -214,3 +216,85 @@ def test_a_subclass_that_resizes_the_cache_is_stepped():
             @property
             def plans_batch_runs(self):
                 return True
+
+
+ORACLE_CASES = [("light load: two at a time", {"name": "oracle", "capacity": 0.6},
+                 {"process": "poisson", "rate": 0.3}, {"max_running": 2}),
+                ("saturated, two running", {"name": "oracle", "capacity": 0.5, "horizon": 16},
+                 None, {"max_running": 2}),
+                ("saturated, four running: layers overflow", {"name": "oracle", "capacity": 0.5},
+                 None, {"max_running": 4})]
+
+
+@pytest.mark.parametrize("name,policy,arrival,limits", ORACLE_CASES, ids=[c[0] for c in ORACLE_CASES])
+def test_oracle_batch_runs_change_nothing(monkeypatch, name, policy, arrival, limits):
+    """The oracle's batch runs (Belady over the running requests' routing ahead, prefetching one
+    layer ahead): stepping's results, cut before a step whose layer uses more experts than it
+    holds (that step streams some on demand, and is stepped)."""
+    steps = []
+    real = Engine._batch_run
+
+    def counting(self, now):
+        r = real(self, now)
+        steps.append(r[1] if r else 0)
+        return r
+    monkeypatch.setattr(Engine, "_batch_run", counting)
+    fast = run_scenario(scenario(policy, "fcfs", arrival, None, requests=30, **limits))
+    slow = run_scenario(scenario(policy, "fcfs", arrival, None, requests=30, **limits, decode_runs=False))
+    identical(fast, slow, clock=CLOCK * slow.summary["simulated_time_s"])
+    assert slow.timeline.expert_loads.sum() > 0 and slow.timeline.stall_s.sum() > 0
+    several = int((slow.timeline.batch_requests > 1).sum())
+    if "overflow" in name:     # four tokens a step use more experts than a layer holds: mostly stepped
+        assert 0 < sum(steps) < several / 10
+    else:
+        assert sum(steps) > 0.8 * several, "batch runs were not taken"
+
+
+@pytest.mark.parametrize("capacity,B,alike", [(0.5, 2, 0), (0.25, 2, 0), (0.5, 3, 0), (0.375, 2, 0), (0.375, 2, 7)])
+def test_oracle_batch_run_equals_steps(capacity, B, alike):
+    """plan_batch_run of the oracle equals its plan_step over the steps it plans, and plans up to
+    the first step where a layer uses more experts than it holds (None if within two steps).
+    alike: steps in which every request routes as the first does (so few experts are used)."""
+    from traces.format import load_trace
+    trace = load_trace(SAMPLE)
+    m = get_model("mixtral-8x7b")
+    pol = make_policy({"name": "oracle", "capacity": capacity, "horizon": 32}, m, trace, 0)
+    reqs = [Request(index=i, rid=f"r{i}", task="qa", prompt_tokens=4, output_tokens=300, row0=350 * i,
+                    arrival_s=0.0, slo={}, expected_output=8.0) for i in range(B)]
+    for r in reqs:
+        r.prefilled, r.generated = 4, 1
+
+    def rows_now(rs):
+        return np.array([r.next_row for r in rs])
+
+    ref, reqs_ref = copy.deepcopy(pol), copy.deepcopy(reqs)
+    T = 120
+    ex = np.stack([trace.experts[rows_now(reqs) + t] for t in range(T)])              # (T, B, L, k)
+    ex[:alike] = ex[:alike, :1]
+    run = pol.plan_batch_run(StepBatch(step=0, experts=ex, gates=None, probs=None, token_req=np.tile(np.arange(B), T),
+                                       requests=reqs))
+    used = np.stack([np.add.reduce(ref._needed(ex[t]) > 0, axis=1) for t in range(T)])  # (T, L) experts used
+    over = (used > ref.capacity).any(axis=1)
+    planned = int(over.argmax()) if over.any() else T
+    if planned < 2:
+        assert run is None
+        return
+    assert len(run.counts) == planned
+    assert not alike or planned == alike
+    pre, resident = [], []
+    for t in range(planned):
+        plan = ref.plan_step(StepBatch(step=t, experts=ex[t], gates=trace.gates[rows_now(reqs_ref)], probs=None,
+                                       token_req=np.arange(B), requests=reqs_ref))
+        assert not plan.demand.any()
+        pre.append(np.bincount([layer for _, layer, _ in plan.prefetch], minlength=m.n_moe_layers))
+        resident.append(int(ref.resident.sum()))
+        for r in reqs_ref:
+            r.generated += 1
+    np.testing.assert_array_equal(run.prefetch, np.array(pre))
+    assert run.prefetch.sum() > 0
+    np.testing.assert_array_equal(run.resident, resident)
+    np.testing.assert_array_equal(pol.resident, ref.resident)
+    for name in ("hits", "misses", "loads", "ahead_loads", "routes", "reroutes", "gate_kept", "sensitive_kept"):
+        assert getattr(pol.accounting, name) == getattr(ref.accounting, name), name
+    for r, q in zip(reqs, reqs_ref):
+        assert (r.hits, r.misses, r.routes) == (q.hits, q.misses, q.routes)

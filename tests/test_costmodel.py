@@ -329,3 +329,43 @@ def test_a_profiles_prefill_context_term_prices_prompt_chunks_only():
     assert b - a == pytest.approx(L * 2e-8 * 4e4)
     roofline = CostModel(M, HW)
     assert roofline.attention_s(300, 5e4, 300, 2, prefill_ctx=4e4) == roofline.attention_s(300, 5e4, 300, 2)
+
+
+@pytest.mark.parametrize("h2d", [25e9, 2.5e12])   # copies much longer than a layer; shorter
+def test_prefetching_decode_run_equals_stepping(h2d):
+    """CostModel.decode_run with run.prefetch (each layer's copies issued as the layer before
+    starts, the oracle's decode runs) gives step()'s durations, link busy and stall times,
+    copy counts (promoted ones too) and leaves the link where step() does."""
+    from types import SimpleNamespace
+    hw = get_hardware({"preset": "a100-80gb", "h2d_bytes_per_s": h2d})
+    rng = np.random.default_rng(3)
+    T, E, k = 40, M.n_experts, M.top_k
+    counts = np.zeros((T, L, E), dtype=np.int64)
+    for t in range(T):
+        for layer in range(L):
+            counts[t, layer, rng.choice(E, k, replace=False)] = 1
+    pre = np.minimum(rng.integers(0, 4, (T, L)), k) * (rng.random((T, L)) < 0.4)
+    pre[5] = 0                                                  # a step without copies
+    pre[6, :] = 0
+    pre[6, -1] = 2                                              # only the last layer copies
+    contexts = 300 + np.arange(T)
+    run = SimpleNamespace(counts=counts, demand=np.zeros((T, L), dtype=np.int64), prefetch=pre)
+    fast, slow = CostModel(M, hw), CostModel(M, hw)
+    starts, durations, busy, stall = fast.decode_run(2.0, run, contexts)
+    now = 2.0
+    for t in range(T):
+        wanted = [(as_layer_starts(max(layer - 1, 0)), layer, int(e))
+                  for layer in range(L) for e in np.flatnonzero(counts[t, layer])[:pre[t, layer]]]
+        p = StepPlan(counts=counts[t], demand=np.zeros(L, dtype=np.int64), prefetch=wanted, staged=0)
+        tm = slow.step(now, p, n_tokens=1, n_sampled=1, attn_ctx=float(contexts[t] + 1), kv_tokens=contexts[t] + 1)
+        assert starts[t] == pytest.approx(now, rel=1e-12)
+        assert durations[t] == pytest.approx(tm.duration_s, rel=1e-12)
+        assert busy[t] == pytest.approx(tm.link_busy_s, rel=1e-12)
+        assert stall[t] == pytest.approx(tm.stall_s, rel=1e-12, abs=1e-15)
+        now += tm.duration_s
+    assert fast.copies == slow.copies
+    assert fast.copies["prefetch"] == pre.sum()
+    if h2d < 1e11:
+        assert fast.copies["promoted"] > 0 and stall.sum() > 0
+    assert fast.link_free_at == pytest.approx(slow.link_free_at, rel=1e-12)
+    assert fast.link_idle(now) and slow.link_idle(now)

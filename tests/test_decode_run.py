@@ -133,15 +133,67 @@ def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
 
 
 def test_policies_that_prefetch_step_normally():
-    """A decode run's copies are all on demand (CostModel.decode_run has no prefetch queue)."""
+    """A decode run's copies are on demand, or the oracle's prefetches of what its own layers
+    use (CostModel.decode_run has no queue carried between steps): prefetching policies that
+    may copy what a step does not use, and the oracle without routing ahead, step."""
     m = get_model("mixtral-8x7b")
     assert make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
     assert make_policy({"name": "on_demand", "eviction": "lfu"}, get_model("qwen3-30b-a3b")).plans_decode_runs
     for spec in ({"name": "pregated"}, {"name": "pregated", "recall": 0.8}, {"name": "pregated", "miss": "reroute"},
-                 {"name": "oracle"}, {"name": "oracle", "horizon": 8}, {"name": "oracle", "miss": "reroute"},
-                 {"name": "moe_infinity"}, {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4},
+                 {"name": "oracle"}, {"name": "moe_infinity"},
+                 {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4},
                  {"name": "moe_infinity", "miss": "reroute"}):
         assert not make_policy(spec, m).plans_decode_runs, spec
+    from traces.format import load_trace
+    trace = load_trace(SAMPLE)
+    assert make_policy({"name": "oracle", "horizon": 8}, m, trace).plans_decode_runs
+    assert not make_policy({"name": "oracle", "miss": "reroute"}, m, trace).plans_decode_runs
+
+
+@pytest.mark.parametrize("capacity,horizon,left", [(0.25, 64, 400), (0.5, 8, 400), (0.75, 3, 400),
+                                                   (0.5, 64, 30)])    # the look-ahead reaches the request's end
+def test_oracle_decode_run_equals_steps(capacity, horizon, left):
+    """Belady's decode run: the same misses (each step's prefetches, per layer), residency and
+    counters as the oracle's plan_step step by step, from an irregular state."""
+    from traces.format import load_trace
+    trace = load_trace(SAMPLE)
+    m = get_model("mixtral-8x7b")
+    pol = make_policy({"name": "oracle", "capacity": capacity, "horizon": horizon}, m, trace, 0)
+    row0 = 40
+    req = Request(index=0, rid="r", task="qa", prompt_tokens=10, output_tokens=400, row0=row0, arrival_s=0.0,
+                  slo={}, expected_output=8.0)
+    req.prefilled = 10
+    for g in range(1, 6):                         # a few steps of another state first
+        req.generated = g
+        r = req.next_row
+        pol.plan_step(StepBatch(step=g, experts=trace.experts[r:r + 1], gates=trace.gates[r:r + 1], probs=None,
+                                token_req=np.zeros(1, dtype=np.int64), requests=[req]))
+    start = req.output_tokens - left + 1            # the run decodes its last `left` tokens
+    ref, req_ref = copy.deepcopy(pol), copy.deepcopy(req)
+    pre, resident, counts = [], [], []
+    for t in range(left - 1):
+        req_ref.generated = start + t
+        r = req_ref.next_row
+        plan = ref.plan_step(StepBatch(step=t, experts=trace.experts[r:r + 1], gates=trace.gates[r:r + 1],
+                                       probs=None, token_req=np.zeros(1, dtype=np.int64), requests=[req_ref]))
+        assert not plan.demand.any() and all(at == 2 * max(layer - 1, 0) for at, layer, _ in plan.prefetch)
+        pre.append(np.bincount([layer for _, layer, _ in plan.prefetch], minlength=m.n_moe_layers))
+        resident.append(int(ref.resident.sum()))
+        counts.append(plan.counts)
+    req.generated = start
+    r = req.next_row
+    n = left - 1
+    run = pol.plan_decode_run(StepBatch(step=0, experts=trace.experts[r:r + n], gates=trace.gates[r:r + n],
+                                        probs=None, token_req=np.zeros(n, dtype=np.int64), requests=[req]))
+    np.testing.assert_array_equal(run.prefetch, np.array(pre))
+    assert run.prefetch.sum() > 0 and not run.demand.any()
+    np.testing.assert_array_equal(run.resident, resident)
+    np.testing.assert_array_equal(run.counts, counts)
+    np.testing.assert_array_equal(pol.resident, ref.resident)
+    for name in ("hits", "misses", "loads", "ahead_loads", "routes", "reroutes"):
+        assert getattr(pol.accounting, name) == getattr(ref.accounting, name), name
+    np.testing.assert_array_equal(pol.rerouter.popularity, ref.rerouter.popularity)
+    assert (req.hits, req.misses, req.routes) == (req_ref.hits, req_ref.misses, req_ref.routes)
 
 
 def test_decode_run_eligibility_is_declared_per_class():
@@ -175,6 +227,14 @@ def scenario(policy, scheduler="fcfs", **limits):
         "policy": policy, "scheduler": {"name": scheduler},
         "limits": {"max_batch_tokens": 1024, "max_running": 8, **limits}})
 
+
+PREFETCHING_RUNS = {"oracle"}   # policies whose decode runs prefetch (RunPlan.prefetch)
+# A prefetching step's walk (CostModel._step_with_copies) adds on the absolute clock (~60
+# additions a step, each rounded to ~3e-14 s at t ~ 200 s, with a bias that adds up over
+# thousands of steps); its runs add on each step's own. So their times and latencies (a
+# latency is a difference of two clock readings) agree to a small fraction of the simulated
+# time, not to 1e-12 of themselves.
+CLOCK = 1e-11
 
 ENGINE_CASES = [(spec, "fcfs", {}) for spec in registry_specs()] + [
     ({"name": "on_demand", "capacity": 0.4}, "emoe", {}),
@@ -219,12 +279,13 @@ def test_engine_results_identical_with_and_without_decode_runs(monkeypatch, poli
         assert max(runs) < max(fast.requests.output_tokens), "runs are never cut by arrivals"
     slow = run_scenario(scenario(policy, scheduler, **limits, decode_runs=False))
     assert slow.summary["engine_steps"] == fast.summary["engine_steps"]
-    pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)
-    pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12)
+    clock = CLOCK * slow.summary["simulated_time_s"] if policy["name"] in PREFETCHING_RUNS else 0.0
+    pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12, atol=clock)
+    pd.testing.assert_frame_equal(fast.timeline, slow.timeline, rtol=1e-12, atol=clock)
     assert fast.summary.keys() == slow.summary.keys()
     for k, v in slow.summary.items():
         if isinstance(v, (int, float)):
-            assert fast.summary[k] == pytest.approx(v, rel=1e-12), k
+            assert fast.summary[k] == pytest.approx(v, rel=1e-12, abs=clock if k.endswith("_s") else 0.0), k
         else:   # labels (e.g. the quality estimate's source) and per-task dicts
             assert fast.summary[k] == v, k
 

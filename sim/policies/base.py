@@ -83,10 +83,19 @@ class RunPlan:
     or of the same B requests (saturation, a *batch run*).
 
     What T calls of plan_step would have returned, stacked; only for policies whose
-    decode steps load on demand only (no prefetch, no extra time)."""
+    decode steps load on demand, or prefetch only experts their own layers use one layer
+    ahead (no extra time)."""
     counts: np.ndarray       # (T, L, E) tokens each expert computes
     demand: np.ndarray       # (T, L) experts loaded on demand
     resident: np.ndarray     # (T,) experts resident after each step
+    # Decode runs only: of each step's layer l, experts prefetched as layer max(l - 1, 0) starts,
+    # all used by the layer (the oracle's one-layer-ahead prefetch). None: no prefetch.
+    prefetch: np.ndarray | None = None   # (T, L)
+
+    def copies(self) -> np.ndarray:
+        """(T,) experts copied in each step, on demand or prefetched."""
+        loads = np.add.reduce(self.demand, axis=1)
+        return loads if self.prefetch is None else loads + np.add.reduce(self.prefetch, axis=1)
     # Batch runs (several requests a step) only: of each step's demand copies, those streamed
     # through the staging buffer (the cache full), and which experts missed. None: no such copies.
     streamed: np.ndarray | None = None   # (T, L)
@@ -232,9 +241,11 @@ class ExpertPolicy:
         """True if plan_batch_run gives exactly what plan_step would, step by step, now."""
         return self.batch_runs and self.miss_mode == "fetch" and self.plans_decode_runs
 
-    def plan_batch_run(self, run: StepBatch) -> RunPlan:
+    def plan_batch_run(self, run: StepBatch) -> RunPlan | None:
         """Serve T decode steps of the same B requests (run.experts (T, B, L, k): step t, request
-        b), updating state and counters as T plan_step calls would."""
+        b), updating state and counters as T plan_step calls would. A policy may plan only the
+        first T' >= 2 of them (the engine runs those), or return None before changing anything
+        (the engine steps)."""
         raise NotImplementedError
 
     def _batch_counts(self, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

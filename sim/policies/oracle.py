@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.params import ParamError
-from sim.policies.base import ExpertPolicy, StepBatch, StepPlan, as_layer_starts
+from sim.policies.base import ExpertPolicy, RunPlan, StepBatch, StepPlan, as_layer_starts
 from sim.policies.params import CacheParams
 
 
@@ -60,3 +60,79 @@ class OraclePolicy(ExpertPolicy):
         key = -first.reshape(self.L, self.E).astype(float)
         self._key_memo = (batch, at, key)
         return key
+
+    # ---- runs: Belady over decode steps planned at once (sim/engine.py decode and batch runs) ----
+    decode_runs = True
+    batch_runs = True
+
+    def decode_run_ready(self) -> bool:
+        # Under fetch a step prefetches every expert it lacks while its layers can hold them all
+        # (a single token's top_k always fit: capacity >= top_k), so it copies nothing on demand.
+        return self.miss_mode == "fetch" and self.trace is not None
+
+    def plan_decode_run(self, run: StepBatch) -> RunPlan:
+        return self._plan_run(run.experts[:, None], run.requests)
+
+    def plan_batch_run(self, run: StepBatch) -> RunPlan | None:
+        return self._plan_run(run.experts, run.requests, run)
+
+    def _plan_run(self, ex: np.ndarray, requests: list, batch: StepBatch | None = None) -> RunPlan | None:
+        """Belady over T decode steps of the same B requests (ex (T, B, L, k)), without stepping.
+        A step prefetches the experts each layer uses and lacks, and a full layer evicts, for
+        each, the resident expert the step does not use whose next use by the requests is
+        farthest (lowest id first on a tie). So after the step a layer holds the experts it
+        used and, of the other resident ones, those used again soonest (then higher id) while
+        slots last: a ranking, like LFU's runs. The next uses follow from the requests' routing
+        ahead; only the residency needs a loop over steps, a few whole-array operations each.
+        Where a step's layer uses more experts than it holds (several tokens a step), some
+        stream through on demand: the run ends before it (None if within two steps, before
+        changing anything: the engine steps)."""
+        T, L, E = len(ex), self.L, self.E
+        counts, flat = self._batch_counts(ex)
+        used = counts > 0
+        over = (np.add.reduce(used, axis=2) > self.capacity).any(axis=1)
+        if over.any():
+            T = int(over.argmax())
+            if T < 2:
+                return None
+            ex, counts, flat, used = ex[:T], counts[:T], flat[:T], used[:T]
+        H = int(self.params.horizon)
+        dist = np.min([self._steps_to_next_use(r, T) for r in requests], axis=0)
+        keep = np.where(used, np.inf, (H + 1 - dist) * E + np.arange(E))   # higher: kept first (used: first)
+        rows, kth = np.arange(L), E - self.capacity          # kth: the capacity-th highest
+        states = np.empty((T + 1, L, E), dtype=bool)
+        states[0] = res = self.resident.copy()
+        for t in range(T):
+            u = used[t]
+            if not np.count_nonzero(u > res):               # nothing to copy: nothing changes
+                states[t + 1] = res
+                continue
+            c = np.where(res | u, keep[t], -1.0)            # -1: neither resident nor used, never kept
+            ranked = c.copy()
+            ranked.sort(axis=1)
+            states[t + 1] = res = c >= np.maximum(ranked[rows, kth], 0.0)[:, None]
+        if batch is None:                                    # the prefetches are the steps' misses
+            miss = used & ~states[:-1]
+            self._account_run(ex[:, 0], counts, miss, requests[0])
+        else:
+            miss = self._account_batch_run(batch, counts, flat, states[:-1])
+        self.resident[...] = res
+        return RunPlan(counts=counts, demand=np.zeros((T, L), dtype=np.int64), resident=states[1:].sum(axis=(1, 2)),
+                       prefetch=np.add.reduce(miss, axis=2))
+
+    def _steps_to_next_use(self, req, T: int) -> np.ndarray:
+        """(T, L, E) evict_key's look-ahead for one request at each of T decode steps, negated:
+        steps from step t until the request next uses each expert (0: the next step), H + 1 if
+        not within the horizon or the request."""
+        H = int(self.params.horizon)
+        row = req.next_row                                   # the row step 0 decodes
+        end = min(row + T + H, req.row0 + req.prompt_tokens + req.output_tokens)
+        ahead = self._run_counts(self.trace.experts[row + 1: max(end, row + 1)]) > 0     # row + 1 + p
+        P = len(ahead)
+        never = P + H + 1
+        at = np.where(ahead, np.arange(P)[:, None, None], never)
+        nxt = np.full((T, self.L, self.E), never)
+        if P:
+            nxt[:min(P, T)] = np.minimum.accumulate(at[::-1], axis=0)[::-1][:T]   # first use at or after p
+        dist = nxt - np.arange(T)[:, None, None]
+        return np.where(dist < H, dist, H + 1)
