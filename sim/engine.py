@@ -367,6 +367,11 @@ class Engine:
                         probs=None if tr.router_probs is None else tr.router_probs[row: row + n],
                         token_req=np.zeros(n, dtype=np.int64), requests=[req])
         plan = self.policy.plan_decode_run(run)
+        if plan is None:
+            return None
+        if len(plan.counts) < n:                           # the policy planned the first steps only
+            n = len(plan.counts)
+            contexts = contexts[:n]
         starts, durations, busy, stall = self.cost.decode_run(now, plan, contexts)
         mem = self.mem
         kv = mem.kv_used + np.arange(1, n + 1) * float(mem.kv_per_token)

@@ -80,6 +80,9 @@ def plannable():
     return out
 
 
+STOP_BEFORE_PREFETCH = {"moe_infinity"}   # decode runs that plan the steps before one that prefetches
+
+
 def test_the_registry_gives_decode_run_cases():
     names = {spec["name"] for _, spec in plannable()}
     assert {"on_demand", "resident", "random"} <= names
@@ -104,16 +107,22 @@ def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
         else None
     ref, req_ref = copy.deepcopy(pol), Request(index=1, rid="r", task="qa", prompt_tokens=8, output_tokens=200,
                                                row0=0, arrival_s=0.0, slo={}, expected_output=8.0)
-    demand, resident, counts = step_by_step(ref, experts, req_ref, probs)
     assert pol.plans_decode_runs
     req = Request(index=1, rid="r", task="qa", prompt_tokens=8, output_tokens=200, row0=0, arrival_s=0.0,
                   slo={}, expected_output=8.0)
     run = pol.plan_decode_run(token_batch(experts, req, probs))
+    if spec["name"] in STOP_BEFORE_PREFETCH:    # a run ends before a step that prefetches
+        if run is None:
+            np.testing.assert_array_equal(pol.resident, ref.resident)   # (nothing changed)
+            assert pol.accounting.hits == ref.accounting.hits
+            return
+        experts = experts[:len(run.counts)]
+    demand, resident, counts = step_by_step(ref, experts, req_ref, probs)
     np.testing.assert_array_equal(run.demand, demand)
     np.testing.assert_array_equal(run.resident, resident)
     np.testing.assert_array_equal(run.counts, counts)
     assert demand.sum() > 0 or spec["name"] in ("resident", "random") or spec.get("miss") == "reroute"
-    assert ref.accounting.reroutes > 0 or spec["name"] in ("resident", "on_demand") \
+    assert ref.accounting.reroutes > 0 or spec["name"] in ("resident", "on_demand", "moe_infinity") \
         and spec.get("miss") != "reroute"
     np.testing.assert_array_equal(pol.resident, ref.resident)
     acc, acc_ref = pol.accounting, ref.accounting
@@ -322,3 +331,73 @@ def test_max_decode_loads_bounds_the_copies_of_prefetching_policies(spec):
             pol.on_finish(req, 0.0)
             pol.on_admit(req, 0.0)
     assert 0 < most <= pol.max_decode_loads
+
+
+# (capacity, rematch_every, the share of steps in runs at least): with 2 slots a layer the
+# predicted pair is evicted by nearly every step's misses (each step then prefetches again);
+# with 4, a predicted expert tied in score with another is evicted by the LRU tie-break, and
+# copied back the next step.
+@pytest.mark.parametrize("capacity,every,in_runs_share", [(0.6, 16, 0.8), (0.25, 4, 0.0), (0.5, 64, 0.4)])
+def test_moe_infinity_decode_runs_plan_the_steps_between_its_prefetches(capacity, every, in_runs_share):
+    """MoE-Infinity's runs, from a state with a library of finished requests: each run plans
+    the steps up to the first one that prefetches, with stepping's misses, residency, EAMs,
+    predictions and scores; that step is then stepped."""
+    from traces.format import load_trace
+    trace = load_trace(SAMPLE)
+    m = get_model("mixtral-8x7b")
+    pol = make_policy({"name": "moe_infinity", "capacity": capacity, "rematch_every": every}, m, trace, 0)
+
+    def step(p, req, n=1):
+        r = req.next_row
+        plan = p.plan_step(StepBatch(step=0, experts=trace.experts[r:r + n], gates=trace.gates[r:r + n],
+                                     probs=None, token_req=np.zeros(n, dtype=np.int64), requests=[req]))
+        req.generated += 1
+        return plan
+
+    for i in range(4):                                  # finished requests fill the library
+        done = Request(index=i, rid=f"d{i}", task="qa", prompt_tokens=1, output_tokens=60, row0=100 * i,
+                       arrival_s=0.0, slo={}, expected_output=8.0)
+        done.prefilled = 1
+        pol.on_admit(done, 0.0)
+        for _ in range(59):
+            step(pol, done)
+        pol.on_finish(done, 0.0)
+    req = Request(index=9, rid="r", task="qa", prompt_tokens=1, output_tokens=400, row0=500, arrival_s=0.0,
+                  slo={}, expected_output=8.0)
+    req.prefilled = 1
+    pol.on_admit(req, 0.0)
+    ref, req_ref = copy.deepcopy(pol), copy.deepcopy(req)
+    in_runs = stepped = 0
+    while req.generated < 390:
+        r, n = req.next_row, 390 - req.generated
+        run = pol.plan_decode_run(StepBatch(step=0, experts=trace.experts[r:r + n], gates=trace.gates[r:r + n],
+                                            probs=None, token_req=np.zeros(n, dtype=np.int64), requests=[req]))
+        if run is None:                                 # the engine steps: the same on both sides
+            plan = step(pol, req)
+            assert step(ref, req_ref).prefetch == plan.prefetch
+            stepped += 1
+            continue
+        T = len(run.counts)
+        for t in range(T):
+            plan = step(ref, req_ref)
+            assert not plan.prefetch
+            np.testing.assert_array_equal(run.demand[t], plan.demand)
+            assert run.resident[t] == ref.resident.sum()
+        req.generated += T
+        in_runs += T
+        if req.generated < 390:                         # a run ends before a step that prefetches
+            r = req_ref.next_row
+            probe = copy.deepcopy(ref)
+            assert probe.plan_step(StepBatch(step=0, experts=trace.experts[r:r + 1], gates=trace.gates[r:r + 1],
+                                             probs=None, token_req=np.zeros(1, dtype=np.int64),
+                                             requests=[req_ref])).prefetch or T == n
+        np.testing.assert_array_equal(pol.resident, ref.resident)
+        np.testing.assert_array_equal(pol.score, ref.score)
+        np.testing.assert_array_equal(pol.eam[9], ref.eam[9])
+        np.testing.assert_array_equal(pol.pred[9], ref.pred[9])
+        np.testing.assert_array_equal(pol.last_used, ref.last_used)
+        assert (pol.seen[9], pol.clock) == (ref.seen[9], ref.clock)
+        for name in ("hits", "misses", "loads", "ahead_loads", "routes"):
+            assert getattr(pol.accounting, name) == getattr(ref.accounting, name), name
+    assert in_runs >= in_runs_share * (in_runs + stepped), (in_runs, stepped)
+    assert ref.accounting.ahead_loads + ref.accounting.misses > 0

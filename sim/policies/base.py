@@ -286,9 +286,10 @@ class ExpertPolicy:
         """The most experts one single-token step can load (every routed one missing)."""
         return self.L * self.k
 
-    def plan_decode_run(self, run: StepBatch) -> RunPlan:
+    def plan_decode_run(self, run: StepBatch) -> RunPlan | None:
         """Serve one request's next T single-token decode steps (run: a batch of T tokens,
-        token t is step t), updating state and counters as T plan_step calls would.
+        token t is step t), updating state and counters as T plan_step calls would. As
+        plan_batch_run, it may plan only the first T' >= 2 of them, or return None.
         Policies that can vectorise their cache over steps override this and
         plans_decode_runs."""
         raise NotImplementedError

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.params import ParamError
-from sim.policies.base import STEP_START, ExpertPolicy, StepBatch, StepPlan
+from sim.policies.base import STEP_START, ExpertPolicy, RunPlan, StepBatch, StepPlan
 from sim.policies.params import CacheParams
 
 
@@ -133,10 +133,13 @@ class MoEInfinityPolicy(ExpertPolicy):
             return None, None
         P = np.stack([preds[i] for i in have])                                  # (m, L, E)
         tokens = np.bincount(batch.token_req, minlength=len(batch.requests))[have]
+        return self._top_predicted(P, tokens), P.sum(axis=0)
+
+    def _top_predicted(self, P: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """(L, E) the experts in each request's predicted top (top_k per token it brings)."""
         top = np.minimum(tokens * self.k, self.E)                               # experts each may use
         rank = (-P).argsort(axis=2, kind="stable").argsort(axis=2, kind="stable")
-        predicted = ((rank < top[:, None, None]) & (P > 0)).any(axis=0)
-        return predicted, P.sum(axis=0)
+        return ((rank < top[:, None, None]) & (P > 0)).any(axis=0)
 
     def _observe(self, batch: StepBatch) -> None:
         """Add the step's routing to its requests' EAMs; rematch every `rematch_every` tokens."""
@@ -153,3 +156,86 @@ class MoEInfinityPolicy(ExpertPolicy):
             self.seen[r.index] = seen + int(tokens[i])
             if r.index not in self.pred or self.seen[r.index] // every != seen // every:
                 self._update_prediction(r)
+
+    # ---- light load: a lone request's decode steps that prefetch nothing (sim/engine.py decode runs) ----
+    decode_runs = True
+
+    def decode_run_ready(self) -> bool:
+        return self.miss_mode == "fetch"
+
+    def plan_decode_run(self, run: StepBatch) -> RunPlan | None:
+        """One request's single-token steps, without stepping, up to the first that would
+        prefetch. A lone request's prediction changes only when it is rematched (every
+        `rematch_every` tokens), so its predicted experts are copied in the step after a
+        rematch and stay resident (they rank first for eviction) until the next: the steps
+        between prefetch nothing, and their misses are fetched on demand. The run plans those
+        steps (None if fewer than two: the engine steps) and stops before a step whose
+        predicted experts are not all resident (that step prefetches and is stepped).
+        Eviction is by (score + a least-recent-use tie-break, expert id), lowest first: per
+        step a ranking of the layer (used first, then the rest by that key), computed only
+        for steps that miss; rematches recompute the prediction where stepping would."""
+        ex, req = run.experts, run.requests[0]
+        T, L, E = len(ex), self.L, self.E
+        counts = self._run_counts(ex)
+        used = counts > 0
+        i = req.index
+        eam = self.eam[i].copy() if i in self.eam else np.zeros((L, E))
+        seen, pred = self.seen.get(i, 0), self.pred.get(i)
+        score = self.score.copy()
+        one = np.ones(1, dtype=np.int64)
+        predicted = None if pred is None else self._top_predicted(pred[None], one)
+        # evict_key's recency term at each step: each expert's last use before step t (as touch()
+        # sets it: the run's steps, else the state's), the same arithmetic as evict_key's
+        clock0, every = self.clock, int(self.params.rematch_every)
+        step_of = np.where(used, np.arange(T)[:, None, None], -1)
+        last = np.concatenate([np.full((1, L, E), -1), np.maximum.accumulate(step_of, axis=0)[:-1]])
+        last_used = np.where(last >= 0, clock0 + 1 + last, self.last_used)
+        recency = 1e-9 * last_used / (clock0 + np.arange(T) + 1)[:, None, None]
+        rows, kth = np.arange(L), E - self.capacity
+        states = np.empty((T + 1, L, E), dtype=bool)
+        states[0] = res = self.resident.copy()
+        for t in range(T):
+            if predicted is not None and np.count_nonzero(predicted > res) and \
+                    self._would_prefetch(predicted, res, score + recency[t], pred):
+                T = t                                   # this step prefetches: stepped
+                break
+            u = used[t]
+            if np.count_nonzero(u > res):               # misses: admitted, evicting the lowest keys
+                order = (score + recency[t]).argsort(axis=1, kind="stable").argsort(axis=1)   # (key, id) ranks
+                c = np.where(u, E, np.where(res, order, -1))
+                ranked = np.sort(c, axis=1)
+                res = c >= np.maximum(ranked[rows, kth], 0)[:, None]
+            states[t + 1] = res
+            eam += counts[t]                            # _observe: this step's routing, then a rematch
+            seen += 1
+            if pred is None or seen % every == 0:
+                new = self._predict(eam)
+                if pred is not None:
+                    score -= pred
+                score += new
+                pred = new
+                predicted = self._top_predicted(pred[None], one)
+        if T < 2:
+            return None
+        ex, counts, used, states = ex[:T], counts[:T], used[:T], states[:T + 1]
+        miss = used & ~states[:-1]
+        self._account_run(ex, counts, miss, req)
+        self.resident[...] = states[-1]
+        self.eam[i], self.seen[i], self.pred[i], self.score = eam, seen, pred, score
+        lu = np.maximum.accumulate(step_of[:T], axis=0)[-1]
+        self.last_used = np.where(lu >= 0, clock0 + 1 + lu, self.last_used)
+        self.clock = clock0 + T
+        return RunPlan(counts=counts, demand=np.add.reduce(miss, axis=2), resident=states[1:].sum(axis=(1, 2)))
+
+    def _would_prefetch(self, predicted, res, key, share) -> bool:
+        """Whether plan_step, in this state, copies any of the predicted experts not resident:
+        the first of them (in its order, within prefetch_per_step) that finds a free slot, or
+        a resident expert outside the prediction with a lower key (only_if_better), is copied.
+        No copy changes nothing, so each can be judged against the state as it is."""
+        layers, experts = np.nonzero(predicted & ~res)
+        order = np.lexsort((-share[layers, experts], layers))[:int(self.params.prefetch_per_step) or None]
+        layers, experts = layers[order], experts[order]
+        if (np.add.reduce(res, axis=1)[layers] < self.capacity[layers]).any():
+            return True
+        best = np.where(res & ~predicted, key, np.inf).min(axis=1)     # the victim's key, per layer
+        return bool((best[layers] < key[layers, experts]).any())
