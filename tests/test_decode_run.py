@@ -143,16 +143,17 @@ def test_decode_run_equals_steps_from_any_state(model, spec, seed, with_probs):
 
 def test_policies_that_prefetch_step_normally():
     """A decode run's copies are on demand, or the oracle's prefetches of what its own layers
-    use (CostModel.decode_run has no queue carried between steps): prefetching policies that
-    may copy what a step does not use, and the oracle without routing ahead, step."""
+    use (CostModel.decode_run has no queue carried between steps); MoE-Infinity's runs stop
+    before a step that prefetches. The pre-gate, which may copy what a step does not use at
+    any step, the oracle without routing ahead, and rerouting prefetchers step."""
     m = get_model("mixtral-8x7b")
     assert make_policy({"name": "on_demand", "eviction": "lfu"}, m).plans_decode_runs
     assert make_policy({"name": "on_demand", "eviction": "lfu"}, get_model("qwen3-30b-a3b")).plans_decode_runs
     for spec in ({"name": "pregated"}, {"name": "pregated", "recall": 0.8}, {"name": "pregated", "miss": "reroute"},
-                 {"name": "oracle"}, {"name": "moe_infinity"},
-                 {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4},
-                 {"name": "moe_infinity", "miss": "reroute"}):
+                 {"name": "oracle"}, {"name": "moe_infinity", "miss": "reroute"}):
         assert not make_policy(spec, m).plans_decode_runs, spec
+    for spec in ({"name": "moe_infinity"}, {"name": "moe_infinity", "prefetch_per_step": 4, "rematch_every": 4}):
+        assert make_policy(spec, m).plans_decode_runs, spec
     from traces.format import load_trace
     trace = load_trace(SAMPLE)
     assert make_policy({"name": "oracle", "horizon": 8}, m, trace).plans_decode_runs
