@@ -93,6 +93,7 @@ class CostModel:
         self.copies = dict(demand=0, prefetch=0, promoted=0, dropped=0)
         self.measured = measured_for(hw, model)
         self._recording = False
+        self._origin = 0.0                 # where the layer walk's clock starts (_step_with_copies)
         # Per-layer events of steps starting in record_window (`emoe timeline --layers`): each
         # layer's attention, expert compute and stall, each copy on the link. Recording steps
         # take the copy-by-copy walk, which the closed forms equal (tests/test_costmodel.py).
@@ -428,7 +429,31 @@ class CostModel:
             self.copies["prefetch"] += 1
 
     def _step_with_copies(self, t0, plan, attn, ffn, fixed) -> StepTiming:
-        """Walk the layers, copy by copy (the copy rule above)."""
+        """Walk the layers, copy by copy (the copy rule above), on the step's own clock: the
+        link's state is moved to it (t0 at 0) and back, so the walk's sums (a few per layer)
+        keep their precision late in a long simulation, where a second's last bit is ~1e-11 s
+        at a day, and its times are those a run of steps computes (CostModel._run_prefetched)."""
+        self._shift(-t0)
+        self._origin = t0
+        try:
+            return self._walk(plan, attn, ffn, fixed)
+        finally:
+            self._shift(t0)
+            self._origin = 0.0
+
+    def _shift(self, d: float) -> None:
+        """Move the link's state (times) by d seconds."""
+        if not d:
+            return
+        self.link_free_at += d
+        for q in self.queued:
+            q[0] += d
+        for ends in self.landing.values():
+            for e in ends:
+                ends[e] += d
+
+    def _walk(self, plan, attn, ffn, fixed, t0: float = 0.0) -> StepTiming:
+        """_step_with_copies from t0 on the link's clock."""
         c = self.copy_s
         counts = plan.counts
         streamed = plan.streamed
@@ -521,7 +546,9 @@ class CostModel:
 
     # ---- per-layer events (`emoe timeline --layers`) -------------------------------
     def _event(self, kind: str, layer, start: float, end: float, expert=None) -> None:
-        self.record.append(dict(kind=kind, layer=layer, start_s=float(start), end_s=float(end), expert=expert))
+        o = self._origin                   # (the walk's clock starts at its step's start)
+        self.record.append(dict(kind=kind, layer=layer, start_s=float(start + o), end_s=float(end + o),
+                                expert=expert))
 
     def _record_demand(self, layer: int, start: float, n: int, missing, promoted) -> None:
         """A layer's demand copies, back to back from `start`: the experts it misses (lowest id

@@ -369,3 +369,23 @@ def test_prefetching_decode_run_equals_stepping(h2d):
         assert fast.copies["promoted"] > 0 and stall.sum() > 0
     assert fast.link_free_at == pytest.approx(slow.link_free_at, rel=1e-12)
     assert fast.link_idle(now) and slow.link_idle(now)
+
+
+def test_a_walked_step_takes_the_same_time_late_in_a_day():
+    """The layer walk sums on the step's own clock: a step with prefetches and a link backlog
+    takes the same time at t = one day as at t = 0 (on the absolute clock, each of its ~100
+    sums would round to ~1e-11 s there), and leaves the link the same distance ahead."""
+    times = []
+    for t0 in (0.0, 86400.0):
+        cm = CostModel(M, HW)
+        cm.link_free_at = t0 + 2 ** -8                    # a copy still in flight (exact at both clocks)
+        counts = np.zeros((L, M.n_experts), dtype=np.int64)
+        counts[:, :2] = 1
+        d = np.zeros(L, dtype=np.int64)
+        d[5] = 1
+        tm = step(cm, plan(demand=d, prefetch=one_layer_ahead(range(1, L)) + for_later(6), counts=counts), t0)
+        times.append((tm.duration_s, tm.stall_s, tm.link_busy_s, cm.link_free_at - t0, len(cm.queued)))
+    (d0, s0, b0, l0, q0), (d1, s1, b1, l1, q1) = times
+    assert d1 == pytest.approx(d0, rel=1e-14) and s1 == pytest.approx(s0, rel=1e-13)
+    assert b1 == b0 and q1 == q0
+    assert l1 == pytest.approx(l0, abs=3e-11)             # (one rounding of a day's clock)
