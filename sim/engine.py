@@ -369,6 +369,7 @@ class Engine:
         plan = self.policy.plan_decode_run(run)
         if plan is None:
             return None
+        assert len(plan.counts) >= 2, f"{type(self.policy).__name__} planned a run of {len(plan.counts)} steps"
         if len(plan.counts) < n:                           # the policy planned the first steps only
             n = len(plan.counts)
             contexts = contexts[:n]
@@ -466,6 +467,7 @@ class Engine:
         plan = policy.plan_batch_run(run)
         if plan is None:
             return None
+        assert len(plan.counts) >= 2, f"{type(self.policy).__name__} planned a run of {len(plan.counts)} steps"
         if len(plan.counts) < n:                           # the policy planned the first steps only
             n = len(plan.counts)
             attn_ctx, kv_read = attn_ctx[:n], kv_read[:n]

@@ -88,8 +88,8 @@ class RunPlan:
     counts: np.ndarray       # (T, L, E) tokens each expert computes
     demand: np.ndarray       # (T, L) experts loaded on demand
     resident: np.ndarray     # (T,) experts resident after each step
-    # Decode runs only: of each step's layer l, experts prefetched as layer max(l - 1, 0) starts,
-    # all used by the layer (the oracle's one-layer-ahead prefetch). None: no prefetch.
+    # Of each step's layer l, experts prefetched as layer max(l - 1, 0) starts, all used by the
+    # layer (the oracle's one-layer-ahead prefetch). None: no prefetch.
     prefetch: np.ndarray | None = None   # (T, L)
 
     def copies(self) -> np.ndarray:

@@ -176,6 +176,8 @@ class MoEInfinityPolicy(ExpertPolicy):
         for steps that miss; rematches recompute the prediction where stepping would."""
         ex, req = run.experts, run.requests[0]
         T, L, E = len(ex), self.L, self.E
+        if self._prefetches_now(req):                   # (often, with a small cache: cheap to tell)
+            return None
         counts = self._run_counts(ex)
         used = counts > 0
         i = req.index
@@ -226,6 +228,16 @@ class MoEInfinityPolicy(ExpertPolicy):
         self.last_used = np.where(lu >= 0, clock0 + 1 + lu, self.last_used)
         self.clock = clock0 + T
         return RunPlan(counts=counts, demand=np.add.reduce(miss, axis=2), resident=states[1:].sum(axis=(1, 2)))
+
+    def _prefetches_now(self, req) -> bool:
+        """Whether the request's next single-token step would prefetch (plan_decode_run's first
+        check, on the state as it is)."""
+        pred = self.pred.get(req.index)
+        if pred is None:
+            return False
+        predicted = self._top_predicted(pred[None], np.ones(1, dtype=np.int64))
+        return bool(np.count_nonzero(predicted > self.resident)) and \
+            self._would_prefetch(predicted, self.resident, self.evict_key(None), pred)
 
     def _would_prefetch(self, predicted, res, key, share) -> bool:
         """Whether plan_step, in this state, copies any of the predicted experts not resident:

@@ -88,6 +88,8 @@ class OraclePolicy(ExpertPolicy):
         stream through on demand: the run ends before it (None if within two steps, before
         changing anything: the engine steps)."""
         T, L, E = len(ex), self.L, self.E
+        if any((np.add.reduce(self._needed(ex[t]) > 0, axis=1) > self.capacity).any() for t in range(min(2, T))):
+            return None                                      # (at saturation, the common case: cheap to tell)
         counts, flat = self._batch_counts(ex)
         used = counts > 0
         over = (np.add.reduce(used, axis=2) > self.capacity).any(axis=1)
@@ -97,8 +99,15 @@ class OraclePolicy(ExpertPolicy):
                 return None
             ex, counts, flat, used = ex[:T], counts[:T], flat[:T], used[:T]
         H = int(self.params.horizon)
-        dist = np.min([self._steps_to_next_use(r, T) for r in requests], axis=0)
-        keep = np.where(used, np.inf, (H + 1 - dist) * E + np.arange(E))   # higher: kept first (used: first)
+        keep = None                                          # (computed at the first step that misses)
+
+        def ranking() -> np.ndarray:
+            """(T, L, E) each step's keys: higher kept first, the step's own experts first."""
+            dist = None
+            for r in requests:                           # the soonest next use by any request
+                d = self._steps_to_next_use(r, T)
+                dist = d if dist is None else np.minimum(dist, d, out=dist)
+            return np.where(used, np.inf, (H + 1 - dist.astype(np.int64)) * E + np.arange(E))
         rows, kth = np.arange(L), E - self.capacity          # kth: the capacity-th highest
         states = np.empty((T + 1, L, E), dtype=bool)
         states[0] = res = self.resident.copy()
@@ -107,6 +116,8 @@ class OraclePolicy(ExpertPolicy):
             if not np.count_nonzero(u > res):               # nothing to copy: nothing changes
                 states[t + 1] = res
                 continue
+            if keep is None:
+                keep = ranking()
             c = np.where(res | u, keep[t], -1.0)            # -1: neither resident nor used, never kept
             ranked = c.copy()
             ranked.sort(axis=1)
@@ -130,9 +141,10 @@ class OraclePolicy(ExpertPolicy):
         ahead = self._run_counts(self.trace.experts[row + 1: max(end, row + 1)]) > 0     # row + 1 + p
         P = len(ahead)
         never = P + H + 1
-        at = np.where(ahead, np.arange(P)[:, None, None], never)
-        nxt = np.full((T, self.L, self.E), never)
+        at = np.where(ahead, np.arange(P, dtype=np.int32)[:, None, None], np.int32(never))
+        nxt = np.full((T, self.L, self.E), never, dtype=np.int32)
         if P:
             nxt[:min(P, T)] = np.minimum.accumulate(at[::-1], axis=0)[::-1][:T]   # first use at or after p
-        dist = nxt - np.arange(T)[:, None, None]
-        return np.where(dist < H, dist, H + 1)
+        nxt -= np.arange(T, dtype=np.int32)[:, None, None]
+        nxt[nxt >= H] = H + 1
+        return nxt
