@@ -311,7 +311,10 @@ class CostModel:
             issue = t                                      # layer l + 1's copies: as layer l starts
             t = ready + ffn[:, layer]
         # copies not started by their layer's router: promoted to demand (copy j starts at first + j c)
-        started = np.ceil((routers - firsts) / c).clip(0).T
+        if c > 0:
+            started = np.ceil((routers - firsts) / c).clip(0).T
+        else:                                              # (instant copies all start at `first`)
+            started = np.where(firsts < routers, np.inf, 0.0).T
         promoted = int(np.maximum(n - started, 0).sum())
         n_copies = n.sum(axis=1)
         walked = n_copies > 0

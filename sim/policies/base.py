@@ -91,15 +91,15 @@ class RunPlan:
     # Of each step's layer l, experts prefetched as layer max(l - 1, 0) starts, all used by the
     # layer (the oracle's one-layer-ahead prefetch). None: no prefetch.
     prefetch: np.ndarray | None = None   # (T, L)
+    # Batch runs (several requests a step) only: of each step's demand copies, those streamed
+    # through the staging buffer (the cache full), and which experts missed. None: no such copies.
+    streamed: np.ndarray | None = None   # (T, L)
+    missing: np.ndarray | None = None    # (T, L, E)
 
     def copies(self) -> np.ndarray:
         """(T,) experts copied in each step, on demand or prefetched."""
         loads = np.add.reduce(self.demand, axis=1)
         return loads if self.prefetch is None else loads + np.add.reduce(self.prefetch, axis=1)
-    # Batch runs (several requests a step) only: of each step's demand copies, those streamed
-    # through the staging buffer (the cache full), and which experts missed. None: no such copies.
-    streamed: np.ndarray | None = None   # (T, L)
-    missing: np.ndarray | None = None    # (T, L, E)
 
 
 class ExpertPolicy:

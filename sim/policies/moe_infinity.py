@@ -167,10 +167,11 @@ class MoEInfinityPolicy(ExpertPolicy):
         """One request's single-token steps, without stepping, up to the first that would
         prefetch. A lone request's prediction changes only when it is rematched (every
         `rematch_every` tokens), so its predicted experts are copied in the step after a
-        rematch and stay resident (they rank first for eviction) until the next: the steps
+        rematch and mostly stay resident (they rank high for eviction; one tied in score with
+        another expert may be evicted by a miss and copied back) until the next: the steps
         between prefetch nothing, and their misses are fetched on demand. The run plans those
-        steps (None if fewer than two: the engine steps) and stops before a step whose
-        predicted experts are not all resident (that step prefetches and is stepped).
+        steps (None if fewer than two: the engine steps) and stops before a step that would
+        copy a predicted expert (judged exactly: _would_prefetch; that step is stepped).
         Eviction is by (score + a least-recent-use tie-break, expert id), lowest first: per
         step a ranking of the layer (used first, then the rest by that key), computed only
         for steps that miss; rematches recompute the prediction where stepping would."""

@@ -70,7 +70,7 @@ class OraclePolicy(ExpertPolicy):
         # (a single token's top_k always fit: capacity >= top_k), so it copies nothing on demand.
         return self.miss_mode == "fetch" and self.trace is not None
 
-    def plan_decode_run(self, run: StepBatch) -> RunPlan:
+    def plan_decode_run(self, run: StepBatch) -> RunPlan | None:
         return self._plan_run(run.experts[:, None], run.requests)
 
     def plan_batch_run(self, run: StepBatch) -> RunPlan | None:
