@@ -455,8 +455,9 @@ class CostModel:
             for e in ends:
                 ends[e] += d
 
-    def _walk(self, plan, attn, ffn, fixed, t0: float = 0.0) -> StepTiming:
-        """_step_with_copies from t0 on the link's clock."""
+    def _walk(self, plan, attn, ffn, fixed) -> StepTiming:
+        """_step_with_copies on the step's own clock (the link's state already moved to it)."""
+        t0 = 0.0
         c = self.copy_s
         counts = plan.counts
         streamed = plan.streamed

@@ -88,7 +88,8 @@ class OraclePolicy(ExpertPolicy):
         stream through on demand: the run ends before it (None if within two steps, before
         changing anything: the engine steps)."""
         T, L, E = len(ex), self.L, self.E
-        if any((np.add.reduce(self._needed(ex[t]) > 0, axis=1) > self.capacity).any() for t in range(min(2, T))):
+        if batch is not None and any((np.add.reduce(self._needed(ex[t]) > 0, axis=1) > self.capacity).any()
+                                     for t in range(min(2, T))):
             return None                                      # (at saturation, the common case: cheap to tell)
         counts, flat = self._batch_counts(ex)
         used = counts > 0
