@@ -166,48 +166,98 @@ def parse_tolerances(text: str | None) -> dict:
     return tol
 
 
-def verdict(table: pd.DataFrame, tolerances: dict, replay_summary: dict | None = None) -> list[dict]:
-    """One row per tolerance: the metric, both values, the relative error and pass/fail.
+def verdict(table: pd.DataFrame, tolerances: dict, replay_summary: dict | None = None,
+            replays: list[dict] | None = None) -> list[dict]:
+    """One row per tolerance: the metric, both values, the relative error and the verdict.
     Memory on CUDA is the allocator's peak (what the device really held), on CPU the
-    replay's ledger of its tensors."""
+    replay's ledger of its tensors.
+
+    replays: the summaries of repeated replays of the same scenario (two or more). The
+    simulation is then judged against their median, and their own spread ((max - min) /
+    median: how far this device reproduces itself) decides what a miss means: beyond the
+    tolerance plus that spread it is the simulator's (FAIL); within it, and with the device
+    spreading more than the tolerance, the device cannot judge the simulator at this
+    tolerance (inconclusive)."""
     rows = []
     for name, tol in tolerances.items():
         metric = VERDICT_METRICS[name]
-        sim_v, rp_v = table.loc[metric, "sim"], table.loc[metric, "replay"]
+        sim_v = table.loc[metric, "sim"]
         if name == "memory" and replay_summary and replay_summary.get("cuda_max_allocated_bytes"):
-            metric, rp_v = "peak_memory_bytes vs cuda_max_allocated_bytes", replay_summary["cuda_max_allocated_bytes"]
-        ok_values = all(isinstance(v, (int, float)) and np.isfinite(v) for v in (sim_v, rp_v)) and rp_v
+            metric = "peak_memory_bytes vs cuda_max_allocated_bytes"
+        values = [_verdict_value(s, name, metric) for s in replays] if replays else \
+            [replay_summary["cuda_max_allocated_bytes"] if metric.endswith("cuda_max_allocated_bytes")
+             else table.loc[metric, "replay"]]
+        ok_values = all(_finite(v) for v in (sim_v, *values)) and all(values)
+        rp_v = float(np.median(values)) if ok_values else None
         err = float((sim_v - rp_v) / rp_v) if ok_values else float("nan")
-        rows.append(dict(check=name, metric=metric, sim=sim_v if ok_values else None,
-                         replay=rp_v if ok_values else None, rel_error=err, tolerance=tol,
-                         passed=bool(ok_values and abs(err) <= tol)))
+        spread = float((max(values) - min(values)) / rp_v) if ok_values and len(values) > 1 else None
+        ok = bool(ok_values and abs(err) <= tol)
+        status = "pass" if ok else "inconclusive" if (
+            spread is not None and spread > tol and abs(err) <= tol + spread) else "FAIL"
+        row = dict(check=name, metric=metric, sim=sim_v if ok_values else None, replay=rp_v, rel_error=err,
+                   tolerance=tol, passed=ok, status=status)
+        if replays:
+            row.update(replays=[float(v) if _finite(v) else None for v in values], replay_spread=spread)
+        rows.append(row)
     return rows
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and bool(np.isfinite(v))
+
+
+def _verdict_value(summary: dict, name: str, metric: str):
+    """A replay's value of a verdict metric (memory on CUDA: the allocator's peak)."""
+    if name == "memory" and summary.get("cuda_max_allocated_bytes"):
+        return summary["cuda_max_allocated_bytes"]
+    return summary.get(metric.split(" ")[0])
+
+
 def format_verdict(rows: list[dict], refusals=(), warnings=()) -> str:
-    lines = [f"{'check':12s}{'metric':26s}{'sim':>13s}{'replay':>13s}{'error':>9s}{'tolerance':>11s}  verdict"]
+    spread = any(r.get("replay_spread") is not None for r in rows)
+    n = max((len(r.get("replays") or ()) for r in rows), default=0)
+    lines = [f"{'check':12s}{'metric':26s}{'sim':>13s}{'replay' if not spread else 'median':>13s}"
+             f"{'error':>9s}{'tolerance':>11s}" + (f"{'spread':>9s}" if spread else "") + "  verdict"]
     for r in rows:
         gb = "bytes" in r["metric"]
         fmt = (lambda v: f"{v / 1e9:11.4f}GB") if gb else (lambda v: f"{v:13.4g}")
         sv = fmt(r["sim"]) if r["sim"] is not None else f"{'-':>13s}"
         rv = fmt(r["replay"]) if r["replay"] is not None else f"{'-':>13s}"
         err = f"{r['rel_error']:+8.1%}" if r["rel_error"] == r["rel_error"] else f"{'-':>8s}"
-        lines.append(f"{r['check']:12s}{r['metric'].split(' ')[0]:26s}{sv}{rv} {err}{r['tolerance']:>10.0%}  "
-                     + ("pass" if r["passed"] else "FAIL"))
+        sp = "" if not spread else f"{r['replay_spread']:>9.1%}" if r.get("replay_spread") is not None \
+            else f"{'-':>9s}"
+        lines.append(f"{r['check']:12s}{r['metric'].split(' ')[0]:26s}{sv}{rv} {err}{r['tolerance']:>10.0%}{sp}  "
+                     + _status(r))
     for w in refusals:
         lines.append(f"not comparable: {w}")
     for w in warnings:
         lines.append(f"warning: {w}")
-    failed = [r["check"] for r in rows if not r["passed"]]
+    failed = [r["check"] for r in rows if _status(r) == "FAIL"]
+    unsure = [r["check"] for r in rows if _status(r) == "inconclusive"]
     why = ([", ".join(failed) + " outside tolerance"] if failed else []) + \
         (["the two sides are not comparable"] if refusals else [])
-    lines.append("verdict: " + ("NOT CONFIRMED - " + "; ".join(why) if why else
-                                "CONFIRMED - every metric within its tolerance"))
+    if why:
+        lines.append("verdict: NOT CONFIRMED - " + "; ".join(why))
+    elif unsure:
+        lines.append(f"verdict: INCONCLUSIVE - {', '.join(unsure)}: this device's {n} replays of the same scenario "
+                     "differ among themselves by more than the tolerance, and the simulation is within that "
+                     "spread; rerun on a quieter machine, or with more --replays")
+    else:
+        lines.append("verdict: CONFIRMED - every metric within its tolerance")
     return "\n".join(lines)
+
+
+def _status(row: dict) -> str:
+    return row.get("status") or ("pass" if row["passed"] else "FAIL")
 
 
 def passed(rows: list[dict], refusals=()) -> bool:
     return all(r["passed"] for r in rows) and not refusals
+
+
+def inconclusive(rows: list[dict], refusals=()) -> bool:
+    """Not confirmed, but only because the device does not reproduce itself within a tolerance."""
+    return not refusals and not passed(rows) and all(_status(r) in ("pass", "inconclusive") for r in rows)
 
 
 def json_safe(obj):

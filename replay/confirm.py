@@ -14,7 +14,13 @@
 4. compare (replay/compare.py) and give a pass/fail verdict per metric against the
    tolerances; explain the step time (where the simulated step differs from the measured).
 
-DIR holds profile.yaml, replay/, sim/, comparison.json, comparison.md and verdict.txt.
+With --replays N (N >= 2) step 2 runs N times, one replay after another: the simulation is
+judged against their median, and their own spread says how far this device reproduces
+itself; a miss within that spread, where the spread exceeds the tolerance, is inconclusive
+rather than the simulator's (replay/compare.py, verdict).
+
+DIR holds profile.yaml, replay/ (and replay-2/ ... with --replays), sim/, comparison.json,
+comparison.md and verdict.txt.
 What is confirmed is the simulator on *this* device: on a CPU, or on another GPU than the
 scenario names, the verdict says how far the cost model can be trusted, not that the
 scenario's own hardware would give the simulated numbers.
@@ -34,7 +40,7 @@ import pandas as pd
 import torch
 import yaml
 
-from replay.compare import check_comparable, compare, format_verdict, json_safe, passed, verdict
+from replay.compare import check_comparable, compare, format_verdict, inconclusive, json_safe, passed, verdict
 from replay.model import scaled_spec
 from replay.profile import attention_seconds, busy_steps, run_profile, step_wall, write_profile
 from replay.run import DTYPES, replay_scenario
@@ -66,6 +72,11 @@ class Confirmation:
     @property
     def passed(self) -> bool:
         return passed(self.rows, self.refusals) and not self.replay_error
+
+    @property
+    def inconclusive(self) -> bool:
+        """Not confirmed only because the device's replays spread more than a tolerance."""
+        return inconclusive(self.rows, self.refusals) and not self.replay_error
 
 
 def _load() -> list[float] | None:
@@ -167,17 +178,18 @@ def step_breakdown(timeline: pd.DataFrame, measured: dict, n_layers: int) -> dic
 
 def confirm(sc: dict, out, device: str = "cpu", scale: int = 1, dtype: str | None = None, profile=None,
             tolerances: dict | None = None, threads: int | None = None, max_copy_mb: int = 64,
-            say=print) -> Confirmation:
+            say=print, replays: int = 1) -> Confirmation:
     """threads: torch threads for the profile (the CPU replay uses the profile's, so a given
-    --profile decides them)."""
+    --profile decides them). replays: how many times the scenario is replayed (the verdict
+    takes their median and their spread)."""
     before = torch.get_num_threads()
     try:
-        return _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_copy_mb, say)
+        return _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_copy_mb, say, replays)
     finally:
         torch.set_num_threads(before)   # the replay set the profile's thread count
 
 
-def check_options(out: Path, device: str, scale: int, threads: int | None) -> None:
+def check_options(out: Path, device: str, scale: int, threads: int | None, replays: int = 1) -> None:
     """What would make a confirmation fail, before anything runs or is written."""
     if device != "cpu" and not device.startswith("cuda"):
         raise ConfirmError(f"--device {device}: use cpu or cuda (cuda:N)")
@@ -187,17 +199,20 @@ def check_options(out: Path, device: str, scale: int, threads: int | None) -> No
         raise ConfirmError(f"--scale must be a positive integer, got {scale}")
     if threads is not None and threads < 1:
         raise ConfirmError(f"--threads must be at least 1, got {threads}")
+    if not (isinstance(replays, int) and replays >= 1):
+        raise ConfirmError(f"--replays must be a positive integer, got {replays}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfirmError(f"-o {out}: exists and is not an empty directory; choose another -o (nothing was "
                            "overwritten)")
 
 
-def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_copy_mb, say) -> Confirmation:
+def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_copy_mb, say,
+             replays=1) -> Confirmation:
     from replay.compare import DEFAULT_TOLERANCES
     tolerances = tolerances or dict(DEFAULT_TOLERANCES)
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     out = Path(out)
-    check_options(out, device, scale, threads)
+    check_options(out, device, scale, threads, replays)
     spec = replay_spec(sc, scale, dtype)
     given = check_profile(profile, spec, device) if profile else None   # before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -226,10 +241,17 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     rsc = copy.deepcopy(sc)
     rsc["hardware"] = replay_hardware(sc, prof_path.resolve())
     get_hardware(rsc["hardware"])   # the profile reads as hardware before the replay starts
-    note(f"replaying {sc['name']} on {device}")
-    rp = replay_scenario(rsc, device, scale, dtype, host_experts=host)
-    rp_dir = rp.write(out / "replay")
-    note(f"replay: {rp.meta['wall_time_s']:.1f}s wall, {rp.summary['requests_completed']} requests")
+    runs = []    # (replay, its directory), one after another on the same device
+    for i in range(1, replays + 1):
+        of = f" ({i} of {replays})" if replays > 1 else ""
+        note(f"replaying {sc['name']} on {device}{of}")
+        rp = replay_scenario(rsc, device, scale, dtype, host_experts=host)
+        runs.append((rp, rp.write(out / ("replay" if i == 1 else f"replay-{i}"))))
+        note(f"replay{of}: {rp.meta['wall_time_s']:.1f}s wall, {rp.summary['requests_completed']} requests")
+        if rp.summary.get("error"):
+            break                        # (reported below; the replays after it would not be compared)
+    rp, rp_dir = runs[0]
+    failed = next((r for r, _ in runs if r.summary.get("error")), None)
     note("simulating the replay's own scenario with the profile")
     sim = run_scenario(load_scenario(rp_dir / "scenario.yaml"))
     sim_dir = sim.write(out / "sim")
@@ -238,17 +260,24 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     if prof["info"].get("noisy"):
         warnings.append(f"the profile's timings varied by {prof['info']['noisy']} between repeats (load "
                         f"{prof['info'].get('load_average')}): rerun on an idle machine")
-    rows = verdict(table, tolerances, rp.summary)
+    summaries = [r.summary for r, _ in runs]
+    rows = verdict(table, tolerances, rp.summary, summaries if len(runs) > 1 else None)
     load_after = _load()
     breakdown = step_breakdown(rp.timeline, prof["measured"], spec.n_moe_layers)
+    if len(runs) > 1:   # each replay's steps priced by the same profile: how far the device moved between them
+        for i, (r, _) in enumerate(runs[1:], 2):
+            breakdown.update({f"{k} (replay {i})": v for k, v in
+                              step_breakdown(r.timeline, prof["measured"], spec.n_moe_layers).items()})
     text = format_verdict(rows, refusals, warnings)
     report = dict(scenario=sc["name"], device=rp.meta["device_name"], dtype=dtype, scale=scale,
                   model=spec.name, profile=str(prof_path), profile_given=str(profile) if profile else None,
                   threads=prof["measured"].get("threads"), tolerances=tolerances,
                   load_average_before=load_before, load_average_after=load_after,
                   seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  verdict=rows, passed=passed(rows, refusals) and not rp.summary.get("error"),
-                  refusals=refusals, warnings=warnings, replay_error=rp.summary.get("error") or None,
+                  replays=[str(d) for _, d in runs],
+                  verdict=rows, passed=passed(rows, refusals) and not failed,
+                  inconclusive=inconclusive(rows, refusals) and not failed,
+                  refusals=refusals, warnings=warnings, replay_error=failed.summary.get("error") if failed else None,
                   step_time=breakdown, sim_steps_s=float(sim.timeline.step_s.sum()),
                   replay_steps_s=float(rp.timeline.step_s.sum()),
                   comparison=json.loads(table.reset_index().to_json(orient="records")))
@@ -256,15 +285,19 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     (out / "verdict.txt").write_text(text + "\n")
     (out / "comparison.md").write_text(_markdown(report, table, text, log))
     note(f"wrote {out / 'comparison.md'}")
-    return Confirmation(out, rows, refusals, warnings, report, rp.summary.get("error") or "", log)
+    return Confirmation(out, rows, refusals, warnings, report, failed.summary.get("error") if failed else "", log)
 
 
 def _markdown(report: dict, table: pd.DataFrame, verdict_text: str, log: list) -> str:
     lines = [f"# emoe confirm: {report['scenario']} on {report['device']}", "",
              f"{report['model']} ({report['dtype']}, scale 1/{report['scale']}), {report['threads']} threads, "
              f"{report['date']}; machine load {report['load_average_before']} before, "
-             f"{report['load_average_after']} after", "", "## Verdict", "", "```", verdict_text, "```", "",
-             "## Simulated vs replayed", "", "| metric | sim | replay | error |", "|---|---|---|---|"]
+             f"{report['load_average_after']} after", "", "## Verdict", "", "```", verdict_text, "```", ""]
+    if len(report["replays"]) > 1:
+        lines += [f"The verdict is against the median of {len(report['replays'])} replays of the same scenario, one "
+                  "after another (`replays` and `replay_spread` in comparison.json); the table below is the "
+                  "first replay's.", ""]
+    lines += ["## Simulated vs replayed", "", "| metric | sim | replay | error |", "|---|---|---|---|"]
     for m, r in table.iterrows():
         if r.sim is None or r.replay is None or pd.isna(r.sim) or pd.isna(r.replay):
             continue

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from replay.compare import DEFAULT_TOLERANCES, parse_tolerances, verdict
-from sim.cli import CONFIRM_FAILED, main
+from replay.compare import DEFAULT_TOLERANCES, format_verdict, inconclusive, parse_tolerances, passed, verdict
+from sim.cli import CONFIRM_FAILED, CONFIRM_INCONCLUSIVE, main
 from traces import yamlio
 from traces.errors import UserError
 
@@ -46,6 +46,36 @@ def test_verdict_bounds_the_relative_error_of_each_metric():
     # On CUDA memory is the allocator's peak, what the device really held.
     cuda = {r["check"]: r for r in verdict(table, DEFAULT_TOLERANCES, {"cuda_max_allocated_bytes": 1.5e9})}
     assert cuda["memory"]["replay"] == 1.5e9 and not cuda["memory"]["passed"]
+
+
+def test_repeated_replays_judge_against_their_median_and_their_own_spread():
+    """A miss within the replays' own spread, where that spread exceeds the tolerance, is the
+    device's noise (inconclusive); beyond tolerance + spread it is the simulator's (FAIL)."""
+    table = pd.DataFrame({"sim": [1.04, 100.0, 1.2e9, 1.0], "replay": [9.0, 9.0, 9.0, 9.0]},
+                         index=["e2e_mean_s", "throughput_tokens_per_s", "peak_memory_bytes", "ttft_mean_s"])
+    replays = [dict(e2e_mean_s=e, throughput_tokens_per_s=t, peak_memory_bytes=m, ttft_mean_s=f)
+               for e, t, m, f in [(1.0, 90.0, 1.0e9, 0.2), (1.02, 80.0, 1.0e9, 0.3), (0.98, 100.0, 1.01e9, 0.25)]]
+    rows = {r["check"]: r for r in verdict(table, DEFAULT_TOLERANCES, replays[0], replays)}
+    lat, thr, mem, ttft = rows["latency"], rows["throughput"], rows["memory"], rows["ttft"]
+    assert lat["replay"] == 1.0 and lat["rel_error"] == pytest.approx(0.04) and lat["status"] == "pass"
+    assert lat["replays"] == [1.0, 1.02, 0.98] and lat["replay_spread"] == pytest.approx(0.04)
+    # +11% against the median 90; the replays span 80-100 (22%): the device cannot tell at 5%.
+    assert thr["status"] == "inconclusive" and not thr["passed"] and thr["replay_spread"] == pytest.approx(20 / 90)
+    # +20% with replays within 1% of each other: the simulator's miss.
+    assert mem["status"] == "FAIL"
+    # +300% against replays that spread 40%: beyond tolerance plus spread, still the simulator's.
+    assert ttft["status"] == "FAIL" and ttft["replay_spread"] == pytest.approx(0.4)
+    listed = list(rows.values())
+    assert not passed(listed) and not inconclusive(listed)
+    assert "NOT CONFIRMED - memory, ttft outside tolerance" in format_verdict(listed)
+    unsure = [lat, thr]
+    text = format_verdict(unsure)
+    assert inconclusive(unsure) and "INCONCLUSIVE - throughput" in text and "3 replays" in text
+    assert "22.2%" in text.splitlines()[2]                     # the spread column
+    assert not inconclusive(unsure, ["not comparable"])        # a refusal is never the device's noise
+    # One replay: judged as before, pass or FAIL.
+    one = {r["check"]: r for r in verdict(table.assign(replay=[1.0, 90.0, 1.0e9, 0.2]), DEFAULT_TOLERANCES)}
+    assert one["throughput"]["status"] == "FAIL" and "replay_spread" not in one["throughput"]
 
 
 def test_confirm_writes_everything_and_simulates_exactly_what_ran(tmp_path, tiny_trace_path, capsys):
@@ -86,6 +116,35 @@ def test_confirm_writes_everything_and_simulates_exactly_what_ran(tmp_path, tiny
     # Generous tolerances pass: exit 0.
     assert main(["confirm", str(sc), "--device", "cpu", "--profile", str(out / "profile.yaml"),
                  "--tolerance", "100", "-o", str(tmp_path / "c3")]) == 0
+    # Replayed twice: both replays kept, the verdict against their median with their spread. All
+    # requests at once, so the two replays took the same decisions and held the same memory.
+    out4 = tmp_path / "c4"
+    code = main(["confirm", str(sc), "--device", "cpu", "--profile", str(out / "profile.yaml"), "--replays", "2",
+                 "-o", str(out4)])
+    assert code in (0, CONFIRM_FAILED, CONFIRM_INCONCLUSIVE)
+    rep = json.loads((out4 / "comparison.json").read_text())
+    assert rep["replays"] == [str(out4 / "replay"), str(out4 / "replay-2")]
+    assert (out4 / "replay-2" / "summary.json").exists() and "decode (replay 2)" in rep["step_time"]
+    rows = {r["check"]: r for r in rep["verdict"]}
+    memory = rows["memory"]["replays"]
+    assert len(memory) == 2 and memory[0] == memory[1] and rows["memory"]["replay_spread"] == 0
+    lat = rows["latency"]
+    assert lat["replay"] == pytest.approx(sum(lat["replays"]) / 2)      # the median of two
+    assert "median of 2 replays" in (out4 / "comparison.md").read_text()
+    assert (code == CONFIRM_INCONCLUSIVE) == rep["inconclusive"] and (code == 0) == rep["passed"]
+
+
+def test_confirm_exits_5_when_only_the_device_noise_stands_in_the_way(tmp_path, tiny_trace_path, monkeypatch,
+                                                                       capsys):
+    import replay.confirm
+    sc = _scenario_file(tmp_path, tiny_trace_path, {"name": "resident"})
+    table = pd.DataFrame({"sim": [1.25], "replay": [1.0]}, index=["e2e_mean_s"])   # +14% on the median 1.1
+    rows = verdict(table, {"latency": 0.05}, None, [{"e2e_mean_s": 1.0}, {"e2e_mean_s": 1.2}])
+    fake = replay.confirm.Confirmation(tmp_path / "c", rows, [], [], {"replays": []})
+    monkeypatch.setattr(replay.confirm, "confirm", lambda *a, **k: fake)
+    assert main(["confirm", str(sc), "--device", "cpu", "--replays", "2", "-o", str(tmp_path / "c")]) \
+        == CONFIRM_INCONCLUSIVE
+    assert "verdict: INCONCLUSIVE - latency" in capsys.readouterr().out
 
 
 def test_confirm_refuses_a_profile_of_another_model_and_bad_options(tmp_path, tiny_trace_path, capsys):

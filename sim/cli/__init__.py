@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from sim.cli import hardware, models, plot, predictor, real_model, run, sweep, trace
-from sim.cli.hardware import CONFIRM_FAILED  # noqa: F401  (the exit status tests and scripts check)
+# the exit statuses tests and scripts check
+from sim.cli.hardware import CONFIRM_FAILED, CONFIRM_INCONCLUSIVE  # noqa: F401
 from sim.cli.version import VersionAction
 from traces.errors import UserError, message
 

@@ -11,6 +11,7 @@ from sim.cli.common import (Registry, add_force, add_set, default_results_dir, n
 from traces.errors import UserError
 
 CONFIRM_FAILED = 4   # exit status of `emoe confirm` when a tolerance is exceeded (results written)
+CONFIRM_INCONCLUSIVE = 5   # ... when only the device's own replays spread more than a tolerance
 DTYPES = Registry("replay.options", "DTYPE_NAMES")
 
 
@@ -207,6 +208,9 @@ def add_confirm(sub):
     s.add_argument("--threads", type=positive_whole,
                    help="torch threads for the profile and the CPU replay (default: torch's)")
     s.add_argument("--max-copy-mb", type=positive_whole, default=64, help="largest copy size profiled (MiB)")
+    s.add_argument("--replays", type=positive_whole, default=1,
+                   help="replay the scenario N times: the verdict takes their median, and a miss within their "
+                   f"own spread, where it exceeds the tolerance, is inconclusive (exit {CONFIRM_INCONCLUSIVE})")
     add_set(s)
     s.add_argument("-o", "--output", help="directory for everything (default runs/NAME-confirm-TIMESTAMP-TOKEN)")
     add_force(s)
@@ -223,12 +227,14 @@ def confirm_scenario(a):
     out = results_dir(Path(a.output) if a.output else default_results_dir(sc["name"], "confirm"), a.force)
     try:
         with replacing(out):   # confirm writes as it goes: an earlier directory (--force) waits aside
-            c = confirm(sc, out, a.device, a.scale, a.dtype, a.profile, tol, a.threads, a.max_copy_mb)
+            c = confirm(sc, out, a.device, a.scale, a.dtype, a.profile, tol, a.threads, a.max_copy_mb,
+                        replays=a.replays)
     except ReplayOOM as e:
         raise UserError(str(e)) from None
     print(format_verdict(c.rows, c.refusals, c.warnings))
     print(f"everything in {c.out}  (comparison.md, comparison.json, verdict.txt, profile.yaml, replay/, sim/)")
     if c.replay_error:
-        print(f"emoe: error: {c.replay_error}; the results up to that point are in {c.out / 'replay'}", file=sys.stderr)
+        print(f"emoe: error: {c.replay_error}; the results up to that point are in {c.report['replays'][-1]}",
+              file=sys.stderr)
         return 3
-    return 0 if c.passed else CONFIRM_FAILED
+    return 0 if c.passed else CONFIRM_INCONCLUSIVE if c.inconclusive else CONFIRM_FAILED
