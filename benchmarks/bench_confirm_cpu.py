@@ -35,7 +35,7 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no thread barriers on a busy machine)")
     ap.add_argument("--policies", default="resident,on_demand,emoe")
-    ap.add_argument("--replays", type=int, default=1, help="replays per confirm (the verdict takes their median)")
+    ap.add_argument("--replays", type=positive, default=1, help="replays per confirm (the verdict takes their median)")
     a = ap.parse_args(argv)
     out = Path(a.output)
     if out.exists() and any(out.iterdir()):
@@ -71,6 +71,13 @@ def main(argv=None):
                      + f" | {st} | {r['load_before']} -> {r['load_after']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _pct(x) -> str:

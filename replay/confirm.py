@@ -28,6 +28,7 @@ scenario's own hardware would give the simulated numbers.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ import yaml
 from replay.compare import check_comparable, compare, format_verdict, inconclusive, json_safe, passed, verdict
 from replay.model import scaled_spec
 from replay.profile import attention_seconds, busy_steps, run_profile, step_wall, write_profile
-from replay.run import DTYPES, replay_scenario
+from replay.run import DTYPES, ReplayOOM, replay_scenario
 from sim.costmodel import measured_for
 from sim.hardware import get_hardware
 from sim.run import run_scenario
@@ -242,16 +243,30 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     rsc["hardware"] = replay_hardware(sc, prof_path.resolve())
     get_hardware(rsc["hardware"])   # the profile reads as hardware before the replay starts
     runs = []    # (replay, its directory), one after another on the same device
+    failure = None   # the replay that stopped early: which, where its results are, why
     for i in range(1, replays + 1):
         of = f" ({i} of {replays})" if replays > 1 else ""
+        if i > 1:   # the last replay's model, freed before this one builds its own (CUDA's peak is per replay)
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         note(f"replaying {sc['name']} on {device}{of}")
-        rp = replay_scenario(rsc, device, scale, dtype, host_experts=host)
-        runs.append((rp, rp.write(out / ("replay" if i == 1 else f"replay-{i}"))))
+        try:
+            rp = replay_scenario(rsc, device, scale, dtype, host_experts=host)
+        except ReplayOOM as e:
+            if i == 1:
+                raise
+            failure = dict(replay=i, of=replays, dir=None, error=str(e))
+            break
+        d = rp.write(out / ("replay" if i == 1 else f"replay-{i}"))
+        runs.append((rp, d))
         note(f"replay{of}: {rp.meta['wall_time_s']:.1f}s wall, {rp.summary['requests_completed']} requests")
         if rp.summary.get("error"):
-            break                        # (reported below; the replays after it would not be compared)
+            failure = dict(replay=i, of=replays, dir=str(d), error=rp.summary["error"])
+            break                        # (the replays after it would not be compared)
     rp, rp_dir = runs[0]
-    failed = next((r for r, _ in runs if r.summary.get("error")), None)
+    # The verdict is on the replays that completed (a stopped one's partial figures would bend the median).
+    judged = [(r, d) for r, d in runs if not r.summary.get("error")] or runs[:1]
     note("simulating the replay's own scenario with the profile")
     sim = run_scenario(load_scenario(rp_dir / "scenario.yaml"))
     sim_dir = sim.write(out / "sim")
@@ -260,8 +275,10 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     if prof["info"].get("noisy"):
         warnings.append(f"the profile's timings varied by {prof['info']['noisy']} between repeats (load "
                         f"{prof['info'].get('load_average')}): rerun on an idle machine")
-    summaries = [r.summary for r, _ in runs]
-    rows = verdict(table, tolerances, rp.summary, summaries if len(runs) > 1 else None)
+    if failure and replays > 1:
+        warnings.append(f"replay {failure['replay']} of {replays} stopped early ({failure['error']}): the verdict "
+                        + (f"is on replays 1-{len(judged)}" if len(judged) > 1 else "is on replay 1 alone"))
+    rows = verdict(table, tolerances, rp.summary, [r.summary for r, _ in judged] if len(judged) > 1 else None)
     load_after = _load()
     breakdown = step_breakdown(rp.timeline, prof["measured"], spec.n_moe_layers)
     if len(runs) > 1:   # each replay's steps priced by the same profile: how far the device moved between them
@@ -274,10 +291,11 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
                   threads=prof["measured"].get("threads"), tolerances=tolerances,
                   load_average_before=load_before, load_average_after=load_after,
                   seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  replays=[str(d) for _, d in runs],
-                  verdict=rows, passed=passed(rows, refusals) and not failed,
-                  inconclusive=inconclusive(rows, refusals) and not failed,
-                  refusals=refusals, warnings=warnings, replay_error=failed.summary.get("error") if failed else None,
+                  replays=[str(d) for _, d in runs], judged_replays=[str(d) for _, d in judged],
+                  verdict=rows, passed=passed(rows, refusals) and not failure,
+                  inconclusive=inconclusive(rows, refusals) and not failure,
+                  refusals=refusals, warnings=warnings, replay_error=failure["error"] if failure else None,
+                  replay_failed=failure,
                   step_time=breakdown, sim_steps_s=float(sim.timeline.step_s.sum()),
                   replay_steps_s=float(rp.timeline.step_s.sum()),
                   comparison=json.loads(table.reset_index().to_json(orient="records")))
@@ -285,7 +303,7 @@ def _confirm(sc, out, device, scale, dtype, profile, tolerances, threads, max_co
     (out / "verdict.txt").write_text(text + "\n")
     (out / "comparison.md").write_text(_markdown(report, table, text, log))
     note(f"wrote {out / 'comparison.md'}")
-    return Confirmation(out, rows, refusals, warnings, report, failed.summary.get("error") if failed else "", log)
+    return Confirmation(out, rows, refusals, warnings, report, failure["error"] if failure else "", log)
 
 
 def _markdown(report: dict, table: pd.DataFrame, verdict_text: str, log: list) -> str:
@@ -293,10 +311,10 @@ def _markdown(report: dict, table: pd.DataFrame, verdict_text: str, log: list) -
              f"{report['model']} ({report['dtype']}, scale 1/{report['scale']}), {report['threads']} threads, "
              f"{report['date']}; machine load {report['load_average_before']} before, "
              f"{report['load_average_after']} after", "", "## Verdict", "", "```", verdict_text, "```", ""]
-    if len(report["replays"]) > 1:
-        lines += [f"The verdict is against the median of {len(report['replays'])} replays of the same scenario, one "
-                  "after another (`replays` and `replay_spread` in comparison.json); the table below is the "
-                  "first replay's.", ""]
+    if len(report["judged_replays"]) > 1:
+        lines += [f"The verdict is against the median of {len(report['judged_replays'])} replays of the same "
+                  "scenario, one after another (`replays`, `replay_band` and `replay_spread` in "
+                  "comparison.json); the table below is the first replay's.", ""]
     lines += ["## Simulated vs replayed", "", "| metric | sim | replay | error |", "|---|---|---|---|"]
     for m, r in table.iterrows():
         if r.sim is None or r.replay is None or pd.isna(r.sim) or pd.isna(r.replay):

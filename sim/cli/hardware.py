@@ -232,9 +232,12 @@ def confirm_scenario(a):
     except ReplayOOM as e:
         raise UserError(str(e)) from None
     print(format_verdict(c.rows, c.refusals, c.warnings))
-    print(f"everything in {c.out}  (comparison.md, comparison.json, verdict.txt, profile.yaml, replay/, sim/)")
+    replays = ", ".join(Path(d).name + "/" for d in c.report["replays"])
+    print(f"everything in {c.out}  (comparison.md, comparison.json, verdict.txt, profile.yaml, {replays}, sim/)")
     if c.replay_error:
-        print(f"emoe: error: {c.replay_error}; the results up to that point are in {c.report['replays'][-1]}",
-              file=sys.stderr)
+        f = c.report["replay_failed"]
+        which = f"replay {f['replay']} of {f['of']}: " if f["of"] > 1 else ""
+        where = f"; the results up to that point are in {f['dir']}" if f["dir"] else ""
+        print(f"emoe: error: {which}{c.replay_error}{where}", file=sys.stderr)
         return 3
     return 0 if c.passed else CONFIRM_INCONCLUSIVE if c.inconclusive else CONFIRM_FAILED
