@@ -198,7 +198,8 @@ def compare_runs(a):
 
 def add_confirm(sub):
     s = sub.add_parser("confirm", help="profile, replay, simulate the replay's exact model and compare: a pass/fail "
-                       f"verdict per metric (exit {CONFIRM_FAILED} when a tolerance is exceeded)")
+                       f"verdict per metric (exit {CONFIRM_FAILED} when a tolerance is exceeded, "
+                       f"{CONFIRM_INCONCLUSIVE} when only the device's own replays spread more than it)")
     s.add_argument("scenario", help="scenario YAML, a sweep point directory, or the file `emoe choose -o` wrote")
     add_device(s)
     s.add_argument("--profile", metavar="PROFILE.yaml", help="reuse this profile (it must be for the replayed "
