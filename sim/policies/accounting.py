@@ -89,7 +89,8 @@ class Accounting:
         if hit_slots is None:   # nothing missed this step
             per_hit = slots
         else:
-            per_hit = np.bincount(batch.token_req, hit_slots.sum(axis=(1, 2)), minlength=n_req).astype(np.int64)
+            per_hit = np.bincount(batch.token_req, np.count_nonzero(hit_slots, axis=(1, 2)),
+                                  minlength=n_req).astype(np.int64)
         if rerouted is None:
             # Every route keeps its whole gate mass: a request keeps L per token, exactly.
             self._credit_unrerouted(batch.requests, per_hit.tolist(), slots.tolist(), per_routes.tolist())

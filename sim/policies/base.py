@@ -328,9 +328,10 @@ class ExpertPolicy:
         """(..., L, k) routes -> the same shape of flat (layer, expert) indices."""
         return (experts.reshape(-1, self.L * self.k) + self._route_offset).reshape(experts.shape)
 
-    def _needed(self, experts: np.ndarray) -> np.ndarray:
-        """(L, E) tokens routed to each expert."""
-        return np.bincount(self._flat_routes(experts).ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
+    def _needed(self, experts: np.ndarray, flat: np.ndarray | None = None) -> np.ndarray:
+        """(L, E) tokens routed to each expert (flat: the routes' _flat_routes, if at hand)."""
+        flat = self._flat_routes(experts) if flat is None else flat
+        return np.bincount(flat.ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
 
     # Hot-path note: serve runs once per engine step (tens of thousands of times per
     # simulated minute at light load), so it uses ndarray methods, np.add.reduce and
@@ -346,7 +347,8 @@ class ExpertPolicy:
         prefetches ahead."""
         acc, cache = self.accounting, self.cache
         ex = batch.experts
-        needed = self._needed(ex)
+        flat = self._flat_routes(ex)       # each route's (layer, expert), read twice below
+        needed = self._needed(ex, flat)
         self.rerouter.popularity += needed
         n_fresh = 0
         if self.miss_mode == "reroute":
@@ -374,7 +376,7 @@ class ExpertPolicy:
             self.touch(used, needed)
             return StepPlan(counts=needed, demand=self._zeros_L, prefetch=prefetch, staged=0, routes=ex)
         held = resident if fresh is None else resident & ~fresh    # resident and not copied now
-        acc.step(batch, held.ravel().take(self._flat_routes(ex)), None)   # held[layer, ex], one take
+        acc.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
         # (demand copies never evict what this step's own prefetches just brought)
         streamed = cache.admit(missing, used if fresh is None else used | fresh,
                                lambda: self.evict_key(batch)) if n_miss else None
