@@ -213,21 +213,32 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     return keep
 
 
-def pareto(t: pd.DataFrame, slo_attainment: float | None = None, min_quality: float | None = None):
+def pareto(t: pd.DataFrame, slo_attainment: float | None = None, min_quality: float | None = None,
+           chosen: str | None = None):
     """Memory vs latency, colour = estimated quality (or fidelity). Points that miss the SLO
     attainment or quality floor (when given) are grey crosses; the Pareto-optimal feasible points
-    on (memory, latency, quality) are ringed and labelled with policy, capacity and point hash."""
+    on (memory, latency, quality) are ringed and labelled with policy, capacity and point hash.
+    A table from `emoe choose` (with its `feasible` and `pareto` columns) is drawn as chosen, the
+    chosen point (its hash) starred; a sweep table with several seeds is pooled first, one point
+    per configuration, as `emoe choose` compares them (not each configuration's luckiest seed)."""
     plt = _plt()
     t = _done(t).reset_index(drop=True)
+    if "feasible" not in t and "seed" in t and t.seed.nunique() > 1:
+        from sim.choose import pool_seeds
+        source = t.estimated_quality_source.dropna() if "estimated_quality_source" in t else pd.Series(dtype=str)
+        t = pool_seeds(t, Path(".")).assign(estimated_quality_source=source.iloc[0] if len(source) else None)
     col, qlabel = quality_column(t)
-    feasible = np.ones(len(t), dtype=bool)
-    if slo_attainment is not None:
-        feasible &= (t.slo_attainment >= slo_attainment).to_numpy()
-    if min_quality is not None:
-        feasible &= (t[col].fillna(1.0) >= min_quality).to_numpy()
-    pts = np.stack([t.peak_memory_bytes, t.e2e_mean_s, -t[col]], axis=1)
-    front = np.zeros(len(t), dtype=bool)
-    front[np.flatnonzero(feasible)[pareto_mask(pts[feasible])]] = True
+    if "feasible" in t and "pareto" in t:
+        feasible, front = t.feasible.to_numpy(bool), t.pareto.to_numpy(bool)
+    else:
+        feasible = np.ones(len(t), dtype=bool)
+        if slo_attainment is not None:
+            feasible &= (t.slo_attainment >= slo_attainment).to_numpy()
+        if min_quality is not None:
+            feasible &= (t[col].fillna(1.0) >= min_quality).to_numpy()
+        pts = np.stack([t.peak_memory_bytes, t.e2e_mean_s, -t[col]], axis=1)
+        front = np.zeros(len(t), dtype=bool)
+        front[np.flatnonzero(feasible)[pareto_mask(pts[feasible])]] = True
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     f = feasible
     sc = ax.scatter(t.peak_memory_bytes[f] / GB, t.e2e_mean_s[f], c=t[col][f] * 100, cmap="viridis", s=36,
@@ -241,14 +252,19 @@ def pareto(t: pd.DataFrame, slo_attainment: float | None = None, min_quality: fl
         ax.errorbar(t.peak_memory_bytes / GB, t.e2e_mean_s, yerr=t.e2e_mean_s_ci.fillna(0), fmt="none",
                     ecolor="0.5", elinewidth=0.8, capsize=2, label="95% interval over seeds")
     name = "quality" if col != "routing_fidelity" else "fidelity"
-    ax.scatter(t.peak_memory_bytes[front] / GB, t.e2e_mean_s[front], s=140, facecolors="none",
-               edgecolors="red", label=f"Pareto front (memory, latency, {name})")
+    ax.scatter(t.peak_memory_bytes[front] / GB, t.e2e_mean_s[front], s=140, facecolors="none", edgecolors="red",
+               label="Pareto set, as `emoe choose` printed it" if "pareto" in t
+               else f"Pareto front (memory, latency, {name})")
     for i in np.flatnonzero(front):
         cap = t.policy_capacity[i] if "policy_capacity" in t else np.nan
         text = t.label[i] + (f" cap={cap:g}" if pd.notna(cap) else "")
         text += f" #{str(t.hash[i])[:6]}" if "hash" in t else ""
         ax.annotate(text, (t.peak_memory_bytes[i] / GB, t.e2e_mean_s[i]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
+    if chosen is not None and (t.hash.astype(str) == str(chosen)).any():
+        i = int(np.flatnonzero(t.hash.astype(str) == str(chosen))[0])
+        ax.scatter([t.peak_memory_bytes[i] / GB], [t.e2e_mean_s[i]], marker="*", s=220, color="red", zorder=5,
+                   label="chosen")
     cb = fig.colorbar(sc)
     cb.set_label(qlabel, fontsize=7)
     ax.set_yscale("log")

@@ -134,6 +134,13 @@ def input_digests(sc: dict) -> dict:
             p = p if p.is_absolute() else base / p
             if p.is_file():
                 out[key] = _file_digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+    if "quality.calibration" not in out:
+        # The package's default calibration estimates this point's quality: a recalibrated default is a
+        # new point (its old estimates must not be ranked against new ones in a resumed sweep).
+        from sim.quality import DEFAULT
+        if DEFAULT.is_file():
+            out["quality.calibration (package default)"] = _file_digest(str(DEFAULT), DEFAULT.stat().st_size,
+                                                                        DEFAULT.stat().st_mtime_ns)
     for key, p in plugin_sources(sc).items():
         out[f"source of {key}"] = _file_digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
     return out

@@ -43,7 +43,11 @@ def add_choose(sub):
                    help="least SLO attainment, e.g. 0.95")
     s.add_argument("--min-quality", type=share, default=0.0, metavar="SHARE",
                    help="least estimated quality, e.g. 0.95")
-    s.add_argument("--max-memory-gb", type=positive, help="most peak GPU memory")
+    s.add_argument("--max-memory-gb", type=positive, help="most peak memory, all the scenario's GPUs together "
+                   "(1e9 bytes)")
+    s.add_argument("--at", action="append", default=[], metavar="KEY=VALUE",
+                   help="the setting of a swept axis other than the policy's (e.g. workload.arrival.rate=5): "
+                   "policies are compared under one setting of everything else (repeat per axis)")
     g = s.add_mutually_exclusive_group()
     # OBJECTIVES: name -> (column, sign); sign 1 is smaller-is-better
     g.add_argument("--minimise", choices=Registry("sim.choose", "OBJECTIVES", where=lambda o: o[1] > 0),
@@ -66,10 +70,20 @@ def choose(a):
         output_file(a.output, "-o", a.force)
     if a.plot:
         output_dir(a.plot, "--plot", a.force)
-    c = ch.choose(a.sweep_dir, a.slo_attainment, a.min_quality, a.max_memory_gb, objective)
+    at = {}
+    for item in a.at:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise UserError(f"--at {item}: give KEY=VALUE, e.g. --at workload.arrival.rate=5")
+        at[key.strip()] = value.strip()
+    c = ch.choose(a.sweep_dir, a.slo_attainment, a.min_quality, a.max_memory_gb, objective, at)
     n_feasible = int(c.pooled.feasible.sum())
-    print(f"{len(c.pooled)} configurations, {n_feasible} meet SLO attainment >= {a.slo_attainment:.0%} and "
-          f"estimated quality >= {a.min_quality:.0%}; Pareto set (memory, latency, quality), best by {objective}:")
+    for note in c.notes:
+        print(f"note: {note}")
+    dims = "memory, latency, quality" + (f", {objective}" if objective in ("p99", "throughput") else "")
+    where = "".join(f" at {k}={v}" for k, v in at.items())
+    print(f"{len(c.pooled)} configurations{where}, {n_feasible} meet SLO attainment >= {a.slo_attainment:.0%} and "
+          f"estimated quality >= {a.min_quality:.0%}; Pareto set ({dims}), best by {objective}:")
     if c.chosen is None:
         best = c.pooled.sort_values("slo_attainment", ascending=False).iloc[0]
         raise UserError(f"no configuration of {a.sweep_dir} meets the constraints (best SLO attainment "
@@ -90,5 +104,7 @@ def choose(a):
         # One point per configuration (seeds pooled, with their 95% intervals), as chosen from.
         pooled = c.pooled.assign(estimated_quality_source=table.get("estimated_quality_source", pd.Series()).iloc[0]
                                  if "estimated_quality_source" in table else None)
-        written = plots.save(plots.pareto(pooled, a.slo_attainment, a.min_quality), a.plot, "pareto")
+        # (choose's own feasible set and Pareto set, drawn as chosen: memory cap and left-out points included)
+        written = plots.save(plots.pareto(pooled, a.slo_attainment, a.min_quality, chosen=c.chosen["hash"]),
+                             a.plot, "pareto")
         print(f"wrote {written[0]}")
