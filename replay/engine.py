@@ -44,6 +44,9 @@ class ReplayEngine(Engine):
         self.rt.cache.drain()    # prefetches still on the link: land them, so the copy counters are final
         return self
 
+    def dropped_prefetches(self) -> int:
+        return self.rt.cache.link.counts["dropped"]     # the real link's count
+
     def layer_events(self) -> list[dict] | None:
         """Each layer's attention, experts and stall and each copy, in the run's seconds (on
         CUDA from the device's timing events, pinned to the wall clock by an anchor)."""

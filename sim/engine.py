@@ -332,6 +332,11 @@ class Engine:
         return StepWork(decode=decode, chunks=chunks, rows=rows, batch=batch, n_new=n_new, n_tokens=len(rows),
                         n_sampled=n_sampled, attn_ctx=attn_ctx, kv_read=kv_read, prefill_ctx=prefill_ctx)
 
+    def dropped_prefetches(self) -> int:
+        """Prefetch copies the policy issued (and counted) that the link dropped before they
+        started, their expert evicted meanwhile: they moved no bytes."""
+        return self.cost.copies["dropped"]
+
     # ---- light load: a lone request's decode steps at once ----------------------------------
     # (limits.decode_runs: false steps one by one instead: same results, for checking)
     MAX_RUN = 512           # steps per decode run (bounds the (T, L, E) arrays)

@@ -112,6 +112,15 @@ def outcome(eng: Engine, sc: dict, extra: dict | None = None):
                    **(extra or {}))
     figures.update(eng.scheduler.metrics())   # e.g. the eMoE scheduler's admission estimate error
     peaks = {k: v for k, v in eng.mem.peak.items() if not k.startswith("cuda")}   # the replay keeps CUDA's apart
-    summary = summarize(req, eng.policy.counters(), eng.mem.peak_total, peaks, extra=figures,
+    counters = eng.policy.counters()
+    # Prefetches the link dropped before they started (their expert evicted meanwhile) were counted
+    # by the policy as it issued them (and in the timeline's expert_loads); they moved no bytes.
+    dropped = eng.dropped_prefetches()
+    if "prefetches_ahead" in counters:
+        counters["prefetches_ahead"] -= dropped
+        counters["expert_loads"] -= dropped
+        counters["bytes_loaded"] = counters["expert_loads"] * eng.model.bytes_per_expert
+        counters["prefetches_dropped"] = dropped
+    summary = summarize(req, counters, eng.mem.peak_total, peaks, extra=figures,
                         model=eng.model.name, calibration=(sc.get("quality") or {}).get("calibration"))
     return summary, req, tl

@@ -147,6 +147,47 @@ def test_adaptive_per_layer_spends_the_same_budget():
     assert target[0].sum() < target[1:].sum(axis=1).max()
 
 
+
+def test_adaptive_per_layer_never_holds_more_than_the_uniform_budget():
+    """With the skip rule on, layers no sensitive task needs keep their experts; the layers
+    reallocated share what is left of the same slots (also under miss: fetch, where each
+    layer's misses are fetched into its own share)."""
+    pol = make_policy({"name": "emoe", "capacity": 0.5, "per_layer": "adaptive", "skip": False}, TINY, None, 0)
+    slots = int(pol.capacity.sum())
+    pol.resident[:] = False
+    pol.resident[0, :6] = True                 # a layer an earlier choice gave 6 of its 8 experts
+    N = np.ones((4, 8))
+    N[0] = 0                                   # ... now needed by no sensitive task: it keeps them
+    N[1, 0] = 100
+    target = pol.choose(N)
+    assert target[0].sum() == 6 and target.sum() == slots
+    assert (pol.capacity == target.sum(axis=1)).all() and pol.cache_experts == slots
+
+
+@pytest.mark.parametrize("miss", ["reroute", "fetch"])
+def test_adaptive_per_layer_holds_the_budget_through_a_run(monkeypatch, miss):
+    """The paper's task mix at interval 1: every choice's set, and the memory ledger's experts
+    at every step, stay within the uniform slots (plus top_k staging)."""
+    from sim.scenario import load_scenario
+    import sim.policies.emoe as emoe
+    held = []
+    choose = emoe.EmoePolicy.choose
+
+    def watched(self, N):
+        target = choose(self, N)
+        held.append((int(target.sum()), self.cache_experts))
+        return target
+    monkeypatch.setattr(emoe.EmoePolicy, "choose", watched)
+    sc = load_scenario("scenarios/paper/base-mixtral-paper-tasks.yaml",
+                       ["workload.requests=30", "workload.arrival={process: poisson, rate: 1.0}",
+                        "policy={name: emoe, capacity: 0.5, interval: 1, per_layer: adaptive, miss: " + miss + "}"])
+    r = run_scenario(sc)
+    slots = held[0][1]
+    assert len(held) > 10 and all(n <= s for n, s in held) and all(s == slots for _, s in held)
+    m = get_model("mixtral-8x7b")
+    assert r.timeline.mem_experts.max() <= (slots + m.top_k) * m.bytes_per_expert
+
+
 # ---- the scheduler (Algorithm 1) ----------------------------------------------------------
 def test_algorithm1_never_breaks_a_running_slo_under_its_estimate():
     rng = np.random.default_rng(0)

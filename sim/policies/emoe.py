@@ -133,6 +133,7 @@ class EmoePolicy(ExpertPolicy):
         tasks = trace.tasks if trace is not None else []
         self.taskid = TaskIdentifier(tasks, p.task_id, p.misid_rate, seed)
         self.file_tasks: set = set()           # tasks whose prior a predictor file fitted
+        self._slots: int | None = None         # per_layer adaptive: the expert slots all layers share
         if p.predictor_file:
             path = self._path(p.predictor_file)
             self.predictor = load_predictor(path)
@@ -265,12 +266,17 @@ class EmoePolicy(ExpertPolicy):
                 target[layer] = False
                 target[layer, order[layer, : self.capacity[layer]]] = True
             return target
-        # adaptive: top_k per layer first, then the best remaining (layer, expert) shares.
+        # adaptive: top_k per layer first, then the best remaining (layer, expert) shares, within
+        # the same total as uniform: the slots the layers no sensitive task needs still hold are
+        # spent already (they keep their experts).
+        if self._slots is None:
+            self._slots = int(self.capacity.sum())          # the uniform budget, fixed at the first choice
         share = normalise(N)
-        budget = int(self.capacity[live].sum())
+        budget = self._slots - int(target[~live].sum())
         target[live] = False
         rank = np.argsort(order, axis=1)
-        base = live[:, None] & (rank < self.k)
+        n_live = int(live.sum())
+        base = live[:, None] & (rank < min(self.k, budget // max(n_live, 1)))
         target |= base
         rest = np.where(live[:, None] & ~base, share, -1.0).ravel()
         extra = budget - int(base.sum())
@@ -278,7 +284,16 @@ class EmoePolicy(ExpertPolicy):
             pick = np.argsort(-rest, kind="stable")[:extra]
             pick = pick[rest[pick] >= 0]
             target.ravel()[pick] = True
+        # Each layer's slots follow the allocation, so a miss fetched into a layer (miss: fetch)
+        # evicts within that layer's share instead of refilling it to the uniform capacity.
+        self.cache.capacity = target.sum(axis=1)
         return target
+
+    @property
+    def cache_experts(self) -> int:
+        """The slots the memory budget reserves: with per_layer adaptive the layers' shares move,
+        their total does not."""
+        return self._slots if self._slots is not None else self.cache.slots
 
     def invoke(self) -> int:
         """Run the predictor, swap the expert set; returns experts copied. The swap-in copies
