@@ -97,6 +97,10 @@ def choose(a):
     elif q is None or q.isna().all():
         print("(no quality calibration: quality not constrained)")
     print(f"chosen: {c.chosen['label']} capacity {c.chosen['policy_capacity']:g}, point {c.chosen['hash']}")
+    eq = c.chosen.get("estimated_quality")
+    if a.min_quality <= 0 and eq is not None and eq == eq and eq < 0.9:
+        print(f"note: quality was not constrained (--min-quality 0) and the chosen point's estimated quality is "
+              f"{eq:.2f}; add e.g. --min-quality 0.9")
     if a.output:
         path = ch.write_chosen(a.sweep_dir, c.chosen, a.output, c.constraints)
         print(f"wrote {path}  (replay it: emoe replay {path} --device cuda)")
