@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from sim.plots import pareto_mask
 from traces.errors import UserError
@@ -100,31 +101,69 @@ def _is_policy_axis(column: str) -> bool:
     return column.split(".")[0] in POLICY_AXES
 
 
-def _same(values: pd.Series, wanted: str) -> pd.Series:
-    """Table values equal to a --at value given as text (5 matches 5.0)."""
+def _canon(v) -> str:
+    """A swept value as comparable text: null, true/false, numbers as floats, dicts and lists as
+    sorted JSON (a sweep table holds them as text; --at gives them as YAML)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "null"
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (int, float, np.number)):
+        return _number(float(v))
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True)
+    text = str(v).strip()
+    if text[:1] in "{[":
+        try:
+            return json.dumps(json.loads(text), sort_keys=True)
+        except ValueError:
+            return text
+    if text in ("True", "False"):
+        return text.lower()
     try:
-        return pd.to_numeric(values, errors="coerce") == float(wanted)
+        return _number(float(text))
     except ValueError:
-        return values.astype(str) == wanted
+        return text
+
+
+def _number(f: float) -> str:
+    return str(int(f)) if f.is_integer() and abs(f) < 1e15 else repr(f)
+
+
+def _in_order(values) -> list[str]:
+    """Numbers by value, then text."""
+    def key(v):
+        try:
+            return (0, float(v), "")
+        except ValueError:
+            return (1, 0.0, v)
+    return sorted(values, key=key)
 
 
 def at_setting(t: pd.DataFrame, at: dict | None) -> pd.DataFrame:
-    """The rows of one setting of the sweep's non-policy axes (workload, hardware, limits...)."""
+    """The rows of one setting of the sweep's non-policy axes (workload, hardware, limits...).
+    at: {key: value as YAML text} (null, true, 5, {process: batch} as the sweep file spells them)."""
+    import shlex
     at = dict(at or {})
     context = [c for c in _config_columns(t) if c != "label" and not _is_policy_axis(c)]
     for key, value in at.items():
         if key not in context:
             raise ChooseError(f"--at {key}={value}: '{key}' is not a swept axis of this sweep other than the "
                               f"policy's; its axes: {', '.join(context) or 'none besides the policy'}")
-        t = t[_same(t[key], value)]
+        try:
+            wanted = _canon(yamlio.safe_load(value))
+        except yaml.YAMLError:     # not YAML: compare the text as given
+            wanted = _canon(value)
+        t = t[t[key].map(_canon) == wanted]
         if t.empty:
             raise ChooseError(f"--at {key}={value}: no finished point has {key} = {value}")
-    varied = {c: sorted(t[c].astype(str).unique()) for c in context if c not in at and t[c].astype(str).nunique() > 1}
+    varied = {c: _in_order(t[c].map(_canon).unique()) for c in context if c not in at
+              and t[c].map(_canon).nunique() > 1}
     if varied:
         axes = "; ".join(f"{c} ({', '.join(v)})" for c, v in varied.items())
         first = next(iter(varied.items()))
         raise ChooseError(f"this sweep also varies {axes}: policies are compared under one setting of it; add "
-                          f"--at {first[0]}={first[1][0]} (one --at per axis)")
+                          f"--at {shlex.quote(f'{first[0]}={first[1][0]}')} (one --at per axis)")
     return t
 
 

@@ -102,6 +102,20 @@ def test_policies_are_compared_under_one_setting_of_the_workload(tmp_path):
         choose(d, at={"policy": "resident"})
     with pytest.raises(ChooseError, match="no finished point"):
         choose(d, at={"workload.arrival.rate": "7"})
+    # Null, booleans and dicts as the sweep file spells them (the table holds NaN, True, JSON text).
+    rows = [dict(label=p, policy=p, **{"workload.requests": n, "limits.decode_runs": b, "workload.arrival": a},
+                 e2e_mean_s=e)
+            for p, n, b, a, e in [("resident", None, True, '{"process": "batch"}', 1.0),
+                                  ("on_demand", None, True, '{"process": "batch"}', 0.5),
+                                  ("resident", 40, False, '{"rate": 2.0, "process": "poisson"}', 3.0),
+                                  ("on_demand", 40, False, '{"rate": 2.0, "process": "poisson"}', 2.5)]]
+    d = _table(tmp_path / "n", rows, swept=("workload.requests", "limits.decode_runs", "workload.arrival", "policy"))
+    with pytest.raises(ChooseError, match=r"workload.requests \(40, null\)"):
+        choose(d)
+    for at in ({"workload.requests": "null"}, {"limits.decode_runs": "true"},
+               {"workload.arrival": "{process: batch}"}):
+        c = choose(d, objective="latency", at=at)
+        assert len(c.pooled) == 2 and c.chosen.e2e_mean_s == 0.5, at
 
 
 def test_a_run_that_finished_fewer_requests_is_left_out(tmp_path):

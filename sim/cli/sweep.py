@@ -75,6 +75,8 @@ def choose(a):
         key, eq, value = item.partition("=")
         if not eq or not key or not value:
             raise UserError(f"--at {item}: give KEY=VALUE, e.g. --at workload.arrival.rate=5")
+        if key.strip() in at:
+            raise UserError(f"--at {key.strip()} given twice; give one setting per axis")
         at[key.strip()] = value.strip()
     c = ch.choose(a.sweep_dir, a.slo_attainment, a.min_quality, a.max_memory_gb, objective, at)
     n_feasible = int(c.pooled.feasible.sum())
@@ -86,8 +88,11 @@ def choose(a):
           f"estimated quality >= {a.min_quality:.0%}; Pareto set ({dims}), best by {objective}:")
     if c.chosen is None:
         best = c.pooled.sort_values("slo_attainment", ascending=False).iloc[0]
+        left = int(c.pooled.incomplete.sum())
+        why = (f"; {left} of {len(c.pooled)} left out for serving fewer requests than a rival (see the notes: "
+               "a limit that stops every run ranks them by requests finished)") if left else ""
         raise UserError(f"no configuration of {a.sweep_dir} meets the constraints (best SLO attainment "
-                        f"{best.slo_attainment:.1%} by {best.label}); relax --slo-attainment/--min-quality or "
+                        f"{best.slo_attainment:.1%} by {best.label}{why}); relax --slo-attainment/--min-quality or "
                         "sweep more capacity")
     print(ch.format_table(c.pareto))
     q = c.pooled.get("estimated_quality")
@@ -98,7 +103,10 @@ def choose(a):
         print("(no quality calibration: quality not constrained)")
     print(f"chosen: {c.chosen['label']} capacity {c.chosen['policy_capacity']:g}, point {c.chosen['hash']}")
     eq = c.chosen.get("estimated_quality")
-    if a.min_quality <= 0 and eq is not None and eq == eq and eq < 0.9:
+    has_estimates = q is not None and q.notna().any()
+    if has_estimates and (eq is None or eq != eq):
+        print("note: the chosen point has no quality estimate (no request finished?): its quality is unknown")
+    elif a.min_quality <= 0 and eq is not None and eq < 0.9:
         print(f"note: quality was not constrained (--min-quality 0) and the chosen point's estimated quality is "
               f"{eq:.2f}; add e.g. --min-quality 0.9")
     if a.output:
