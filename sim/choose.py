@@ -102,8 +102,8 @@ def _is_policy_axis(column: str) -> bool:
 
 
 def _canon(v) -> str:
-    """A swept value as comparable text: null, true/false, numbers as floats, dicts and lists as
-    sorted JSON (a sweep table holds them as text; --at gives them as YAML)."""
+    """A swept value as comparable text: null, true/false, numbers by value (5 and 5.0 alike),
+    dicts and lists as sorted JSON (a sweep table holds them as text; --at gives them as YAML)."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "null"
     if isinstance(v, (bool, np.bool_)):
