@@ -76,12 +76,21 @@ def scenario_policy(sc: dict, model, trace):
     sensitivity, warm_trace) and checks them against the model and trace: a ValueError, KeyError or
     unreadable file there is the scenario's, reported against `policy`; once built, the policy's
     errors are bugs and keep their tracebacks."""
+    base = Path(sc.get("_base_dir", "."))
     try:
-        return make_policy(sc["policy"], model, trace, sc["seed"], Path(sc.get("_base_dir", ".")))
+        policy = make_policy(sc["policy"], model, trace, sc["seed"], base)
     except UserError:
         raise
     except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, yaml.YAMLError) as e:
         raise ScenarioError(f"policy '{sc['policy']['name']}': {message(e)}") from e
+    judge = (sc.get("quality") or {}).get("sensitivity")
+    if judge is not None:   # one table judges every policy's routing_fidelity_sensitive
+        from sim.sensitivity import load_sensitivity
+        try:
+            policy.accounting.judge_by(load_sensitivity(judge, model.n_moe_layers, base))
+        except (ValueError, OSError, yaml.YAMLError) as e:
+            raise ScenarioError(f"quality.sensitivity: {message(e)}") from e
+    return policy
 
 
 def run_scenario(sc: dict, trace=None, progress=None) -> RunResult:

@@ -20,6 +20,8 @@ unknown or ill-typed one fails with the file, the key path and what is allowed.
     limits: {max_batch_tokens: 8192, max_running: 64, memory_utilization: 0.9, max_steps: 0,
              max_sim_time_s: 0, decode_runs: true}
     quality: {calibration: MY-CALIBRATION.yaml}   # optional; else $EMOE_QUALITY_CALIBRATION, else the package's
+    # quality.sensitivity: FILE.yaml or {default: ..., tasks: ...}: the table every policy's
+    # routing_fidelity_sensitive is judged by (default: the shipped one)
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ DEFAULTS = {
     "limits": {"max_batch_tokens": 8192, "max_running": 64, "memory_utilization": 0.9,
                "max_steps": 0, "max_sim_time_s": 0.0, "decode_runs": True},
 }
-QUALITY_KEYS = {"calibration"}
+QUALITY_KEYS = {"calibration", "sensitivity"}
 TOP_KEYS = set(DEFAULTS) | {"quality"}   # `quality` only when named: default runs keep their sweep hashes
 POLICY_FILES = ("predictor_file", "sensitivity", "warm_trace")   # policy keys that may name a file
 LIMIT_TYPES = {"max_batch_tokens": int, "max_running": int, "memory_utilization": float, "max_steps": int,
@@ -161,6 +163,7 @@ def _absolute_paths(sc: dict, base_dir: Path) -> None:
         fix(sc["policy"], key)
     if sc.get("quality"):
         fix(sc["quality"], "calibration")
+        fix(sc["quality"], "sensitivity")
 
 
 def _calibration_from_environment(sc: dict) -> None:
@@ -168,12 +171,12 @@ def _calibration_from_environment(sc: dict) -> None:
     written into the resolved scenario, so the results say which file estimated their quality."""
     from sim.quality import ENV
     path = os.environ.get(ENV)
-    if path and "quality" not in sc:
+    if path and not (sc.get("quality") or {}).get("calibration"):
         p = Path(path).expanduser()
         if not p.is_file():
             raise ScenarioError(f"{ENV}='{path}' does not exist; unset it or point it at a file from "
                                 "`emoe calibrate-quality`")
-        sc["quality"] = {"calibration": str(p.resolve())}
+        sc["quality"] = {**(sc.get("quality") or {}), "calibration": str(p.resolve())}
 
 
 def validate(sc: dict, src: str, base_dir: Path) -> None:
@@ -270,6 +273,14 @@ def _check_quality(q, src: str, base_dir: Path) -> None:
     if q is None:
         return
     _check_keys("quality", q, QUALITY_KEYS, src)
+    sens = q.get("sensitivity")
+    if "sensitivity" in q and not isinstance(sens, dict):   # (a table's rows are checked against the model later)
+        p = Path(str(sens)).expanduser() if isinstance(sens, str) and sens else None
+        if p is None or not (p if p.is_absolute() else base_dir / p).is_file():
+            raise ScenarioError(f"{src}: quality.sensitivity must be a file from `emoe sensitivity` or a mapping "
+                                f"{{default: ..., tasks: ...}}, got {sens!r}; paths are relative to the scenario file")
+    if "calibration" not in q:
+        return
     cal = q.get("calibration")
     if not (isinstance(cal, str) and cal):
         raise ScenarioError(f"{src}: quality.calibration must name a file from `emoe calibrate-quality`, "

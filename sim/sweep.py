@@ -125,7 +125,8 @@ def input_digests(sc: dict) -> dict:
     base = Path(sc.get("_base_dir", "."))
     named = {"workload.trace": sc["workload"].get("trace"),
              "hardware.profile": sc["hardware"].get("profile") if isinstance(sc["hardware"], dict) else None,
-             "quality.calibration": (sc.get("quality") or {}).get("calibration")}
+             "quality.calibration": (sc.get("quality") or {}).get("calibration"),
+             "quality.sensitivity": (sc.get("quality") or {}).get("sensitivity")}
     named.update({f"policy.{k}": sc["policy"].get(k) for k in POLICY_FILES})
     out = {}
     for key, path in named.items():

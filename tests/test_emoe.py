@@ -137,6 +137,23 @@ def test_interval_controls_invocations(tiny_trace_path):
         assert r.summary["routing_fidelity"] < 1.0 and r.summary["peak_predictor_bytes"] > 0
 
 
+def test_every_policy_is_judged_by_the_scenarios_sensitivity_table(tiny_trace_path):
+    """eMoE's own `sensitivity` steers its skip rule only; routing_fidelity_sensitive is judged by
+    one table for every policy (the shipped one, or quality.sensitivity): judged by a table where
+    every layer is sensitive, it equals routing_fidelity, eMoE's own table notwithstanding."""
+    from sim.run import build
+    from sim.sensitivity import DEFAULT
+    own = {"default": 0.25}
+    for policy in ({"name": "emoe", "capacity": 0.5, "sensitivity": own}, {"name": "random", "capacity": 0.5}):
+        pol = build(tiny_scenario(tiny_trace_path, policy)).policy
+        assert pol.accounting.sensitivity.source == str(DEFAULT)
+        if policy["name"] == "emoe":
+            assert pol.sens.source == "policy.sensitivity"
+        r = run_scenario(tiny_scenario(tiny_trace_path, policy, quality={"sensitivity": {"default": 1.0}}))
+        assert r.summary["routing_fidelity"] < 1.0
+        assert r.summary["routing_fidelity_sensitive"] == pytest.approx(r.summary["routing_fidelity"], rel=1e-6)
+
+
 def test_adaptive_per_layer_spends_the_same_budget():
     pol = make_policy({"name": "emoe", "capacity": 0.5, "per_layer": "adaptive", "skip": False}, TINY, None, 0)
     N = np.ones((4, 8))

@@ -25,6 +25,12 @@ class Accounting:
         self.sensitive_kept = 0.0
         self.sensitive_routes = 0.0
 
+    def judge_by(self, sensitivity) -> None:
+        """Judge routing_fidelity_sensitive by this table (before any step is counted)."""
+        assert self.routes == 0, "the judging table changed after steps were counted"
+        self.sensitivity = sensitivity
+        self._sens_rows.clear()
+
     # ---- expert level ---------------------------------------------------------------
     def served(self, n_used: int, n_miss: int, n_fresh: int) -> None:
         """A step used n_used experts: n_miss copied on demand, n_fresh brought by its prefetches."""

@@ -129,7 +129,8 @@ class EmoePolicy(ExpertPolicy):
     def __init__(self, model, params, trace=None, seed=0, base_dir=None):
         super().__init__(model, params, trace, seed, base_dir)
         p = self.params
-        self.sens = self.accounting.sensitivity
+        # its skip rule's table (what the policy believes); fidelity is judged by the scenario's
+        self.sens = load_sensitivity(p.sensitivity, self.L, self.base_dir)
         tasks = trace.tasks if trace is not None else []
         self.taskid = TaskIdentifier(tasks, p.task_id, p.misid_rate, seed)
         self.file_tasks: set = set()           # tasks whose prior a predictor file fitted
@@ -167,10 +168,6 @@ class EmoePolicy(ExpertPolicy):
             self._learn_from_trace(p.warm_trace)
         self._extra_s = 0.0
         self.last_loads = 0
-
-    def judged_sensitivity(self):
-        """Fidelity in sensitive layers is judged by the table the skip rule reads."""
-        return load_sensitivity(self.params.sensitivity, self.L, self.base_dir)
 
     # ---- hooks ----------------------------------------------------------------------
     def on_arrival(self, req, now):
