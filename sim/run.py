@@ -87,9 +87,11 @@ def scenario_policy(sc: dict, model, trace):
     if judge is not None:   # one table judges every policy's routing_fidelity_sensitive
         from sim.sensitivity import load_sensitivity
         try:
-            policy.accounting.judge_by(load_sensitivity(judge, model.n_moe_layers, base))
+            policy.accounting.judge_by(load_sensitivity(judge, model.n_moe_layers, base, "quality.sensitivity"))
         except (ValueError, OSError, yaml.YAMLError) as e:
-            raise ScenarioError(f"quality.sensitivity: {message(e)}") from e
+            text = message(e)
+            where = "" if text.startswith("quality.sensitivity") else "quality.sensitivity: "
+            raise ScenarioError(where + text) from e
     return policy
 
 

@@ -274,7 +274,7 @@ def _check_quality(q, src: str, base_dir: Path) -> None:
         return
     _check_keys("quality", q, QUALITY_KEYS, src)
     sens = q.get("sensitivity")
-    if "sensitivity" in q and not isinstance(sens, dict):   # (a table's rows are checked against the model later)
+    if sens is not None and not isinstance(sens, dict):   # (a table's rows are checked against the model later)
         p = Path(str(sens)).expanduser() if isinstance(sens, str) and sens else None
         if p is None or not (p if p.is_absolute() else base_dir / p).is_file():
             raise ScenarioError(f"{src}: quality.sensitivity must be a file from `emoe sensitivity` or a mapping "

@@ -15,8 +15,11 @@ class SensitivityTable:
             raise ValueError(f"{source}: expected keys 'default' and 'tasks' (task -> share or per-layer list)")
         self.n_layers = n_layers
         self.source = source
+        tasks = data.get("tasks") or {}
+        if not isinstance(tasks, dict):
+            raise ValueError(f"{source}: 'tasks' must map each task to a share or a per-layer list, got {tasks!r}")
         self.default = self._row(data.get("default", 1.0), "default")
-        self.rows = {t: self._row(v, t) for t, v in (data.get("tasks") or {}).items()}
+        self.rows = {t: self._row(v, t) for t, v in tasks.items()}
 
     def _row(self, v, name) -> np.ndarray:
         L = self.n_layers
@@ -28,6 +31,8 @@ class SensitivityTable:
         if isinstance(v, list):
             if len(v) != L:
                 raise ValueError(f"{self.source}: '{name}' lists {len(v)} layers but the model has {L} MoE layers")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in v):
+                raise ValueError(f"{self.source}: '{name}' must list a sensitivity in [0, 1] per layer, got {v}")
             return np.asarray(v, dtype=float)
         raise ValueError(f"{self.source}: '{name}' must be a share in [0, 1] or a list of 0/1 per layer")
 
@@ -36,12 +41,16 @@ class SensitivityTable:
         return self.rows.get(task, self.default)
 
 
-def load_sensitivity(spec, n_layers: int, base_dir: Path | None = None) -> SensitivityTable:
-    """spec: None (the shipped defaults), a YAML path, or an inline mapping."""
+def load_sensitivity(spec, n_layers: int, base_dir: Path | None = None,
+                     key: str = "policy.sensitivity") -> SensitivityTable:
+    """spec: None (the shipped defaults), a YAML path, or an inline mapping (at scenario key `key`)."""
     if spec is None:
         return SensitivityTable(yamlio.safe_load(DEFAULT.read_text()), n_layers, str(DEFAULT))
     if isinstance(spec, dict):
-        return SensitivityTable(spec, n_layers, "policy.sensitivity")
+        return SensitivityTable(spec, n_layers, key)
+    if not (isinstance(spec, str) and spec):
+        raise ValueError(f"{key} must be a file from `emoe sensitivity` or a mapping {{default: ..., tasks: ...}}, "
+                         f"got {spec!r}")
     p = Path(spec)
     if base_dir is not None and not p.is_absolute():
         p = base_dir / p

@@ -159,6 +159,10 @@ CASES = {
          {"s.yaml": scen(quality={"sensitivity": "nope.yaml"})}),
         ("sensitivity-content", RUN, "quality.sensitivity: ", {"s.yaml": scen(quality={"sensitivity": "s2.yaml"}),
                                                                "s2.yaml": "default: 2\n"}),
+        ("sensitivity-tasks-list", RUN, "quality.sensitivity: 'tasks' must map each task",
+         {"s.yaml": scen(quality={"sensitivity": {"tasks": [1]}})}),
+        ("sensitivity-layer-value", RUN, "'qa' must list a sensitivity in [0, 1] per layer",
+         {"s.yaml": scen(policy=emoe(sensitivity={"tasks": {"qa": [1, 2, 3, 4]}}))}),
         ("environment", RUN, "EMOE_QUALITY_CALIBRATION='nope.yaml' does not exist", {"s.yaml": scen()},
          {"EMOE_QUALITY_CALIBRATION": "nope.yaml"}),
         ("accuracy-missing", ["calibrate-quality", "acc.json", "--model-name", "m", "-o", "c.yaml"],
@@ -361,7 +365,7 @@ KEYS = ["seed", "model", "hardware", "hardware.count", "hardware.memory_bytes", 
         "policy.capacity", "policy.miss", "policy.eviction", "policy.interval", "policy.sensitivity",
         "policy.predictor_file", "scheduler", "scheduler.name", "limits", "limits.max_running",
         "limits.max_batch_tokens", "limits.memory_utilization", "limits.decode_runs", "quality",
-        "quality.calibration"]
+        "quality.calibration", "quality.sensitivity"]
 YAML_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 64) | st.floats(allow_nan=True)   # small: a valid one runs
     | st.sampled_from(["", "tiny", "qa", "code", "batch", "poisson", "emoe", "on_demand", "edf", "a100-40gb",
