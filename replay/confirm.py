@@ -15,9 +15,9 @@
    tolerances; explain the step time (where the simulated step differs from the measured).
 
 With --replays N (N >= 2) step 2 runs N times, one replay after another: the simulation is
-judged against their median, and their own spread says how far this device reproduces
-itself; a miss within that spread, where the spread exceeds the tolerance, is inconclusive
-rather than the simulator's (replay/compare.py, verdict).
+judged against their median; where the replays differ among themselves by more than the
+tolerance, a miss within the tolerance of their interquartile band is inconclusive rather
+than the simulator's (replay/compare.py, verdict).
 
 DIR holds profile.yaml, replay/ (and replay-2/ ... with --replays), sim/, comparison.json,
 comparison.md and verdict.txt.

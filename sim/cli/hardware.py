@@ -210,8 +210,9 @@ def add_confirm(sub):
                    help="torch threads for the profile and the CPU replay (default: torch's)")
     s.add_argument("--max-copy-mb", type=positive_whole, default=64, help="largest copy size profiled (MiB)")
     s.add_argument("--replays", type=positive_whole, default=1,
-                   help="replay the scenario N times: the verdict takes their median, and a miss within their "
-                   f"own spread, where it exceeds the tolerance, is inconclusive (exit {CONFIRM_INCONCLUSIVE})")
+                   help="replay the scenario N times: the verdict takes their median; where they differ by more "
+                   "than the tolerance, a miss within it of their interquartile band is inconclusive "
+                   f"(exit {CONFIRM_INCONCLUSIVE})")
     add_set(s)
     s.add_argument("-o", "--output", help="directory for everything (default runs/NAME-confirm-TIMESTAMP-TOKEN)")
     add_force(s)
