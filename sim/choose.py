@@ -181,7 +181,7 @@ def common_seeds(t: pd.DataFrame) -> tuple[pd.DataFrame, list]:
     if all(s == common for s in per):
         return t, []
     kept = t[t.seed.astype(str).isin(common)]
-    return kept, [f"compared on seed(s) {', '.join(sorted(common))}, the ones every configuration finished "
+    return kept, [f"compared on seed(s) {', '.join(_in_order(common))}, the ones every configuration finished "
                   f"({len(t) - len(kept)} row(s) of other seeds left out)"]
 
 
