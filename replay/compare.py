@@ -180,15 +180,17 @@ def verdict(table: pd.DataFrame, tolerances: dict, replay_summary: dict | None =
     reproduce itself finely enough to say whether the simulation is off. Replays that agree
     within the tolerance never excuse a miss; the quartiles, not the extremes, bound the
     excuse, so one outlying replay in several does not, and more replays do not widen it."""
+    # One replay: the comparison table's values (and the allocator's peak on CUDA)
+    cuda = "cuda_max_allocated_bytes"
+    lone = {**{m: table.loc[m, "replay"] for m in VERDICT_METRICS.values() if m in table.index},
+            **({cuda: replay_summary[cuda]} if replay_summary and replay_summary.get(cuda) else {})}
     rows = []
     for name, tol in tolerances.items():
         metric = VERDICT_METRICS[name]
         sim_v = table.loc[metric, "sim"]
-        if name == "memory" and replay_summary and replay_summary.get("cuda_max_allocated_bytes"):
-            metric = "peak_memory_bytes vs cuda_max_allocated_bytes"
-        values = [_verdict_value(s, name, metric) for s in replays] if replays else \
-            [replay_summary["cuda_max_allocated_bytes"] if metric.endswith("cuda_max_allocated_bytes")
-             else table.loc[metric, "replay"]]
+        if name == "memory" and replay_summary and replay_summary.get(cuda):
+            metric = f"peak_memory_bytes vs {cuda}"
+        values = [_verdict_value(s, name) for s in (replays or [lone])]
         ok_values = all(_finite(v) for v in (sim_v, *values)) and all(values)
         rp_v = float(np.median(values)) if ok_values else None
         err = float((sim_v - rp_v) / rp_v) if ok_values else float("nan")
@@ -211,11 +213,11 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
-def _verdict_value(summary: dict, name: str, metric: str):
-    """A replay's value of a verdict metric (memory on CUDA: the allocator's peak)."""
+def _verdict_value(summary: dict, name: str):
+    """A replay's value of a verdict check's metric (memory on CUDA: the allocator's peak)."""
     if name == "memory" and summary.get("cuda_max_allocated_bytes"):
         return summary["cuda_max_allocated_bytes"]
-    return summary.get(metric.split(" ")[0])
+    return summary.get(VERDICT_METRICS[name])
 
 
 def format_verdict(rows: list[dict], refusals=(), warnings=()) -> str:

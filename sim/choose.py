@@ -203,9 +203,7 @@ def pool_seeds(t: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
         first = g.iloc[0]
         row = {"label": first.get("label", ""), "policy_capacity": first.get("policy_capacity", np.nan),
                "hash": first["hash"], "seeds": len(g), "hashes": ",".join(g.hash.astype(str)),
-               "seed": first.get("seed", np.nan), "incomplete": bool(g["_incomplete"].any()),
-               "requests_completed": float(pd.to_numeric(g.get("requests_completed", pd.Series([np.nan])),
-                                                         errors="coerce").min())}
+               "seed": first.get("seed", np.nan), "incomplete": bool(g["_incomplete"].any())}
         for m in METRICS:
             vals = pd.to_numeric(g[m], errors="coerce") if m in g else pd.Series([np.nan])
             row[m] = float(vals.mean())
