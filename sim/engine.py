@@ -391,9 +391,9 @@ class Engine:
         one, zero = [1] * n, [0] * n
         self.timeline.extend(rows_from_columns(
             t_s=starts.tolist(), step_s=durations.tolist(), tokens=one, batch_requests=one, running=one,
-            waiting=zero, decode_tokens=one, prefill_tokens=zero, mem_dense=parts["dense"].tolist(),
-            mem_experts=parts["experts"].tolist(), mem_kv=parts["kv"].tolist(),
-            mem_activations=parts["activations"].tolist(), mem_predictor=parts["predictor"].tolist(),
+            waiting=zero, decode_tokens=one, prefill_tokens=zero, mem_dense=parts["dense"],
+            mem_experts=parts["experts"], mem_kv=parts["kv"],
+            mem_activations=parts["activations"], mem_predictor=parts["predictor"],
             link_busy_s=busy.tolist(), stall_s=stall.tolist(), expert_loads=loads.tolist(),
             active_experts=active.tolist(), attn_ctx=attn_ctx.tolist(), sampled=one, prefill_ctx=[0.0] * n))
         for start, d in zip(starts.tolist(), durations.tolist()):
@@ -468,7 +468,7 @@ class Engine:
         # Gates and router probabilities are not gathered: only fetching policies take batch
         # runs, and nothing is rerouted (a plan_batch_run that read them would fail loudly).
         run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=None, probs=None,
-                        token_req=np.tile(np.arange(B), n), requests=list(running))
+                        token_req=np.arange(n * B) % B, requests=list(running))
         plan = policy.plan_batch_run(run)
         if plan is None:
             return None
@@ -520,8 +520,8 @@ class Engine:
         self.timeline.extend(rows_from_columns(
             t_s=starts.tolist(), step_s=c["step_s"].tolist(), tokens=same, batch_requests=same, running=same,
             waiting=waiting.tolist(), decode_tokens=same, prefill_tokens=[0] * n,
-            mem_dense=c["mem_dense"].tolist(), mem_experts=c["mem_experts"].tolist(), mem_kv=c["mem_kv"].tolist(),
-            mem_activations=c["mem_activations"].tolist(), mem_predictor=c["mem_predictor"].tolist(),
+            mem_dense=c["mem_dense"], mem_experts=c["mem_experts"], mem_kv=c["mem_kv"],
+            mem_activations=c["mem_activations"], mem_predictor=c["mem_predictor"],
             link_busy_s=c["link_busy_s"].tolist(), stall_s=c["stall_s"].tolist(),
             expert_loads=c["expert_loads"].tolist(), active_experts=c["active_experts"].tolist(),
             attn_ctx=c["attn_ctx"].tolist(), sampled=same, prefill_ctx=[0.0] * n))

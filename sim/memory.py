@@ -89,17 +89,20 @@ class MemoryLedger:
 
     def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int,
                    staged: np.ndarray | None = None) -> dict:
-        """sample() for many steps at once (arrays, one element per step); updates the peaks."""
+        """sample() for many steps at once (one element per step, as lists: timeline columns);
+        updates the peaks. Dense weights, activations and the predictor are the same in every step."""
         if staged is not None:
             resident_experts = resident_experts + np.minimum(staged, self.model.top_k)
-        parts = dict(dense=np.full(len(kv_used), float(self.dense)),
-                     experts=(resident_experts * self.bpe).astype(float),
-                     kv=np.asarray(kv_used, dtype=float),
-                     activations=np.full(len(kv_used), float(n_tokens * self.act_per_token
-                                                             + n_sampled * self.logit_bytes)),
-                     predictor=np.full(len(kv_used), float(self.predictor)))
-        total = parts["dense"] + parts["experts"] + parts["kv"] + parts["activations"] + parts["predictor"]
-        for k, v in parts.items():
-            self.peak[k] = max(self.peak[k], float(v.max()))
+        n = len(kv_used)
+        dense, predictor = float(self.dense), float(self.predictor)
+        activations = float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes)
+        experts = (resident_experts * self.bpe).astype(float)
+        kv = np.asarray(kv_used, dtype=float)
+        total = dense + experts + kv + activations + predictor       # sample()'s order of terms
+        for k, v in (("dense", dense), ("experts", float(experts.max())), ("kv", float(kv.max())),
+                     ("activations", activations), ("predictor", predictor)):
+            if v > self.peak[k]:
+                self.peak[k] = v
         self.peak_total = max(self.peak_total, float(total.max()))
-        return parts
+        return dict(dense=[dense] * n, experts=experts.tolist(), kv=kv.tolist(),
+                    activations=[activations] * n, predictor=[predictor] * n)

@@ -65,9 +65,11 @@ class Accounting:
         rows = self._sens_known(requests)
         return float(sum(rows[r.task][1] for r in requests))
 
-    def step(self, batch, hit_slots: np.ndarray | None, rerouted: np.ndarray | None) -> None:
+    def step(self, batch, hit_slots: np.ndarray | None, rerouted: np.ndarray | None,
+             hits: np.ndarray | None = None) -> None:
         """Per-request and global route counters for this step (hit_slots (n, L, k): the
-        routes' experts that were held; rerouted (n, L): routes sent elsewhere)."""
+        routes' experts that were held; rerouted (n, L): routes sent elsewhere; or, with
+        nothing rerouted, hits (requests,): each request's routes to held experts)."""
         n_req = len(batch.requests)
         tok_per_req = None if n_req == 1 else np.bincount(batch.token_req, minlength=n_req)
         if rerouted is None or hit_slots is None:
@@ -92,7 +94,9 @@ class Accounting:
             return
         per_routes = (np.bincount(batch.token_req, minlength=n_req) if tok_per_req is None else tok_per_req) * self.L
         slots = per_routes * self.k
-        if hit_slots is None:   # nothing missed this step
+        if hits is not None:
+            per_hit = hits
+        elif hit_slots is None:   # nothing missed this step
             per_hit = slots
         else:
             per_hit = np.bincount(batch.token_req, np.count_nonzero(hit_slots, axis=(1, 2)),

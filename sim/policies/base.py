@@ -124,7 +124,7 @@ class ExpertPolicy:
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
                         "plan_batch_run", "_batch_counts", "_account_batch_run", "_flat_routes",
-                        "_capacity_per_layer")
+                        "_step_route_offsets", "_needed_by_request", "_capacity_per_layer")
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -252,9 +252,19 @@ class ExpertPolicy:
         """((T, L, E) tokens routed to each expert in each step of a batch run, (T, B, L, k) each
         route's flat (step, layer, expert) index) for (T, B, L, k) routes."""
         T = len(experts)
-        flat = self._flat_routes(experts).reshape(T, -1) + (np.arange(T, dtype=np.int32) * (self.L * self.E))[:, None]
+        # each step's routes offset by the step: one add of a (T, 1, L * k) offset table
+        offsets = self._step_route_offsets(T)
+        flat = (experts.reshape(T, -1, self.L * self.k) + offsets).reshape(T, -1)
         return (np.bincount(flat.ravel(), minlength=T * self.L * self.E).reshape(T, self.L, self.E),
                 flat.reshape(experts.shape))
+
+    def _step_route_offsets(self, T: int) -> np.ndarray:
+        """(T, 1, L * k) the flat (step, layer, expert) base of each step's route slots."""
+        cached = self.__dict__.get("_run_offsets")
+        if cached is None or len(cached) < T:
+            steps = np.arange(max(T, 64), dtype=np.int32) * (self.L * self.E)
+            cached = self._run_offsets = (steps[:, None] + self._route_offset)[:, None, :]
+        return cached[:T]
 
     def _account_batch_run(self, run: StepBatch, counts: np.ndarray, flat: np.ndarray,
                            held: np.ndarray) -> np.ndarray:
@@ -271,9 +281,9 @@ class ExpertPolicy:
         acc.loads += n_miss
         self.rerouter.popularity += counts.sum(axis=0)
         # route slots whose expert was held, per request: held[t, l, ex[t, b, l, j]]
-        hit = held.ravel().take(flat)                                             # (T, B, L, k)
+        hit = held.view(np.uint8).ravel().take(flat).reshape(T, B, -1)            # (T, B, L k)
         slots = T * self.L * self.k
-        hits = np.count_nonzero(hit, axis=(0, 2, 3)).tolist()
+        hits = np.add.reduce(np.add.reduce(hit, axis=2, dtype=np.int32), axis=0).tolist()
         s = acc.sensitive_sum(run.requests)          # what each step adds (Accounting.step)
         for _ in range(T):          # float sums in the same order as step by step
             acc.sensitive_kept += s
@@ -333,6 +343,18 @@ class ExpertPolicy:
         flat = self._flat_routes(experts) if flat is None else flat
         return np.bincount(flat.ravel(), minlength=self.L * self.E).reshape(self.L, self.E)
 
+    def _needed_by_request(self, batch: StepBatch, flat: np.ndarray) -> np.ndarray | None:
+        """(requests, L * E) routes of each request to each expert, when that table is no
+        larger than the routes themselves (a step with a prompt chunk): one count gives the
+        step's needs and each request's hits (a dot with what is held), instead of a count, a
+        lookup per route and a count per request. None otherwise (a decode-only step)."""
+        n_req, LE = len(batch.requests), self.L * self.E
+        if n_req == 1 or n_req * LE > flat.size:
+            return None
+        tokens = len(batch.token_req)
+        by_req = (flat.reshape(tokens, -1) + (batch.token_req * LE).astype(flat.dtype)[:, None]).ravel()
+        return np.bincount(by_req, minlength=n_req * LE).reshape(n_req, LE)
+
     # Hot-path note: serve runs once per engine step (tens of thousands of times per
     # simulated minute at light load), so it uses ndarray methods, np.add.reduce and
     # np.count_nonzero, which skip numpy's Python-level wrappers (~2x cheaper on (L, E)
@@ -348,7 +370,8 @@ class ExpertPolicy:
         acc, cache = self.accounting, self.cache
         ex = batch.experts
         flat = self._flat_routes(ex)       # each route's (layer, expert), read twice below
-        needed = self._needed(ex, flat)
+        by_req = self._needed_by_request(batch, flat)
+        needed = self._needed(ex, flat) if by_req is None else np.add.reduce(by_req, axis=0).reshape(self.L, self.E)
         self.rerouter.popularity += needed
         n_fresh = 0
         if self.miss_mode == "reroute":
@@ -376,7 +399,10 @@ class ExpertPolicy:
             self.touch(used, needed)
             return StepPlan(counts=needed, demand=self._zeros_L, prefetch=prefetch, staged=0, routes=ex)
         held = resident if fresh is None else resident & ~fresh    # resident and not copied now
-        acc.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
+        if by_req is None:
+            acc.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
+        else:
+            acc.step(batch, None, None, hits=by_req @ held.ravel().astype(by_req.dtype))
         # (demand copies never evict what this step's own prefetches just brought)
         streamed = cache.admit(missing, used if fresh is None else used | fresh,
                                lambda: self.evict_key(batch)) if n_miss else None
