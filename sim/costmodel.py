@@ -234,24 +234,28 @@ class CostModel:
             return None
         return np.where(on, np.maximum(0.0, s * c + each - ffn) - s * c, 0.0)   # max(ffn, s c + each) - ffn - s c
 
+    def _link_after_streamed(self, t0, demand, attn, ffn_cum, added_cum, fixed) -> tuple[float, float]:
+        """(when the link is free after, how long the first layer with copies waits for it) for a
+        _step_demand_streamed step, given its layers' cumulative expert and added times."""
+        layers = np.flatnonzero(demand)
+        first, last = int(layers[0]), int(layers[-1])
+        ffn_first, ffn_last = (float(ffn_cum[i - 1]) if i else 0.0 for i in (first, last))
+        added_first, added_last = (float(added_cum[i - 1]) if i else 0.0 for i in (first, last))
+        router_first = t0 + fixed + (first + 1) * attn + ffn_first + added_first
+        wait = max(0.0, self.link_free_at - router_first)
+        return t0 + fixed + wait + (last + 1) * attn + ffn_last + added_last + float(demand[last]) * self.copy_s, wait
+
     def _step_demand_streamed(self, t0, demand, extra, attn, ffn, fixed) -> StepTiming:
         """_step_demand_only where some layers stream experts (closed form, _streamed_closed_form):
         a layer adds its copies plus `extra` (<= 0: streamed copies overlap its compute); the
         link is free by the next layer's router."""
         c = self.copy_s
-        layers = np.flatnonzero(demand)
-        first, last = int(layers[0]), int(layers[-1])
-        added = demand * c + extra
-        ffn_before = np.concatenate([[0.0], np.cumsum(ffn)])
-        added_before = np.concatenate([[0.0], np.cumsum(added)])
-        router_first = t0 + fixed + (first + 1) * attn + ffn_before[first] + added_before[first]
-        wait = max(0.0, self.link_free_at - router_first)
+        ffn_cum, added_cum = np.cumsum(ffn), np.cumsum(demand * c + extra)
+        self.link_free_at, wait = self._link_after_streamed(t0, demand, attn, ffn_cum, added_cum, fixed)
         n = int(demand.sum())
         self.copies["demand"] += n
-        self.link_free_at = (t0 + fixed + wait + (last + 1) * attn + ffn_before[last] + added_before[last]
-                             + float(demand[last]) * c)
-        return StepTiming(fixed + len(ffn) * attn + ffn_before[-1] + added_before[-1] + wait, n * c,
-                          added_before[-1] + wait)
+        return StepTiming(fixed + len(ffn) * attn + float(ffn_cum[-1]) + float(added_cum[-1]) + wait, n * c,
+                          float(added_cum[-1]) + wait)
 
     def decode_run(self, t0: float, run, contexts: np.ndarray):
         """step() for T consecutive single-token decode steps of one request, all at once:
@@ -350,7 +354,8 @@ class CostModel:
         base = fixed + L * attn                  # fixed + len(ffn) * attn + ...
         n_copies = run.demand.sum(axis=1)
         copies = n_copies * c
-        ffn_total = ffn.cumsum(axis=1)[:, -1]
+        ffn_cum = ffn.cumsum(axis=1)
+        ffn_total = ffn_cum[:, -1]
         durations = np.where(n_copies > 0, base + ffn_total + copies, base + ffn.sum(axis=1))
         busy, stall = copies, copies.copy()
         walk = np.zeros(T, dtype=bool)
@@ -363,7 +368,8 @@ class CostModel:
             walk = on.any(axis=1) & (k < 2 or (on & ((each > c) | (ffn - (s - 1) * each > k * c))).any(axis=1))
             extra = np.where(on, np.maximum(0.0, s * c + each - ffn) - s * c, 0.0)
             added = run.demand * c + extra
-            added_total = added.cumsum(axis=1)[:, -1]
+            added_cum = added.cumsum(axis=1)
+            added_total = added_cum[:, -1]
             closed = on.any(axis=1)
             durations = np.where(closed, base + ffn_total + added_total, durations)
             stall = np.where(closed, added_total, stall)
@@ -379,13 +385,12 @@ class CostModel:
         have = np.flatnonzero(n_copies)
         if len(have) and not walk[have[-1]]:     # the link as the last step with copies left it
             j = int(have[-1])
-            self.copies["demand"] -= int(n_copies[j])          # (counted again by its closed form)
-            args = (float(starts[j]), run.demand[j])
-            rest = (float(attn[j]), ffn[j], fixed)
-            if extra is not None and run.streamed[j].any():
-                self._step_demand_streamed(*args, extra[j], *rest)
+            if extra is not None and run.streamed[j].any():   # _step_demand_streamed's link, from the run's sums
+                self.link_free_at = self._link_after_streamed(float(starts[j]), run.demand[j], float(attn[j]),
+                                                              ffn_cum[j], added_cum[j], fixed)[0]
             else:
-                self._step_demand_only(*args, *rest)
+                self.copies["demand"] -= int(n_copies[j])      # (counted again by its closed form)
+                self._step_demand_only(float(starts[j]), run.demand[j], float(attn[j]), ffn[j], fixed)
         return starts, durations, busy, stall
 
     def batch_upper_bound(self, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray) -> np.ndarray:

@@ -266,14 +266,17 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------
     def _plan_tokens(self):
         """Rows of this step: one per decoding request, then prompt chunks in admission order."""
-        decode = [r for r in self.running if not r.in_prefill]
+        decode, prefill = [], []
+        for r in self.running:
+            (prefill if r.prefilled < r.prompt_tokens else decode).append(r)
         budget = self.max_tokens - len(decode)
         chunks = []
-        for r in self.running:
-            if r.in_prefill and budget > 0:
-                c = min(r.prompt_tokens - r.prefilled, budget)
-                chunks.append((r, c))
-                budget -= c
+        for r in prefill:
+            if budget <= 0:
+                break
+            c = min(r.prompt_tokens - r.prefilled, budget)
+            chunks.append((r, c))
+            budget -= c
         return decode, chunks
 
     def _step(self, now: float) -> float:
