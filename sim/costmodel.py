@@ -441,7 +441,7 @@ class CostModel:
         link's state is moved to it (t0 at 0) and back, so the walk's sums (a few per layer)
         keep their precision late in a long simulation, where a second's last bit is ~1e-11 s
         at a day, and its times are those a run of steps computes (CostModel._run_prefetched)."""
-        self._shift(-t0)
+        self._shift(-t0, forget_landed=True)
         self._origin = t0
         try:
             return self._walk(plan, attn, ffn, fixed)
@@ -449,16 +449,25 @@ class CostModel:
             self._shift(t0)
             self._origin = 0.0
 
-    def _shift(self, d: float) -> None:
-        """Move the link's state (times) by d seconds."""
+    def _shift(self, d: float, forget_landed: bool = False) -> None:
+        """Move the link's state (times) by d seconds; forget_landed: also forget prefetches
+        that landed by the new time 0 (the step's start: no layer of it or later waits for them)."""
+        if forget_landed:
+            for layer in list(self.landing):
+                live = {e: end + d for e, end in self.landing[layer].items() if end + d > 0}
+                if live:
+                    self.landing[layer] = live
+                else:
+                    del self.landing[layer]
         if not d:
             return
         self.link_free_at += d
         for q in self.queued:
             q[0] += d
-        for ends in self.landing.values():
-            for e in ends:
-                ends[e] += d
+        if not forget_landed:
+            for ends in self.landing.values():
+                for e in ends:
+                    ends[e] += d
 
     def _walk(self, plan, attn, ffn, fixed) -> StepTiming:
         """_step_with_copies on the step's own clock (the link's state already moved to it)."""
@@ -476,8 +485,8 @@ class CostModel:
         if rec:
             rec("step overhead", None, t0, t)
         for layer in range(len(ffn)):
-            if at_point:
-                self._issue(at_point.get(2 * layer, ()), t)
+            if at_point and 2 * layer in at_point:
+                self._issue(at_point[2 * layer], t)
             router_done = t + attn
             self._run_queued(router_done)
             n_dem = int(plan.demand[layer])
@@ -515,8 +524,8 @@ class CostModel:
                 t = ready + ffn[layer]
             if rec:
                 rec("experts", layer, ready, t)
-            if at_point:
-                self._issue(at_point.get(2 * layer + 1, ()), router_done)
+            if at_point and 2 * layer + 1 in at_point:
+                self._issue(at_point[2 * layer + 1], router_done)
         self._run_queued(t)                # prefetch copies that start before the step ends
         return StepTiming(t - t0, self._busy, stall)
 

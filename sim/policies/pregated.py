@@ -49,7 +49,8 @@ class PregatedPolicy(OnDemandPolicy):
         predicted, score = self._pregate(batch)
         layers, experts = np.nonzero(predicted & ~self.resident)
         order = np.lexsort((-score[layers, experts], layers))
-        wanted = [(after_router(int(layers[i]) - 1), int(layers[i]), int(experts[i])) for i in order]
+        wanted = [(after_router(layer - 1), layer, e)
+                  for layer, e in zip(layers[order].tolist(), experts[order].tolist())]
         copies, fresh = self.admit_prefetch(batch, wanted, protect=predicted)
         plan = self.serve(batch, copies, fresh)
         self._learn(batch.experts)
