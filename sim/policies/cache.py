@@ -63,13 +63,14 @@ class ExpertCache:
         short = n_want - free
         if short.max() > 0:
             evictable = res & ~used
-            k = key()
-            order = np.where(evictable, self._expert_ids if k is None else k, np.inf).argsort(
-                axis=1, kind="stable")
-            n_out = np.minimum(np.maximum(short, 0), row_sums(evictable))
-            first = self._expert_ids < n_out[:, None]      # the first n_out of each layer's order
-            res[self._row_of[first], order[first]] = False
-            free = free + n_out
+            if evictable.any():                            # (none when the step uses every resident expert)
+                k = key()
+                order = np.where(evictable, self._expert_ids if k is None else k, np.inf).argsort(
+                    axis=1, kind="stable")
+                n_out = np.minimum(np.maximum(short, 0), row_sums(evictable))
+                first = self._expert_ids < n_out[:, None]  # the first n_out of each layer's order
+                res[self._row_of[first], order[first]] = False
+                free = free + n_out
         if (n_want <= free).all():                         # everything fits (the usual case)
             res |= missing
             return self._zeros_L
