@@ -15,9 +15,10 @@ requests of 512 prompt and 256 output tokens on average (the trace's lognormal l
   sweep-40   a 40-point sweep with -j 2 over the 10,000-request trace (each point cut at 2,000
              steps: what is measured is what the workers load, not how long they simulate)
 
-Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss), its results
-written as `emoe run` writes them (requests and timeline as CSV and Parquet); the time is the
-simulation's, the writing's apart. The sweep's
+Each case runs in a fresh subprocess that reports its own peak RSS (ru_maxrss), its CPU time
+(the kernel's part: mapping the trace's pages in) and major page faults (pages read from disk,
+not the page cache), its results written as `emoe run` writes them (requests and timeline as
+CSV and Parquet); the time is the simulation's, the writing's apart. The sweep's
 figures are peaks of its whole process tree (the parent and its -j workers) sampled every
 0.1 s, as summed RSS and as summed PSS (pages shared between processes, such as the mapped
 trace and the libraries, counted once), beside the same for one point run alone (`emoe run`).
@@ -136,7 +137,7 @@ def child(case: str) -> None:
     use = resource.getrusage(resource.RUSAGE_SELF)
     rss = use.ru_maxrss * 1024
     print(json.dumps(dict(case=case, wall_s=wall, write_s=write_s, cpu_s=use.ru_utime + use.ru_stime,
-                          peak_rss_bytes=rss,
+                          sys_s=use.ru_stime, major_faults=use.ru_majflt, peak_rss_bytes=rss,
                           steps=res.summary["engine_steps"], e2e_mean_s=res.summary["e2e_mean_s"],
                           completed=res.summary["requests_completed"])))
 
@@ -231,6 +232,9 @@ def main():
         extra = f", {runs[0]['steps']:,} steps, mean e2e {runs[0]['e2e_mean_s']:.2f} s" if "steps" in runs[0] else ""
         if "cpu_s" in runs[0]:   # CPU time: what a loaded machine's wall clock blurs
             extra += f", CPU {statistics.median(r['cpu_s'] for r in runs):.1f} s"
+            # of it in the kernel (page faults of the mapped trace), and pages read from disk
+            extra += (f" ({statistics.median(r['sys_s'] for r in runs):.1f} s system, "
+                      f"{statistics.median(r['major_faults'] for r in runs):,.0f} major page faults)")
         if "write_s" in runs[0]:
             extra += f", results written in {statistics.median(r['write_s'] for r in runs):.1f} s"
         if case == "sweep-40":
