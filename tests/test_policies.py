@@ -145,3 +145,38 @@ def test_moe_infinity_prefetches_the_matched_requests_experts_nearest_layer_firs
                                                               for _ in range(2)]
     assert {e for _, _, e in plan.prefetch} == {6, 7}
     assert not plan.demand.any()
+
+
+@pytest.mark.parametrize("name", ["on_demand", "pregated", "moe_infinity", "random"])
+def test_a_step_with_prompt_chunks_counts_hits_per_request_as_route_by_route(name):
+    """A step with prompt chunks counts its routes per (request, layer, expert) once and takes
+    each request's hits from that table (_needed_by_request); route by route (the table
+    refused) must give the same plan, cache and counters, request by request."""
+    rng = np.random.default_rng(3)
+    spec = {"name": name, "capacity": 0.5} if name != "moe_infinity" else {"name": name}
+    fast, slow = make_policy(spec, TINY, seed=1), make_policy(spec, TINY, seed=1)
+    slow._needed_by_request = lambda batch, flat: None
+    reqs = {p: [Request(index=i, rid=f"r{i}", task=["qa", "code", "math"][i % 3], prompt_tokens=64,
+                        output_tokens=8, row0=0, arrival_s=0.0, slo={}, expected_output=8.0)
+                for i in range(6)] for p in (fast, slow)}
+    taken = 0
+    for step in range(40):
+        n_dec = int(rng.integers(0, 5))
+        chunks = rng.integers(1, 40, size=int(rng.integers(1, 3)))        # one or two prompt chunks
+        token_req = np.concatenate([np.arange(n_dec)] + [np.full(c, n_dec + i) for i, c in enumerate(chunks)])
+        n = len(token_req)
+        ex = np.stack([rng.choice(8, size=(4, 2), replace=False, p=np.r_[[0.3, 0.2], [0.5 / 6] * 6])
+                       for _ in range(n)]).astype(np.uint8)
+        g = np.full(ex.shape, 0.5, dtype=np.float16)
+        plans = []
+        for p in (fast, slow):
+            rs = reqs[p][: n_dec + len(chunks)]
+            b = StepBatch(step=step, experts=ex, gates=g, probs=None, token_req=token_req, requests=rs)
+            taken += p is fast and p._needed_by_request(b, p._flat_routes(ex)) is not None
+            plans.append(p.plan_step(b))
+        assert (plans[0].counts == plans[1].counts).all() and (plans[0].demand == plans[1].demand).all()
+        assert (fast.resident == slow.resident).all()
+    assert taken > 20                                                   # the table was used
+    assert fast.counters() == slow.counters()
+    for a, b in zip(reqs[fast], reqs[slow]):
+        assert (a.hits, a.misses, a.routes, a.gate_kept) == (b.hits, b.misses, b.routes, b.gate_kept)

@@ -89,8 +89,11 @@ class Accounting:
         if n_req == 1 and rerouted is None:   # light load: one request, nothing rerouted
             n_routes = len(batch.token_req) * self.L
             slots = n_routes * self.k
-            hits = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
-            self._credit_unrerouted(batch.requests, [hits], [slots], [n_routes])
+            if hits is not None:
+                held = int(hits[0])
+            else:
+                held = slots if hit_slots is None else int(np.count_nonzero(hit_slots))
+            self._credit_unrerouted(batch.requests, [held], [slots], [n_routes])
             return
         per_routes = (np.bincount(batch.token_req, minlength=n_req) if tok_per_req is None else tok_per_req) * self.L
         slots = per_routes * self.k

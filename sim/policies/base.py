@@ -124,7 +124,7 @@ class ExpertPolicy:
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
                         "plan_batch_run", "_batch_counts", "_account_batch_run", "_flat_routes",
-                        "_step_route_offsets", "_needed_by_request", "_capacity_per_layer")
+                        "_needed_by_request", "_capacity_per_layer")
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -252,19 +252,9 @@ class ExpertPolicy:
         """((T, L, E) tokens routed to each expert in each step of a batch run, (T, B, L, k) each
         route's flat (step, layer, expert) index) for (T, B, L, k) routes."""
         T = len(experts)
-        # each step's routes offset by the step: one add of a (T, 1, L * k) offset table
-        offsets = self._step_route_offsets(T)
-        flat = (experts.reshape(T, -1, self.L * self.k) + offsets).reshape(T, -1)
+        flat = self._flat_routes(experts).reshape(T, -1) + (np.arange(T, dtype=np.int32) * (self.L * self.E))[:, None]
         return (np.bincount(flat.ravel(), minlength=T * self.L * self.E).reshape(T, self.L, self.E),
                 flat.reshape(experts.shape))
-
-    def _step_route_offsets(self, T: int) -> np.ndarray:
-        """(T, 1, L * k) the flat (step, layer, expert) base of each step's route slots."""
-        cached = self.__dict__.get("_run_offsets")
-        if cached is None or len(cached) < T:
-            steps = np.arange(max(T, 64), dtype=np.int32) * (self.L * self.E)
-            cached = self._run_offsets = (steps[:, None] + self._route_offset)[:, None, :]
-        return cached[:T]
 
     def _account_batch_run(self, run: StepBatch, counts: np.ndarray, flat: np.ndarray,
                            held: np.ndarray) -> np.ndarray:
@@ -281,6 +271,7 @@ class ExpertPolicy:
         acc.loads += n_miss
         self.rerouter.popularity += counts.sum(axis=0)
         # route slots whose expert was held, per request: held[t, l, ex[t, b, l, j]]
+        assert held.dtype == bool, held.dtype                                     # (viewed as 0/1 bytes)
         hit = held.view(np.uint8).ravel().take(flat).reshape(T, B, -1)            # (T, B, L k)
         slots = T * self.L * self.k
         hits = np.add.reduce(np.add.reduce(hit, axis=2, dtype=np.int32), axis=0).tolist()
@@ -346,8 +337,10 @@ class ExpertPolicy:
     def _needed_by_request(self, batch: StepBatch, flat: np.ndarray) -> np.ndarray | None:
         """(requests, L * E) routes of each request to each expert, when that table is no
         larger than the routes themselves (a step with a prompt chunk): one count gives the
-        step's needs and each request's hits (a dot with what is held), instead of a count, a
-        lookup per route and a count per request. None otherwise (a decode-only step)."""
+        step's needs and, where it misses, each request's hits (a dot with what is held),
+        instead of a count, a lookup per route and a count per request. None otherwise (a
+        decode-only step, one request). The bound also keeps the keys below flat.size, so
+        they fit flat's int32."""
         n_req, LE = len(batch.requests), self.L * self.E
         if n_req == 1 or n_req * LE > flat.size:
             return None
