@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from traces.errors import UserError
@@ -126,12 +127,20 @@ def summarize(calib: dict | None, requests, model: str | None = None, calibratio
     file it came from (None: the package's default), recorded as estimated_quality_calibration."""
     if calib is None or requests.empty or "gate_mass_kept" not in requests:
         return {}
-    done = requests[requests.completed]
-    per = {}
-    for task, g in done.groupby("task", observed=True):   # (observed: a categorical task column)
-        per[task] = estimate(calib, task, float(g.gate_mass_kept.mean()))
-    weights = done.groupby("task", observed=True).output_tokens.sum()
-    overall = float(sum(per[t] * weights[t] for t in per) / max(weights.sum(), 1)) if per else float("nan")
+    # Task by task through the categories' codes, not a groupby: a million requests' groupby
+    # peaked at ~70 MB of copies. Each task's mean is pandas' Series.mean of its completed
+    # requests in table order (NaN skipped: no routes), as a groupby gave.
+    task = pd.Categorical(requests["task"])
+    codes, done = task.codes, requests["completed"].to_numpy(dtype=bool)
+    kept, output = requests["gate_mass_kept"].to_numpy(), requests["output_tokens"].to_numpy()
+    per, weights = {}, {}
+    for k in np.unique(codes[done]):   # the tasks with a completed request, in sorted order
+        name = str(task.categories[k])
+        rows = done & (codes == k)
+        per[name] = estimate(calib, name, float(pd.Series(kept[rows]).mean()))
+        weights[name] = output[rows].sum()
+    total = sum(weights.values())
+    overall = float(sum(per[t] * weights[t] for t in per) / max(total, 1)) if per else float("nan")
     return {"estimated_quality": overall, "estimated_quality_per_task": per,
             "estimated_quality_source": provenance(calib, model),
             "estimated_quality_model": calib["model"], "estimated_quality_calibration": source(calibration)}

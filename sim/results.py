@@ -114,6 +114,9 @@ def summarize(req, policy_counters: dict, peak_total: float, peak_parts: dict,
     def col(name) -> np.ndarray:
         return req[name].to_numpy() if isinstance(req, pd.DataFrame) else req.column(name)
 
+    def labels(name) -> pd.Categorical:   # a string column (task, rejected) as categories: no object per row
+        return pd.Categorical(req[name]) if isinstance(req, pd.DataFrame) else req.categories(name)
+
     completed = col("completed").astype(bool)
     n_done = int(completed.sum())
 
@@ -126,7 +129,7 @@ def summarize(req, policy_counters: dict, peak_total: float, peak_parts: dict,
         return [float(f(values)) if n_done else float("nan") for f in fs]
     ttft_mean, ttft_p50, ttft_p99 = stat("ttft_s", np.mean, np.median, lambda x: np.percentile(x, 99))
     e2e_mean, e2e_p50, e2e_p99 = stat("e2e_s", np.mean, np.median, lambda x: np.percentile(x, 99))
-    s = dict(requests_completed=n_done, requests_rejected=int((col("rejected") != "").sum()),
+    s = dict(requests_completed=n_done, requests_rejected=int((labels("rejected") != "").sum()),
              peak_memory_bytes=float(peak_total),
              ttft_mean_s=ttft_mean, ttft_p50_s=ttft_p50, ttft_p99_s=ttft_p99,
              tpot_mean_s=stat("tpot_s", np.mean)[0],
@@ -139,9 +142,8 @@ def summarize(req, policy_counters: dict, peak_total: float, peak_parts: dict,
     if extra:
         s.update(extra)
     from sim import quality
-    # the task as categories (a million requests' task strings as objects cost ~60 MB more)
-    per_task = pd.DataFrame({"completed": completed, "task": pd.Categorical(col("task")),
-                             **{c: col(c) for c in ("gate_mass_kept", "output_tokens")}})
+    per_task = pd.DataFrame({"completed": completed, "task": labels("task"),
+                             **{c: col(c) for c in ("gate_mass_kept", "output_tokens")}}, copy=False)
     s.update(quality.summarize(quality.load(calibration), per_task, model, calibration))
     return s
 

@@ -90,9 +90,14 @@ class Arrivals:
         return self.trace.n_requests
 
     @functools.cached_property
-    def _order(self) -> np.ndarray:
-        """Request indices in arrival order, ties by index (read by both methods below)."""
-        return np.lexsort((np.arange(len(self)), self.arrival_s))
+    def _order(self) -> np.ndarray | range:
+        """Request indices in arrival order, ties by index (read by both methods below). Arrivals
+        already in that order (all at once, Poisson) need no index array: a range, not 8 bytes
+        a request."""
+        a = self.arrival_s
+        if len(a) < 2 or bool((a[1:] >= a[:-1]).all()):
+            return range(len(a))
+        return np.lexsort((np.arange(len(self)), a))
 
     def __iter__(self):
         return (self.request(int(i)) for i in self._order)
@@ -100,7 +105,7 @@ class Arrivals:
     def times_in_order(self) -> np.ndarray:
         """Arrival times in the order __iter__ yields the requests: an engine can count
         arrivals without building them (sim/engine.py, the lazy queue)."""
-        return self.arrival_s[self._order]
+        return self.arrival_s if isinstance(self._order, range) else self.arrival_s[self._order]
 
     def request(self, i: int) -> Request:
         t = self.trace

@@ -76,3 +76,18 @@ def test_who_gets_the_lazy_queue(monkeypatch, policy, sched, lazy):
     monkeypatch.setattr(Engine, "__init__", init)
     run_scenario(scenario(policy, sched, max_steps=20))
     assert seen == [lazy]
+
+
+@pytest.mark.parametrize("arrival_s", [[0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.2, 0.5], [0.3, 0.1, 0.3, 0.0]],
+                         ids=["all at once", "in order", "out of order"])
+def test_arrivals_come_in_time_order_ties_by_index(arrival_s):
+    """Requests are built in arrival order, ties by workload index; arrivals already in that
+    order (all at once, Poisson) need no index array of their own."""
+    import numpy as np
+    a = Arrivals.__new__(Arrivals)
+    a.arrival_s = np.array(arrival_s)
+    a.trace = type("T", (), {"n_requests": len(arrival_s)})()
+    want = sorted(range(len(arrival_s)), key=lambda i: (arrival_s[i], i))
+    assert list(a._order) == want
+    assert a.times_in_order().tolist() == sorted(arrival_s)
+    assert isinstance(a._order, range) is (want == list(range(len(arrival_s))))

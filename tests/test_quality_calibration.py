@@ -84,3 +84,28 @@ def test_results_rerun_with_the_same_calibration(tiny_trace_path, calibration, t
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
     assert a["estimated_quality_calibration"] == b["estimated_quality_calibration"] == str(calibration)
     assert a["estimated_quality"] == b["estimated_quality"] == pytest.approx(0.25)
+
+
+def test_quality_summary_is_the_per_task_mean_of_completed_requests():
+    """summarize's per-task estimate and overall weighting, computed through the task's codes,
+    equal the groupby they replaced (completed requests only, NaN gate mass skipped, tasks with
+    no completed request absent, categories or plain strings alike)."""
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(3)
+    n = 400
+    task = rng.choice(["qa", "code", "math", "translation"], n)
+    done = rng.random(n) < 0.7
+    done[task == "translation"] = False                     # a task with nothing completed
+    kept = np.where(rng.random(n) < 0.1, np.nan, rng.random(n))
+    req = pd.DataFrame({"completed": done, "task": task, "gate_mass_kept": kept,
+                        "output_tokens": rng.integers(1, 300, n)})
+    calib = quality.load(None)
+    d = req[req.completed]
+    per = {t: quality.estimate(calib, t, float(g.gate_mass_kept.mean())) for t, g in d.groupby("task")}
+    w = d.groupby("task").output_tokens.sum()
+    want = float(sum(per[t] * w[t] for t in per) / w.sum())
+    for table in (req, req.assign(task=pd.Categorical(req.task))):
+        got = quality.summarize(calib, table, "mixtral-8x7b")
+        assert got["estimated_quality_per_task"] == per and list(got["estimated_quality_per_task"]) == sorted(per)
+        assert got["estimated_quality"] == want

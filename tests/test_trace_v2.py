@@ -33,7 +33,8 @@ def same(a: Trace, b: Trace) -> None:
 
 def save_v1(t: Trace, path, compress=False) -> Path:
     """A trace in the version-1 layout, written as emoe wrote it before version 2: np.savez."""
-    arrays = dict(meta=np.array(json.dumps({**t.meta(), "version": 1})), request_id=t.request_id, task=t.task,
+    arrays = dict(meta=np.array(json.dumps({**t.meta(), "version": 1})), request_id=t.request_id,
+                  task=t.task.astype(str),   # (held as fixed-width strings then; now as shared objects)
                   prompt_tokens=t.prompt_tokens, output_tokens=t.output_tokens,
                   experts=t.experts.astype(fmt.expert_dtype(t.n_experts)), gates=t.gates.astype(np.float16))
     for name in ("arrival_s", "prompt_text", "router_probs"):
@@ -288,3 +289,20 @@ def test_overlap_digests_read_a_mapped_trace_without_keeping_it(tmp_path, monkey
     base = _rss()
     assert overlap.request_digests(tr) == overlap.request_digests(t)
     assert _rss() - base < 0.2 * tr.experts.nbytes
+
+
+def test_task_labels_are_shared_strings_that_read_and_write_as_strings(tmp_path, tiny_trace):
+    """A loaded trace holds one Python string per task, shared by its requests (a million
+    requests' fixed-width labels cost 52 MB), and they behave as the strings they were; the
+    file holds a plain string array (no pickled objects), so np.load reads it as before."""
+    p = save_trace(tiny_trace, tmp_path / "t.npz")
+    t = load_trace(p)
+    assert t.task.dtype == object and len({id(x) for x in t.task}) == len(t.tasks)
+    want = np.asarray(tiny_trace.task).astype(str)
+    assert t.task.tolist() == want.tolist() and t.tasks == sorted(set(want.tolist()))
+    first = t.tasks[0]
+    assert np.array_equal(t.task == first, want == first) and np.array_equal(np.isin(t.task, [first]), want == first)
+    sub = t.subset(np.flatnonzero(t.task == first))
+    assert sub.tasks == [first] and all(x is t.task[np.flatnonzero(t.task == first)[0]] for x in sub.task)
+    with np.load(p, allow_pickle=False) as z:
+        assert z["task"].dtype.kind == "U" and z["task"].tolist() == want.tolist()

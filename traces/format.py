@@ -18,7 +18,8 @@ streaming.
                          routing_validated (version 2: true when the writer checked every
                          expert id, as save_trace and convert do; loading then checks shapes only)
     request_id  (R,)     str      unique per request
-    task        (R,)     str      task label (e.g. "qa", "code")
+    task        (R,)     str      task label (e.g. "qa", "code"); in memory an object array
+                                  of one shared Python string per task (task_labels)
     prompt_tokens (R,)   int32
     output_tokens (R,)   int32
     arrival_s   (R,)     float64  optional: NaN where unknown
@@ -88,7 +89,7 @@ class Trace:
         self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int32)
         self.output_tokens = np.asarray(self.output_tokens, dtype=np.int32)
         self.request_id = np.asarray(self.request_id).astype(str, copy=False)   # (a day: millions)
-        self.task = np.asarray(self.task).astype(str, copy=False)
+        self.task = task_labels(self.task)
         self.offsets = np.zeros(len(self.prompt_tokens) + 1, dtype=np.int64)
         np.cumsum(self.prompt_tokens.astype(np.int64) + self.output_tokens, out=self.offsets[1:])
 
@@ -103,7 +104,7 @@ class Trace:
 
     @property
     def tasks(self) -> list[str]:
-        return np.unique(self.task).tolist()   # sorted; no Python string per request (a day has millions)
+        return sorted(set(self.task.tolist()))   # (a list of shared strings, not one string per request)
 
     def release(self, r: int) -> None:
         """Hint from an engine: request r's routing will not be read again, so a streamed
@@ -158,6 +159,23 @@ class Trace:
     def validate(self, source: str = "trace", scan_routing: bool = True) -> Trace:
         validate(self, source, scan_routing)
         return self
+
+
+def task_labels(a, known: dict | None = None) -> np.ndarray:
+    """Task labels as an object array holding one Python string per task, shared by its requests.
+    A trace has a few tasks and may have millions of requests: as fixed-width unicode their
+    labels cost 4 bytes a character ('summarization': 52 bytes a request), as shared strings
+    8. Indexing, `==`, np.isin and np.unique work as on a string array. known: name -> the
+    string already used for it (a file read in chunks shares one set)."""
+    a = np.asarray(a)
+    known = {} if known is None else known
+    if a.dtype == object:
+        objects = {id(x): x for x in a.ravel().tolist()}   # distinct objects
+        if all(type(x) is str and known.setdefault(x, x) is x for x in objects.values()):
+            return a   # one object per task already (an index into a labels array)
+    names, codes = np.unique(a.astype(str), return_inverse=True)
+    shared = np.array([known.setdefault(n, n) for n in names.tolist()], dtype=object)
+    return shared[codes.reshape(a.shape)]
 
 
 def expert_dtype(n_experts: int):
@@ -320,7 +338,7 @@ def _write(path: Path, meta: dict, small: dict, routing: dict, compress: bool) -
         with os.fdopen(fd, "wb") as f, NpzWriter(f, compress) as w:
             w.add("meta", np.array(json.dumps(meta)))
             for name in ("request_id", "task", "prompt_tokens", "output_tokens"):
-                w.add(name, small[name])
+                w.add(name, small[name] if name != "task" else np.asarray(small[name]).astype(str))
             for name, (shape, dtype, chunks) in routing.items():
                 w.add_chunks(name, shape, dtype, chunks, align=not compress)
                 if name == "gates":   # the v1 member order np.savez wrote: optional per-request arrays here
@@ -393,7 +411,20 @@ def _trace(meta: dict, small: dict, routing: dict, source=None) -> Trace:
 
 
 def _read_small(z: NpzReader, path) -> dict:
-    return {a: _read(z, a, path) if a in z.names else None for a in PER_REQUEST_ARRAYS + ("arrival_s", "prompt_text")}
+    small = {a: _read(z, a, path) if a in z.names else None for a in PER_REQUEST_ARRAYS + ("arrival_s", "prompt_text")
+             if a != "task"}
+    return {**small, "task": _read_labels(z, "task", path)}
+
+
+def _read_labels(z: NpzReader, name: str, path) -> np.ndarray:
+    """A member of labels read 64 Ki at a time into shared strings (task_labels): a million
+    requests' fixed-width labels are never in memory at once."""
+    known: dict = {}
+    try:
+        parts = [task_labels(chunk, known) for chunk in z.chunks(name, 1 << 16)]
+    except NpzError as e:
+        raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
+    return np.concatenate(parts) if parts else task_labels(z.read(name))
 
 
 def load_trace(path, validate_routing: bool = True, mmap: bool = True) -> Trace:
