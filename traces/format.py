@@ -84,6 +84,8 @@ class Trace:
     # Where streamed routing comes from (a memory-mapped file, a lazy generator): it is told
     # which rows will not be read again (release_rows(lo, hi)); None for in-memory arrays.
     source: object = field(default=None, repr=False, compare=False)
+    # The same for per-request strings mapped from the file (request_id, prompt_text), by request.
+    request_source: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.prompt_tokens = np.asarray(self.prompt_tokens, dtype=np.int32)
@@ -111,6 +113,8 @@ class Trace:
         trace may drop it from memory. In-memory arrays ignore it."""
         if self.source is not None:
             self.source.release_rows(int(self.offsets[r]), int(self.offsets[r + 1]))
+        if self.request_source is not None:
+            self.request_source.release_rows(r, r + 1)
 
     def token_slice(self, r: int) -> slice:
         return slice(int(self.offsets[r]), int(self.offsets[r + 1]))
@@ -131,22 +135,27 @@ class Trace:
         """A new trace holding the requests `idx` (in that order). Of a mapped trace, a contiguous
         ascending range (a workload's first N requests) stays mapped: views, not copies."""
         idx = np.asarray(idx, dtype=np.int64)
-        source = None
+        source = request_source = None
+        strings = idx   # how request_id and prompt_text are picked: a slice of mapped ones stays mapped
         if isinstance(self.source, MappedRows) and len(idx) and 0 <= idx[0] and idx[-1] < self.n_requests \
                 and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
             lo, hi = int(self.offsets[idx[0]]), int(self.offsets[idx[-1] + 1])
             rows, source = slice(lo, hi), self.source.shifted(lo)
+            if isinstance(self.request_source, MappedRows):
+                strings, request_source = slice(int(idx[0]), int(idx[-1]) + 1), self.request_source.shifted(int(idx[0]))
         else:
             rows = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in idx]) \
                 if len(idx) else np.zeros(0, dtype=np.int64)
         pick = lambda a: None if a is None else a[idx]
         return Trace(model=self.model, n_layers=self.n_layers, n_experts=self.n_experts, top_k=self.top_k,
-                     request_id=self.request_id[idx], task=self.task[idx], prompt_tokens=self.prompt_tokens[idx],
+                     request_id=self.request_id[strings], task=self.task[idx], prompt_tokens=self.prompt_tokens[idx],
                      output_tokens=self.output_tokens[idx], experts=self.experts[rows], gates=self.gates[rows],
-                     arrival_s=pick(self.arrival_s), prompt_text=pick(self.prompt_text),
+                     arrival_s=pick(self.arrival_s),
+                     prompt_text=None if self.prompt_text is None else self.prompt_text[strings],
                      router_probs=None if self.router_probs is None else self.router_probs[rows],
                      n_shared_experts=self.n_shared_experts, extra=dict(self.extra),
-                     model_shape=None if self.model_shape is None else dict(self.model_shape), source=source)
+                     model_shape=None if self.model_shape is None else dict(self.model_shape), source=source,
+                     request_source=request_source)
 
     def meta(self) -> dict:
         m = dict(format=FORMAT_NAME, version=FORMAT_VERSION, model=self.model, n_layers=self.n_layers,
@@ -182,11 +191,13 @@ def expert_dtype(n_experts: int):
     return np.uint8 if n_experts <= 256 else np.int16
 
 
-def validate(t: Trace, source: str = "trace", scan_routing: bool = True) -> None:
+def validate(t: Trace, source: str = "trace", scan_routing: bool = True, unique_ids: bool = True) -> None:
     """Raise TraceError naming the first inconsistency found. The shapes are checked first (cheap);
     then, with scan_routing, every expert id in chunks of rows (memory stays bounded, and a mapped
     trace's pages are released after each chunk). scan_routing=False trusts the ids: a version-2
-    file whose writer validated them (meta routing_validated) is loaded so."""
+    file whose writer validated them (meta routing_validated) is loaded so, and with
+    unique_ids=False its request ids (the one per-request check that reads, and sorts a copy
+    of, every id) too."""
     R = t.n_requests
     for name in ("request_id", "task", "output_tokens"):
         if len(getattr(t, name)) != R:
@@ -196,7 +207,7 @@ def validate(t: Trace, source: str = "trace", scan_routing: bool = True) -> None
         a = getattr(t, name)
         if a is not None and len(a) != R:
             raise TraceError(f"{source}: '{name}' has {len(a)} entries for {R} requests")
-    if len(np.unique(t.request_id)) != R:   # (a set of Python strings: ~100 bytes a request)
+    if unique_ids and len(np.unique(t.request_id)) != R:   # (a set of Python strings: ~100 bytes a request)
         raise TraceError(f"{source}: request ids are not unique")
     if (t.prompt_tokens < 0).any() or (t.output_tokens < 0).any():
         raise TraceError(f"{source}: negative token counts")
@@ -404,16 +415,33 @@ def read_meta(path) -> dict:
         return _meta(z, path)
 
 
-def _trace(meta: dict, small: dict, routing: dict, source=None) -> Trace:
+def _trace(meta: dict, small: dict, routing: dict, source=None, request_source=None) -> Trace:
     return Trace(model=meta["model"], n_layers=int(meta["n_layers"]), n_experts=int(meta["n_experts"]),
                  top_k=int(meta["top_k"]), **small, **routing, n_shared_experts=int(meta.get("n_shared_experts", 0)),
-                 extra=meta.get("extra", {}), model_shape=meta.get("model_shape"), source=source)
+                 extra=meta.get("extra", {}), model_shape=meta.get("model_shape"), source=source,
+                 request_source=request_source)
 
 
-def _read_small(z: NpzReader, path) -> dict:
-    small = {a: _read(z, a, path) if a in z.names else None for a in PER_REQUEST_ARRAYS + ("arrival_s", "prompt_text")
-             if a != "task"}
+def _read_small(z: NpzReader, path, mapped: dict | None = None) -> dict:
+    """The per-request arrays; those in `mapped` (name -> array) are taken from there, not read."""
+    mapped = mapped or {}
+    small = {a: mapped[a] if a in mapped else _read(z, a, path) if a in z.names else None
+             for a in PER_REQUEST_ARRAYS + ("arrival_s", "prompt_text") if a != "task"}
     return {**small, "task": _read_labels(z, "task", path)}
+
+
+def _mapped(z: NpzReader, names, path) -> tuple[dict, list]:
+    """Stored members mapped from the file: name -> read-only array, and their spans (data
+    offset, bytes a row, rows) for MappedRows."""
+    arrays, spans = {}, []
+    for a in names:
+        try:
+            arrays[a], offset = z.map(a)
+        except NpzError as e:
+            raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
+        row_bytes = int(np.prod(arrays[a].shape[1:], dtype=np.int64)) * arrays[a].itemsize
+        spans.append((offset, row_bytes, len(arrays[a]) if arrays[a].ndim else 0))
+    return arrays, spans
 
 
 def _read_labels(z: NpzReader, name: str, path) -> np.ndarray:
@@ -437,26 +465,35 @@ def load_trace(path, validate_routing: bool = True, mmap: bool = True) -> Trace:
     with _open(path) as z:
         meta = _meta(z, path)
         _check_fields(z, path)
-        small = _read_small(z, path)
         names = [a for a in ROUTING_ARRAYS if a in z.names]
-        source = None
+        source = request_source = None
         if mmap and all(z.stored(a) for a in names):
-            routing, spans = {}, []
-            for a in names:
-                try:
-                    routing[a], offset = z.map(a)
-                except NpzError as e:
-                    raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
-                row_bytes = int(np.prod(routing[a].shape[1:], dtype=np.int64)) * routing[a].itemsize
-                spans.append((offset, row_bytes, len(routing[a]) if routing[a].ndim else 0))
-            source = MappedRows(z.mapping, spans) if z.mapping is not None else None
+            routing, spans = _mapped(z, names, path)
+            # Per-request strings stay in the file too: read as requests are built and dropped as
+            # they finish (a million ids are 32 MB as fixed-width strings; prompt texts, gigabytes).
+            strings, string_spans = _mapped(z, [a for a in ("request_id", "prompt_text") if a in z.names
+                                                and z.stored(a) and _is_text(z, a)], path)
+            small = _read_small(z, path, mapped=strings)
+            if z.mapping is not None:
+                source, request_source = MappedRows.sharing(z.mapping, spans, string_spans)
         else:
+            small = _read_small(z, path)
             routing = _read_routing(z, names, path, notice=mmap)
-    t = _trace(meta, small, {a: routing.get(a) for a in ROUTING_ARRAYS}, source)
+    t = _trace(meta, small, {a: routing.get(a) for a in ROUTING_ARRAYS}, source, request_source)
     if validate_routing:
         trusted = meta["version"] >= 2 and meta.get("routing_validated") is True
-        validate(t, str(path), scan_routing=not trusted)
+        validate(t, str(path), scan_routing=not trusted, unique_ids=not trusted)
+        if request_source is not None and not trusted:
+            request_source.drop_rows(0, t.n_requests)   # checked: the ids' pages need not stay in memory
     return t
+
+
+def _is_text(z: NpzReader, name: str) -> bool:
+    try:
+        shape, dtype = z.header(name)
+    except NpzError:
+        return False   # (read, and named as damaged, by _read_small)
+    return dtype.kind == "U" and len(shape) == 1
 
 
 def _read_routing(z: NpzReader, names: list[str], path, notice: bool) -> dict:

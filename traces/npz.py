@@ -172,6 +172,13 @@ class MappedRows:
         self.mm, self.arrays, self.row0 = mm, arrays, row0
         self.ledger = ledger or _Ledger(len(mm), [(off, off + rb * n) for off, rb, n in arrays])
 
+    @classmethod
+    def sharing(cls, mm, *groups: list[tuple[int, int, int]]) -> list[MappedRows]:
+        """One MappedRows per group of arrays, each group its own row space (token rows, request
+        rows), all on one ledger: a block holding bytes of two groups is dropped once both are done."""
+        ledger = _Ledger(len(mm), [(off, off + rb * n) for g in groups for off, rb, n in g])
+        return [cls(mm, g, ledger=ledger) for g in groups]
+
     def shifted(self, rows: int) -> MappedRows:
         return MappedRows(self.mm, self.arrays, self.row0 + rows, self.ledger)
 
