@@ -134,7 +134,7 @@ def summarize(calib: dict | None, requests, model: str | None = None, calibratio
     codes, done = task.codes, requests["completed"].to_numpy(dtype=bool)
     kept, output = requests["gate_mass_kept"].to_numpy(), requests["output_tokens"].to_numpy()
     per, weights = {}, {}
-    for k in np.unique(codes[done]):   # the tasks with a completed request, in sorted order
+    for k in np.unique(codes[done & (codes >= 0)]):   # tasks with a completed request, sorted (-1: no task)
         name = str(task.categories[k])
         rows = done & (codes == k)
         per[name] = estimate(calib, name, float(pd.Series(kept[rows]).mean()))

@@ -341,3 +341,15 @@ def test_request_ids_and_prompt_texts_stay_in_the_file_until_read(tmp_path, writ
         save_v1(replace(tr, request_id=np.array(["same"] * R)), tmp_path / "dup.npz")
         with pytest.raises(TraceError, match="not unique"):
             load_trace(tmp_path / "dup.npz")
+
+
+def test_task_labels_are_converted_in_chunks_sharing_one_string_per_task(monkeypatch):
+    """Fixed-width labels are converted a chunk at a time (no full-size copy and sort of a
+    million labels), every chunk sharing the same strings; a scalar is one label, which
+    validation counts against the requests like any other wrong length."""
+    monkeypatch.setattr(fmt, "LABEL_CHUNK", 7)
+    want = np.array(["qa", "summarization", "code"])[np.random.default_rng(0).integers(0, 3, 50)]
+    got = fmt.task_labels(want)
+    assert got.tolist() == want.tolist() and len({id(x) for x in got}) == 3
+    with pytest.raises(TraceError, match="'task' has 1 entries but there are 2 requests"):
+        make_trace(np.zeros((2, 1, 1)), [1, 1], [0, 0], tasks="qa").validate()

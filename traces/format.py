@@ -16,7 +16,8 @@ streaming.
                          a scenario's `model: from_trace` runs it; traces without it,
                          written before it existed, read as before),
                          routing_validated (version 2: true when the writer checked every
-                         expert id, as save_trace and convert do; loading then checks shapes only)
+                         expert id and that request ids are unique, as save_trace and convert
+                         do; loading then checks shapes only)
     request_id  (R,)     str      unique per request
     task        (R,)     str      task label (e.g. "qa", "code"); in memory an object array
                                   of one shared Python string per task (task_labels)
@@ -57,6 +58,7 @@ PER_REQUEST_ARRAYS = ("request_id", "task", "prompt_tokens", "output_tokens")
 ROUTING_ARRAYS = ("experts", "gates", "router_probs")
 SCAN_TOKEN_LAYERS = 8 << 20          # validation checks this many (token, layer) routes at a time
 COMPRESSED_NOTICE_BYTES = 1 << 30    # a compressed trace this large read into memory gets a note
+LABEL_CHUNK = 1 << 16                # task labels are converted (and read from a file) this many at a time
 
 
 class TraceError(UserError):
@@ -176,15 +178,18 @@ def task_labels(a, known: dict | None = None) -> np.ndarray:
     labels cost 4 bytes a character ('summarization': 52 bytes a request), as shared strings
     8. Indexing, `==`, np.isin and np.unique work as on a string array. known: name -> the
     string already used for it (a file read in chunks shares one set)."""
-    a = np.asarray(a)
+    a = np.atleast_1d(np.asarray(a))   # (a scalar: one label, which validate counts against the requests)
     known = {} if known is None else known
     if a.dtype == object:
         objects = {id(x): x for x in a.ravel().tolist()}   # distinct objects
         if all(type(x) is str and known.setdefault(x, x) is x for x in objects.values()):
             return a   # one object per task already (an index into a labels array)
-    names, codes = np.unique(a.astype(str), return_inverse=True)
-    shared = np.array([known.setdefault(n, n) for n in names.tolist()], dtype=object)
-    return shared[codes.reshape(a.shape)]
+    out = np.empty(a.shape, dtype=object)
+    flat, step = out.reshape(-1), LABEL_CHUNK   # 64 Ki at a time: no full-size copy or sort of the input
+    for lo in range(0, a.size, step):
+        names, codes = np.unique(a.reshape(-1)[lo:lo + step].astype(str, copy=False), return_inverse=True)
+        flat[lo:lo + step] = np.array([known.setdefault(n, n) for n in names.tolist()], dtype=object)[codes]
+    return out
 
 
 def expert_dtype(n_experts: int):
@@ -449,7 +454,7 @@ def _read_labels(z: NpzReader, name: str, path) -> np.ndarray:
     requests' fixed-width labels are never in memory at once."""
     known: dict = {}
     try:
-        parts = [task_labels(chunk, known) for chunk in z.chunks(name, 1 << 16)]
+        parts = [task_labels(chunk, known) for chunk in z.chunks(name, LABEL_CHUNK)]
     except NpzError as e:
         raise TraceError(f"{path}: {e}; the file is damaged, write it again") from None
     return np.concatenate(parts) if parts else task_labels(z.read(name))
