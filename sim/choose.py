@@ -45,6 +45,7 @@ SHOWN = [("label", "policy", "{}"), ("parameters", "parameters", "{}"), ("policy
          ("e2e_mean_s", "e2e mean s", "{:.3f}"), ("e2e_p99_s", "e2e p99 s", "{:.3f}"),
          ("throughput_tokens_per_s", "tok/s", "{:.1f}")]
 METRICS = [c for c, _, _ in SHOWN[5:]] + ["routing_fidelity"]
+SHARES = ("slo_attainment", "estimated_quality")   # bounded by 0 and 1: so are their intervals
 NOT_CONFIG = {"point", "hash", "seed", "seed_used", "status", "error"}
 # Swept keys that make a configuration a different policy (the rest set the conditions it runs under)
 POLICY_AXES = ("policy", "scheduler")
@@ -281,7 +282,10 @@ def format_table(front: pd.DataFrame) -> str:
             text = f"{v / 1e9:.3g}" if fmt == "gb" else fmt.format(int(v) if fmt == "{:d}" else v)
             ci = r.get(f"{c}_ci")
             if ci is not None and isinstance(ci, float) and not np.isnan(ci):
-                text += f" ±{ci / 1e9:.2g}" if fmt == "gb" else " ±" + fmt.format(ci).lstrip("±")
+                if c in SHARES and (v - ci < 0 or v + ci > 1):   # a share's interval ends at 0 and 1
+                    text += f" ({fmt.format(max(v - ci, 0.0))}-{fmt.format(min(v + ci, 1.0))})"
+                else:
+                    text += f" ±{ci / 1e9:.2g}" if fmt == "gb" else " ±" + fmt.format(ci).lstrip("±")
             row.append(text)
         cells.append(row)
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(SHOWN))]

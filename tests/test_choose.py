@@ -182,3 +182,16 @@ def test_a_recalibrated_default_is_a_new_sweep_point(tmp_path, monkeypatch, tiny
     before = point_hash(sc)
     cal.write_text(sim.quality.DEFAULT.read_text() + "\n# recalibrated\n")
     assert point_hash(sc) != before
+
+
+def test_a_share_interval_stays_within_0_and_100_percent():
+    """SLO attainment and estimated quality are shares: an interval that would pass 100% (or 0)
+    is printed as its range, ending there, not as mean ± half-width."""
+    from sim.choose import format_table
+    front = pd.DataFrame([dict(label="a", parameters="", policy_capacity=0.5, hash="h1", seeds=3,
+                               slo_attainment=0.98, slo_attainment_ci=0.05, estimated_quality=0.5,
+                               estimated_quality_ci=0.1, peak_memory_bytes=1e9, e2e_mean_s=1.0,
+                               e2e_p99_s=2.0, throughput_tokens_per_s=10.0)])
+    text = format_table(front)
+    assert "98.0% (93.0%-100.0%)" in text and "±5.0%" not in text
+    assert "0.500 ±0.100" in text                         # inside 0..1: mean ± half-width as before
