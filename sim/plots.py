@@ -73,9 +73,14 @@ def _points(g: pd.DataFrame, x: str) -> pd.DataFrame:
     return out.reset_index(drop=True).sort_values(x)
 
 
-def _errorbar(ax, x, y, ci, color, scale=1.0):
+def _errorbar(ax, x, y, ci, color, scale=1.0, share=False):
+    """95% intervals as error bars; a share's (share=True) end at 0 and 1, as choose prints them."""
     if ci is not None and np.isfinite(ci).any():
-        ax.errorbar(x, y * scale, yerr=np.nan_to_num(ci) * scale, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
+        ci = np.nan_to_num(np.asarray(ci, dtype=float))
+        if share:
+            y_ = np.asarray(y, dtype=float)
+            ci = np.stack([np.minimum(ci, np.maximum(y_, 0.0)), np.minimum(ci, np.maximum(1.0 - y_, 0.0))])
+        ax.errorbar(x, y * scale, yerr=ci * scale, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
 
 
 def memory_vs_experts(t: pd.DataFrame):
@@ -160,7 +165,8 @@ def vs_rate(t: pd.DataFrame):
         axes[0].plot(g.arrival_rate, g.e2e_p99_s, ls="--", color=line.get_color(), label=f"{label} p99")
         axes[1].plot(g.arrival_rate, g.slo_attainment * 100, marker="o", label=label)
         _errorbar(axes[0], g.arrival_rate, g.e2e_mean_s, g.get("e2e_mean_s_ci"), line.get_color())
-        _errorbar(axes[1], g.arrival_rate, g.slo_attainment, g.get("slo_attainment_ci"), line.get_color(), 100)
+        _errorbar(axes[1], g.arrival_rate, g.slo_attainment, g.get("slo_attainment_ci"), line.get_color(), 100,
+                  share=True)
     axes[0].set_xlabel("arrival rate (requests/s)")
     axes[0].set_ylabel("end-to-end latency (s)")
     axes[0].set_xscale("log")

@@ -56,3 +56,17 @@ def test_figures_draw_a_line_per_hidden_parameter_and_pool_only_seeds():
     assert np.isnan(pts.peak_memory_bytes_ci).all() or (pts.peak_memory_bytes_ci == 0).all()
     by_rate = dict(_series(t, "arrival_rate"))
     assert set(by_rate) == {"on_demand, policy.capacity=0.25", "on_demand, policy.capacity=0.5"}
+
+
+def test_a_share_error_bar_ends_at_100_percent():
+    """SLO attainment's 95% interval is drawn clipped to 0-100%, as `emoe choose` prints it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from sim.plots import _errorbar
+    fig, ax = plt.subplots()
+    _errorbar(ax, pd.Series([1, 2]), pd.Series([0.98, 0.5]), pd.Series([0.05, 0.1]), "C0", 100, share=True)
+    ends = [(round(a[1], 6), round(b[1], 6)) for a, b in ax.collections[-1].get_segments()]
+    plt.close(fig)
+    assert ends == [(93.0, 100.0), (40.0, 60.0)]
