@@ -268,7 +268,7 @@ class Engine:
         """Rows of this step: one per decoding request, then prompt chunks in admission order."""
         decode, prefill = [], []
         for r in self.running:
-            (prefill if r.prefilled < r.prompt_tokens else decode).append(r)
+            (prefill if r.in_prefill else decode).append(r)
         budget = self.max_tokens - len(decode)
         chunks = []
         for r in prefill:

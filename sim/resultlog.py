@@ -89,15 +89,21 @@ class TableLog:
         self._files.append(path)
         self._held, self._held_rows = [], 0
 
-    def blocks(self, columns: list[str] | None = None):
-        """The table's blocks in order, as DataFrames (only `columns`, if given)."""
+    def _spilled(self, columns: list[str] | None, dictionary: list[str] | None = None):
+        """The spilled row groups in order, as Arrow tables (`dictionary`: string columns read
+        dictionary-encoded, no Python string a row)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         for path in self._files:
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(path, read_dictionary=dictionary)
             for i in range(f.num_row_groups):
-                yield self._typed(f.read_row_group(i, columns=columns).to_pandas())
+                yield f.read_row_group(i, columns=columns)
             pa.default_memory_pool().release_unused()   # (Arrow's allocator would keep what it freed)
+
+    def blocks(self, columns: list[str] | None = None):
+        """The table's blocks in order, as DataFrames (only `columns`, if given)."""
+        for t in self._spilled(columns):
+            yield self._typed(t.to_pandas())
         for b in self._held:
             yield b if columns is None else b[columns]
 
@@ -118,15 +124,8 @@ class TableLog:
         """A string column, whole, as categories (sorted). Spilled blocks are read dictionary-
         encoded, so no Python string is made per row: a million requests' task names as
         objects would cost ~60 MB at their peak, their codes 1 MB."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         from pandas.api.types import union_categoricals
-        parts = []
-        for path in self._files:
-            f = pq.ParquetFile(path, read_dictionary=[name])
-            for i in range(f.num_row_groups):
-                parts.append(pd.Categorical(f.read_row_group(i, columns=[name]).column(0).to_pandas()))
-            pa.default_memory_pool().release_unused()
+        parts = [pd.Categorical(t.column(0).to_pandas()) for t in self._spilled([name], dictionary=[name])]
         parts += [pd.Categorical(b[name]) for b in self._held]
         return union_categoricals(parts, sort_categories=True) if parts else pd.Categorical([])
 
