@@ -328,9 +328,9 @@ class Engine:
             prefill_ctx = sum(c * r.prefilled + c * (c + 1) / 2 for r, c in chunks)
             attn_ctx += prefill_ctx
         t = self.trace
-        batch = StepBatch(step=self.steps, experts=t.experts[rows], gates=t.gates[rows],
-                          probs=None if t.router_probs is None else t.router_probs[rows], token_req=token_req,
-                          requests=reqs)
+        batch = StepBatch(step=self.steps, experts=t.experts[rows], gates=lambda: t.gates[rows],   # (read if used)
+                          probs=None if t.router_probs is None else lambda: t.router_probs[rows],
+                          token_req=token_req, requests=reqs)
         n_sampled = len(decode) + sum(1 for r, c in chunks if r.prefilled + c >= r.prompt_tokens)
         return StepWork(decode=decode, chunks=chunks, rows=rows, batch=batch, n_new=n_new, n_tokens=len(rows),
                         n_sampled=n_sampled, attn_ctx=attn_ctx, kv_read=kv_read, prefill_ctx=prefill_ctx)

@@ -36,15 +36,33 @@ from sim.policies.params import MISS_MODES, CacheParams  # noqa: F401 (MISS_MODE
 from sim.policies.reroute import Rerouter
 
 
-@dataclass(kw_only=True)
 class StepBatch:
-    """The tokens of one engine step and their routing from the trace."""
-    step: int
-    experts: np.ndarray      # (n, L, k) routed expert ids
-    gates: np.ndarray        # (n, L, k) gate weights (sum to 1 per token and layer)
-    probs: np.ndarray | None  # (n, L, E) full router probabilities, if the trace has them
-    token_req: np.ndarray    # (n,) index into `requests`
-    requests: list           # the Request objects in this step
+    """The tokens of one engine step and their routing from the trace.
+
+    gates and probs may be given as functions that read them: they are read on first use, so
+    a step whose policy never looks at them (fetching, nothing rerouted) does not copy them
+    out of a mapped trace (a 512-token prompt chunk's gates are 64 KB on Mixtral, its probs 4x that)."""
+    __slots__ = ("step", "experts", "_gates", "_probs", "token_req", "requests")
+
+    def __init__(self, *, step: int, experts: np.ndarray, gates, probs, token_req: np.ndarray, requests: list):
+        self.step = step
+        self.experts = experts       # (n, L, k) routed expert ids
+        self._gates = gates          # (n, L, k) gate weights (sum to 1 per token and layer)
+        self._probs = probs          # (n, L, E) full router probabilities, if the trace has them (else None)
+        self.token_req = token_req   # (n,) index into `requests`
+        self.requests = requests     # the Request objects in this step
+
+    @property
+    def gates(self) -> np.ndarray | None:
+        if callable(self._gates):
+            self._gates = self._gates()
+        return self._gates
+
+    @property
+    def probs(self) -> np.ndarray | None:
+        if callable(self._probs):
+            self._probs = self._probs()
+        return self._probs
 
 
 # Issue points of prefetch copies (StepPlan.prefetch), increasing in time within a step.
