@@ -216,6 +216,18 @@ def test_a_subclass_that_resizes_the_cache_is_stepped():
                 return True
 
 
+@pytest.mark.parametrize("name, hook", [("moe_infinity", "_observe"), ("moe_infinity", "admit_prefetch"),
+                                        ("oracle", "_steps_to_next_use")])
+def test_a_subclass_that_changes_what_a_prefetching_policy_does_is_stepped(name, hook):
+    """A prefetching policy's runs restate what its steps do (MoE-Infinity's EAM update and
+    prefetch admission, the oracle's look-ahead): a subclass that overrides one of those is
+    stepped, not run with its parent's restatement (a review found these outside the hooks)."""
+    from sim.policies import POLICIES
+    parent = POLICIES[name]
+    child = type(f"Custom{parent.__name__}", (parent,), {hook: getattr(parent, hook)})
+    assert parent.decode_runs and not child.decode_runs and not child.batch_runs
+
+
 ORACLE_CASES = [("light load: two at a time", {"name": "oracle", "capacity": 0.6},
                  {"process": "poisson", "rate": 0.3}, {"max_running": 2}),
                 ("saturated, two running", {"name": "oracle", "capacity": 0.5, "horizon": 16},

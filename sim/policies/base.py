@@ -142,7 +142,12 @@ class ExpertPolicy:
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
                         "plan_batch_run", "_batch_counts", "_account_batch_run", "_flat_routes",
-                        "_needed_by_request", "_capacity_per_layer")
+                        "_needed_by_request", "_capacity_per_layer",
+                        # the prefetching policies' runs restate what stepping does with these
+                        # (admission, a prediction's update, the look-ahead), or use them only there
+                        "admit_prefetch", "on_admit", "on_finish", "_observe", "_predicted", "_predict",
+                        "_update_prediction", "_top_predicted", "_would_prefetch", "_prefetches_now",
+                        "_plan_run", "_steps_to_next_use")
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
