@@ -37,7 +37,6 @@ class ReplayEngine(Engine):
             model_rt.cache.load(int(layer), int(e))
         self._initial = int(self.policy.resident.sum())             # copies made before the first step
         self._resident = self.policy.resident.copy()
-        self._streamed = 0                                          # experts the last step streamed
 
     def run(self) -> ReplayEngine:
         super().run()            # the simulator's loop, on the wall clock
@@ -88,7 +87,7 @@ class ReplayEngine(Engine):
     def execute(self, now: float, work, plan) -> StepTiming:
         t_start = time.perf_counter()
         rt = self.rt
-        copy_before, stall_before, streamed_before = rt.cache.copy_s, rt.cache.stall_s, rt.cache.streamed
+        copy_before, stall_before = rt.cache.copy_s, rt.cache.stall_s
         if plan.extra_time_s:
             time.sleep(plan.extra_time_s)   # the predictor's own time, first in the step as in the simulator
         load_plan = self._sync_cache(plan)
@@ -134,7 +133,6 @@ class ReplayEngine(Engine):
             rt.cache.collect_stall()
         duration = time.perf_counter() - t_start
         rt.cache.step_done()       # CUDA: the step's per-layer events (first steps only), outside its time
-        self._streamed = rt.cache.streamed - streamed_before
         return StepTiming(duration, rt.cache.copy_s - copy_before, rt.cache.stall_s - stall_before)
 
     def router_summary(self) -> dict:
@@ -156,12 +154,11 @@ class ReplayEngine(Engine):
 
     def memory_parts(self, plan, work) -> dict:
         """Measured: tensor bytes (CPU), or the CUDA allocator (also recorded separately). Experts:
-        the cache's occupied slots plus the staging slots this step streamed experts through (at most
-        top_k at once): working memory of the step, as the simulator's ledger counts it (and its
-        activations); a cache with room for every expert never streams."""
+        the cache's occupied slots plus the staging buffer the ledger reserves (top_k slots where
+        the cache can be full), as the simulator's ledger counts them (and its activations)."""
         rt = self.rt
-        staged = min(self._streamed, self.model.top_k)
-        parts = dict(dense=float(rt.dense_bytes), experts=float((rt.cache.resident() + staged) * rt.cache.slot_bytes),
+        parts = dict(dense=float(rt.dense_bytes),
+                     experts=float((rt.cache.resident() + self.mem.staging_slots) * rt.cache.slot_bytes),
                      kv=float(rt.kv_bytes()),
                      activations=float(work.n_tokens * self.mem.act_per_token + work.n_sampled * self.mem.logit_bytes),
                      predictor=float(self.policy.predictor_bytes))

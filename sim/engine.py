@@ -485,8 +485,7 @@ class Engine:
             held = mem.kv_held(ctx0[None, :] + np.arange(1, n + 1)[:, None]).astype(float).sum(axis=1)
         else:
             held = kv[1:n + 1]
-        staged = None if plan.streamed is None else plan.streamed.sum(axis=1)
-        parts = mem.sample_run(plan.resident, held, B, B, staged)
+        parts = mem.sample_run(plan.resident, held, B, B)
         self._run_rows = dict(
             t_s=starts, step_s=durations, mem_dense=parts["dense"], mem_experts=parts["experts"],
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
@@ -549,7 +548,7 @@ class Engine:
     def memory_parts(self, plan, work: StepWork) -> dict:
         """The step's memory by part: the ledger here, measured bytes in the replayer."""
         kv = self.kv_held_bytes(work) if self.mem.kv_block > 1 else None
-        return self.mem.sample(int(self.policy.resident.sum()), plan.staged, work.n_tokens, work.n_sampled, kv)
+        return self.mem.sample(int(self.policy.resident.sum()), work.n_tokens, work.n_sampled, kv)
 
     def kv_held_bytes(self, work: StepWork) -> float:
         """KV held once the step's tokens are written, in whole blocks per request."""

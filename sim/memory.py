@@ -38,7 +38,11 @@ class MemoryLedger:
         self.budget = hw.total_memory * utilization
         self.bpe = model.bytes_per_expert
         self.dense = model.dense_bytes
-        self.staging = model.top_k * self.bpe if policy.cache_experts < model.total_experts else 0
+        # The staging buffer (top_k expert slots, where the cache can be full) is allocated with the
+        # cache, so every step counts it, streaming or not: a policy that never streams (rerouting)
+        # holds it all the same (a cold eMoE fetches), and replay allocates it up front.
+        self.staging_slots = model.top_k if policy.cache_experts < model.total_experts else 0
+        self.staging = self.staging_slots * self.bpe
         self.expert_reserve = policy.cache_experts * self.bpe + self.staging
         self.predictor = policy.predictor_bytes
         self.act_per_token = activation_bytes_per_token(model)
@@ -70,12 +74,11 @@ class MemoryLedger:
         b = self.kv_block
         return (-(-tokens // b) * b) * self.kv_per_token
 
-    def sample(self, resident_experts: int, staged: int, n_tokens: int, n_sampled: int,
-               kv: float | None = None) -> dict:
-        """The memory of one step, by part; updates the peaks. kv: the KV held, if not kv_used
-        (KV in blocks: Engine.kv_held_bytes)."""
+    def sample(self, resident_experts: int, n_tokens: int, n_sampled: int, kv: float | None = None) -> dict:
+        """The memory of one step, by part; updates the peaks. Experts: the cache's occupied slots
+        plus the staging buffer. kv: the KV held, if not kv_used (KV in blocks: Engine.kv_held_bytes)."""
         parts = dict(dense=float(self.dense),
-                     experts=float((resident_experts + min(staged, self.model.top_k)) * self.bpe),
+                     experts=float((resident_experts + self.staging_slots) * self.bpe),
                      kv=float(self.kv_used if kv is None else kv),
                      activations=float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes),
                      predictor=float(self.predictor))
@@ -87,16 +90,13 @@ class MemoryLedger:
             self.peak_total = total
         return parts
 
-    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int,
-                   staged: np.ndarray | None = None) -> dict:
+    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int) -> dict:
         """sample() for many steps at once (one element per step, as lists: timeline columns);
         updates the peaks. Dense weights, activations and the predictor are the same in every step."""
-        if staged is not None:
-            resident_experts = resident_experts + np.minimum(staged, self.model.top_k)
         n = len(kv_used)
         dense, predictor = float(self.dense), float(self.predictor)
         activations = float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes)
-        experts = (resident_experts * self.bpe).astype(float)
+        experts = ((resident_experts + self.staging_slots) * self.bpe).astype(float)
         kv = np.asarray(kv_used, dtype=float)
         total = dense + experts + kv + activations + predictor       # sample()'s order of terms
         for k, v in (("dense", dense), ("experts", float(experts.max())), ("kv", float(kv.max())),

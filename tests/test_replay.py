@@ -79,7 +79,7 @@ def test_out_of_memory_keeps_what_was_done(tiny_trace_path, tmp_path, monkeypatc
 
 def test_replay_holds_the_memory_the_simulator_counts(tiny_trace_path, tmp_path):
     """What the replay holds is what the simulator's ledger counts: KV per block of tokens as it
-    is written (a profile records the replay's block), the staging slots a step streams through,
+    is written (a profile records the replay's block), the cache's slots and its staging buffer,
     dense weights, activations and logits; part by part, exactly."""
     from replay.model import KV_BLOCK_TOKENS
     data = scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5})

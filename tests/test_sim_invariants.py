@@ -72,6 +72,21 @@ def test_resident_bytes_never_exceed_the_budget(runs):
             assert tl.mem_experts.max() <= (m.total_experts // 2 + m.top_k) * m.bytes_per_expert
 
 
+def test_the_staging_buffer_counts_alike_for_policies_that_fetch_and_that_reroute(tiny_trace_path):
+    """Memory on equal terms: the staging buffer (top_k slots) is allocated with the cache (the
+    replay holds it from the start), so a policy that reroutes its misses, and so never streams,
+    counts it as one that fetches them does. Counted only on steps that streamed, it made a
+    rerouting policy report top_k experts less than it reserves, and `emoe choose`'s default
+    (least memory) could pick a rerouting eMoE over LRU for that alone."""
+    m = get_model("tiny")
+    runs = {miss: run_scenario(tiny_scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5, "miss": miss}))
+            for miss in ("fetch", "reroute")}
+    reserved = (m.total_experts // 2 + m.top_k) * m.bytes_per_expert      # the cache, full from the start, + staging
+    for miss, r in runs.items():
+        assert r.summary["peak_experts_bytes"] == reserved, miss
+        assert (r.timeline.mem_experts >= m.top_k * m.bytes_per_expert).all(), miss
+
+
 def test_kv_stays_within_its_budget_with_preemption(tiny_trace_path):
     # Few KV slots: requests must wait or be preempted, and still all complete.
     sc = tiny_scenario(tiny_trace_path, {"name": "on_demand", "capacity": 0.5},
