@@ -332,23 +332,31 @@ class CostModel:
         self.landing.clear()                   # all landed: step() would forget them at the next step
         return starts, durations, n_copies * c, np.where(walked, stall, 0.0)
 
-    def batch_run(self, t0: float, run, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray):
+    def batch_run(self, t0: float, run, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray,
+                  first: tuple[int, float] | None = None):
         """step() for T consecutive decode steps of the same n requests (n tokens a step), all
         at once: the same arithmetic in the same order, one row per step. Needs an idle link at
         t0; every step's copies then end before the step does (a layer's copies land before it
         computes), so each step finds the link idle too and no step waits for an earlier one.
         A step whose streamed copies do not fit the closed form is walked layer by layer, as
-        step() does; with run.prefetch, the steps are walked as decode_run does. Returns (start
-        times, durations, link busy seconds, stall seconds) and leaves the link, and the copy
-        counts, as step() would."""
+        step() does; with run.prefetch, the steps are walked as decode_run does. first: (tokens,
+        prefill context) of step 0 when it prefills the requests that joined (all n sample a
+        token): its terms are step()'s, from its scalars. Returns (start times, durations, link
+        busy seconds, stall seconds) and leaves the link, and the copy counts, as step() would."""
         T, L = run.demand.shape
         c = self.copy_s
         self.landing.clear()                     # (step() forgets landed prefetches the same way)
         attn = self.attention_s(n, attn_ctx, kv_tokens, n, maximum=np.maximum)    # (T,)
         ffn = self.experts_s(run.counts, n)                                      # (T, L)
-        fixed = self.fixed_s(n, n)
+        fixed = np.full(T, self.fixed_s(n, n))
+        if first is not None:
+            assert run.prefetch is None, "a prefill step in a run that prefetches"
+            n0, prefill_ctx = first
+            attn[0] = self.attention_s(n0, float(attn_ctx[0]), int(kv_tokens[0]), n, prefill_ctx=prefill_ctx)
+            ffn[0] = self.experts_s(run.counts[0], n0)
+            fixed[0] = self.fixed_s(n0, n)
         if run.prefetch is not None:
-            return self._run_prefetched(t0, run, attn, ffn, fixed)
+            return self._run_prefetched(t0, run, attn, ffn, fixed[0])
         # step()'s sums in step()'s order, so the times are the same to the bit: with copies its
         # closed forms add the layers one by one (a cumsum's last element), without them ffn.sum().
         base = fixed + L * attn                  # fixed + len(ffn) * attn + ...
@@ -379,7 +387,7 @@ class CostModel:
             starts = np.concatenate([[t0], durations[:j]]).cumsum()
             plan = _StepOf(run, j)
             self._busy = 0.0
-            tm = self._step_with_copies(float(starts[j]), plan, float(attn[j]), ffn[j], fixed)
+            tm = self._step_with_copies(float(starts[j]), plan, float(attn[j]), ffn[j], float(fixed[j]))
             durations[j], busy[j], stall[j] = tm.duration_s, tm.link_busy_s, tm.stall_s
         starts = np.concatenate([[t0], durations[:-1]]).cumsum()
         have = np.flatnonzero(n_copies)
@@ -387,19 +395,22 @@ class CostModel:
             j = int(have[-1])
             if extra is not None and run.streamed[j].any():   # _step_demand_streamed's link, from the run's sums
                 self.link_free_at = self._link_after_streamed(float(starts[j]), run.demand[j], float(attn[j]),
-                                                              ffn_cum[j], added_cum[j], fixed)[0]
+                                                              ffn_cum[j], added_cum[j], float(fixed[j]))[0]
             else:
                 self.copies["demand"] -= int(n_copies[j])      # (counted again by its closed form)
-                self._step_demand_only(float(starts[j]), run.demand[j], float(attn[j]), ffn[j], fixed)
+                self._step_demand_only(float(starts[j]), run.demand[j], float(attn[j]), ffn[j], float(fixed[j]))
         return starts, durations, busy, stall
 
-    def batch_upper_bound(self, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray) -> np.ndarray:
-        """(T,) the longest each decode step of the same n requests could take: every expert
-        active with every token, every one copied (what a batch run's length is cut by)."""
+    def batch_upper_bound(self, n: int, attn_ctx: np.ndarray, kv_tokens: np.ndarray, n_requests: int | None = None,
+                          prefill_ctx: float = 0.0) -> np.ndarray:
+        """(T,) the longest each step of n tokens (n_requests requests, each sampling one: by
+        default n decoding) could take: every expert active with every token, every one copied
+        (what a batch run's length is cut by)."""
         L, E = self.m.n_moe_layers, self.m.n_experts
-        attn = self.attention_s(n, attn_ctx, kv_tokens, n, maximum=np.maximum)
+        n_requests = n if n_requests is None else n_requests
+        attn = self.attention_s(n, attn_ctx, kv_tokens, n_requests, maximum=np.maximum, prefill_ctx=prefill_ctx)
         ffn = float(self.experts_s(np.full((L, E), n * self.m.top_k), n).sum())
-        return (self.fixed_s(n, n) + L * attn + ffn + L * min(E, n * self.m.top_k) * self.copy_s) * (1 + 1e-9)
+        return (self.fixed_s(n, n_requests) + L * attn + ffn + L * min(E, n * self.m.top_k) * self.copy_s) * (1 + 1e-9)
 
     def decode_upper_bound(self, contexts: np.ndarray, max_loads: int) -> np.ndarray:
         """(T,) the longest each single-token decode step could take, with at most max_loads

@@ -405,6 +405,17 @@ class Engine:
         self._last_step_start = float(starts[-1])
         return [req], n, float(starts[-1] + durations[-1])
 
+    def _prefill_first(self) -> StepWork | None:
+        """The next step, as _build_step builds it, if it can lead a batch run: every running
+        request is in it, those prefilling with the rest of their prompts, and its KV fits (else
+        stepping preempts). None otherwise."""
+        decode, chunks = self._plan_tokens()
+        if len(decode) + len(chunks) != len(self.running) or any(r.prefilled + c < r.prompt_tokens for r, c in chunks):
+            return None
+        if not self.mem.kv_fits(len(decode) + sum(c for _, c in chunks)):
+            return None
+        return self._build_step()
+
     # ---- saturation: the same requests decoding together, their steps at once ---------------
     def _batch_run(self, now: float):
         """At saturation every running request decodes and nothing can join them (no slot, no
@@ -416,12 +427,25 @@ class Engine:
         the next arrival (every step starts before it even if all its experts missed).
         Arrivals that cannot join only queue: the run's timeline counts them per step (an
         arrival at exactly a step's start counts as SimPy orders the two events). Returns
-        (requests, steps, end) or None."""
+        (requests, steps, end) or None.
+
+        A run may also start with the step that prefills the requests that just joined, when
+        it takes their whole prompts (the policy's prefill_runs): at saturation, the step after
+        each admission. That step is built as stepping builds it (_build_step) and planned with
+        the run: its own tokens, context and activations, the others' decode steps after it."""
         running, policy = self.running, self.policy
         B = len(running)
         if (not self.decode_runs or not B or (B == 1 and not self.n_waiting) or not policy.plans_batch_runs
-                or not self.cost.link_idle(now) or any(r.prefilled < r.prompt_tokens for r in running)):
+                or not self.cost.link_idle(now)):
             return None
+        first = None
+        if any(r.in_prefill for r in running):
+            # (not for a scheduler that watches each step: the eMoE scheduler's on_step reads the
+            # requests' progress, which a run applies only at its end, as if still prefilling)
+            if policy.plans_prefill_runs and type(self.scheduler).on_step is Scheduler.on_step:
+                first = self._prefill_first()
+            if first is None:
+                return None
         base_select = self._base_select
         # Nobody waiting can join while every slot is taken, or while the head of the queue, in
         # the scheduler's fixed order, did not fit just now (the base select() stops at it; the
@@ -442,56 +466,71 @@ class Engine:
         if self.max_steps:
             n = min(n, self.max_steps - self.steps)
         mem = self.mem
-        new_kv = B * mem.kv_per_token
-        kv = np.concatenate([[mem.kv_used], np.full(n, new_kv)]).cumsum()   # as kv_used += each step
+        new_kv = np.full(n, B * mem.kv_per_token)
+        if first is not None:
+            new_kv[0] = first.n_new * mem.kv_per_token
+        kv = np.concatenate([[mem.kv_used], new_kv]).cumsum()   # as kv_used += each step
         fits = kv[:-1] + new_kv <= mem.kv_budget          # stepping's kv_fits, step by step
         if not fits.all():
             n = int(np.argmin(fits))                      # the step that would preempt
         if n < 2:
             return None
+        # Each request's context as of step 0 as if it decoded then (a joining one: its prompt
+        # less one); from step 1 on, every request decodes.
         ctx0 = np.array([r.prompt_tokens + r.generated - 1 for r in running], dtype=np.int64)
         steps = np.arange(n)
         decode_ctx = int(ctx0.sum()) + B * steps                             # (T,) sum of contexts
         attn_ctx = decode_ctx.astype(float) + B
         kv_read = decode_ctx + B
+        if first is not None:                             # step 0 as _build_step counted it
+            attn_ctx[0], kv_read[0] = first.attn_ctx, first.kv_read
         horizon = min(self._next_arrival_s if arrivals_join else float("inf"), self.max_time or float("inf"))
         if horizon < float("inf"):
             longest = self.cost.batch_upper_bound(B, attn_ctx, kv_read)
+            if first is not None:
+                longest[0] = self.cost.batch_upper_bound(first.n_tokens, attn_ctx[:1], kv_read[:1], n_requests=B,
+                                                         prefill_ctx=first.prefill_ctx)[0]
             latest_start = now + np.concatenate([[0.0], longest[:-1]]).cumsum()
             n = int(np.searchsorted(latest_start, horizon, side="left"))
             if n < 2:
                 return None
             attn_ctx, kv_read, decode_ctx = attn_ctx[:n], kv_read[:n], decode_ctx[:n]
-        rows = (np.array([r.row0 for r in running], dtype=np.int64) + ctx0)[None, :] + np.arange(n)[:, None]
+        lo = 0 if first is None else 1                    # the decode steps' rows (step 0's: first's)
+        rows = (np.array([r.row0 for r in running], dtype=np.int64) + ctx0)[None, :] + np.arange(lo, n)[:, None]
         flat, tr = rows.ravel(), self.trace
 
-        def gather(a):                                                    # (n, B, ...) rows
+        def gather(a):                                                    # (n - lo, B, ...) rows
             got = a[flat]
-            return got.reshape(n, B, *got.shape[1:])
+            return got.reshape(n - lo, B, *got.shape[1:])
         # Gates and router probabilities are not gathered: only fetching policies take batch
         # runs, and nothing is rerouted (a plan_batch_run that read them would fail loudly).
         run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=None, probs=None,
-                        token_req=np.arange(n * B) % B, requests=list(running))
-        plan = policy.plan_batch_run(run)
+                        token_req=np.arange((n - lo) * B) % B, requests=list(running))
+        plan = policy.plan_batch_run(run) if first is None else policy.plan_batch_run(run, first=first.batch)
         if plan is None:
             return None
         assert len(plan.counts) >= 2, f"{type(self.policy).__name__} planned a run of {len(plan.counts)} steps"
         if len(plan.counts) < n:                           # the policy planned the first steps only
             n = len(plan.counts)
             attn_ctx, kv_read = attn_ctx[:n], kv_read[:n]
-        starts, durations, busy, stall = self.cost.batch_run(now, plan, B, attn_ctx, kv_read)
+        starts, durations, busy, stall = self.cost.batch_run(
+            now, plan, B, attn_ctx, kv_read, first=None if first is None else (first.n_tokens, first.prefill_ctx))
         mem.kv_used = float(kv[n])
         if mem.kv_block > 1:     # KV in blocks: what the requests hold after each step
             held = mem.kv_held(ctx0[None, :] + np.arange(1, n + 1)[:, None]).astype(float).sum(axis=1)
         else:
             held = kv[1:n + 1]
-        parts = mem.sample_run(plan.resident, held, B, B)
+        tokens = B
+        if first is not None:
+            tokens = np.full(n, B)
+            tokens[0] = first.n_tokens
+        parts = mem.sample_run(plan.resident, held, tokens, B)
         self._run_rows = dict(
             t_s=starts, step_s=durations, mem_dense=parts["dense"], mem_experts=parts["experts"],
             mem_kv=parts["kv"], mem_activations=parts["activations"], mem_predictor=parts["predictor"],
             link_busy_s=busy, stall_s=stall, expert_loads=plan.copies(),
             active_experts=np.count_nonzero(plan.counts, axis=(1, 2)), attn_ctx=attn_ctx, B=B,
-            waiting=self.n_waiting,
+            waiting=self.n_waiting, first=first,
             # an arrival handled just now, before this run was planned, set the next one's event first
             won=now if self._arrival_scheduled == now else None)
         self._run_arrivals = []
@@ -519,18 +558,32 @@ class Engine:
                 first, won = j, at                                      # SimPy handles the arrival first
             waiting[first:] += 1
         same = [B] * n
+        tokens, decode, prefill, prefill_ctx = same, same, [0] * n, [0.0] * n
+        first = c["first"]
+        if first is not None:                          # step 0 prefilled the requests that joined
+            tokens, decode, prefill, prefill_ctx = list(same), list(same), list(prefill), list(prefill_ctx)
+            tokens[0], decode[0] = first.n_tokens, len(first.decode)
+            prefill[0], prefill_ctx[0] = first.n_tokens - len(first.decode), first.prefill_ctx
         self.timeline.extend(rows_from_columns(
-            t_s=starts.tolist(), step_s=c["step_s"].tolist(), tokens=same, batch_requests=same, running=same,
-            waiting=waiting.tolist(), decode_tokens=same, prefill_tokens=[0] * n,
+            t_s=starts.tolist(), step_s=c["step_s"].tolist(), tokens=tokens, batch_requests=same, running=same,
+            waiting=waiting.tolist(), decode_tokens=decode, prefill_tokens=prefill,
             mem_dense=c["mem_dense"], mem_experts=c["mem_experts"], mem_kv=c["mem_kv"],
             mem_activations=c["mem_activations"], mem_predictor=c["mem_predictor"],
             link_busy_s=c["link_busy_s"].tolist(), stall_s=c["stall_s"].tolist(),
             expert_loads=c["expert_loads"].tolist(), active_experts=c["active_experts"].tolist(),
-            attn_ctx=c["attn_ctx"].tolist(), sampled=same, prefill_ctx=[0.0] * n))
+            attn_ctx=c["attn_ctx"].tolist(), sampled=same, prefill_ctx=prefill_ctx))
 
     def _advance_run(self, reqs: list, n_steps: int, now: float):
-        """_advance for a decode or batch run: each request generated n_steps tokens."""
+        """_advance for a decode or batch run: each request generated n_steps tokens (those that
+        joined: their prompt in step 0, their first token at its end, then one a step)."""
         if self._run_rows is not None:
+            first = self._run_rows["first"]
+            if first is not None:
+                end0 = float(self._run_rows["t_s"][1])
+                for r, c in first.chunks:
+                    r.prefilled += c
+                    if r.first_token_s is None:
+                        r.first_token_s = end0
             self._table_batch_run()
         done = []
         for r in reqs:

@@ -90,19 +90,25 @@ class MemoryLedger:
             self.peak_total = total
         return parts
 
-    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens: int, n_sampled: int) -> dict:
+    def sample_run(self, resident_experts: np.ndarray, kv_used: np.ndarray, n_tokens, n_sampled: int) -> dict:
         """sample() for many steps at once (one element per step, as lists: timeline columns);
-        updates the peaks. Dense weights, activations and the predictor are the same in every step."""
+        updates the peaks. Dense weights and the predictor are the same in every step, and the
+        activations too unless n_tokens is given per step (a run whose first step prefills)."""
         n = len(kv_used)
         dense, predictor = float(self.dense), float(self.predictor)
-        activations = float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes)
+        if np.ndim(n_tokens):
+            act = n_tokens * self.act_per_token + n_sampled * self.logit_bytes
+            activations, act_peak, act_column = act, float(act.max()), act.tolist()
+        else:
+            activations = act_peak = float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes)
+            act_column = [activations] * n
         experts = ((resident_experts + self.staging_slots) * self.bpe).astype(float)
         kv = np.asarray(kv_used, dtype=float)
         total = dense + experts + kv + activations + predictor       # sample()'s order of terms
         for k, v in (("dense", dense), ("experts", float(experts.max())), ("kv", float(kv.max())),
-                     ("activations", activations), ("predictor", predictor)):
+                     ("activations", act_peak), ("predictor", predictor)):
             if v > self.peak[k]:
                 self.peak[k] = v
         self.peak_total = max(self.peak_total, float(total.max()))
         return dict(dense=[dense] * n, experts=experts.tolist(), kv=kv.tolist(),
-                    activations=[activations] * n, predictor=[predictor] * n)
+                    activations=act_column, predictor=[predictor] * n)

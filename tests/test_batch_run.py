@@ -147,6 +147,33 @@ def test_engine_results_identical_with_and_without_batch_runs(monkeypatch, name,
         assert fast.timeline.stall_s.sum() > 0
 
 
+@pytest.mark.parametrize("policy,limits", [(LRU, {}), ({"name": "on_demand", "capacity": 0.25, "eviction": "lfu"}, {}),
+                                          (LRU, {"max_batch_tokens": 96}), (LRU, {"measured_kv": True})],
+                         ids=["lru", "lfu", "prompts in chunks", "KV in blocks"])
+def test_runs_that_start_by_prefilling_the_requests_that_joined(monkeypatch, policy, limits):
+    """At saturation a request joins as another finishes, and the step that prefills it leads
+    the batch run after it: that step's tokens, context, KV, activations, copies and its
+    requests' first tokens are stepping's. A prompt split over steps leads a run with its last
+    chunk (the chunks before are stepped)."""
+    led = []
+    real = Engine._batch_run
+
+    def counting(self, now):
+        joining = [r for r in self.running if r.in_prefill]
+        got = real(self, now)
+        if got and joining:
+            led.append(len(joining))
+        return got
+    monkeypatch.setattr(Engine, "_batch_run", counting)
+    hardware = {"measured": {"kv_block_tokens": 16}} if limits.pop("measured_kv", False) else None
+    fast = run_scenario(scenario(policy, hardware=hardware, requests=40, **limits))
+    slow = run_scenario(scenario(policy, hardware=hardware, requests=40, **limits, decode_runs=False))
+    identical(fast, slow)
+    assert len(led) >= 20, led                    # most admissions (40 requests, 8 running)
+    if "max_batch_tokens" in limits:
+        assert (slow.requests.prompt_tokens > 96).sum() > 5      # prompts were split
+
+
 def identical(fast, slow):
     assert slow.summary["engine_steps"] == fast.summary["engine_steps"]
     pd.testing.assert_frame_equal(fast.requests, slow.requests, rtol=1e-12)

@@ -25,6 +25,7 @@ Counting, the same for every policy:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +139,10 @@ class ExpertPolicy:
     # `batch_runs = True` when its plan_batch_run gives exactly what stepping gives for the same
     # B decoding requests (miss='fetch'); the same hooks vouch for it.
     batch_runs = False
+    # A class that declares batch_runs may also declare `prefill_runs = True` when its
+    # plan_batch_run takes `first`: the step that prefills the requests that just joined (their
+    # whole prompts, with the others' decode tokens) before the T decode steps; the same hooks vouch.
+    prefill_runs = False
     DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "initial_load", "reroute_rank_from",
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
@@ -159,6 +164,8 @@ class ExpertPolicy:
             cls.decode_runs = False
         if "batch_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
             cls.batch_runs = False
+        if "prefill_runs" not in cls.__dict__ and any(h in cls.__dict__ for h in cls.DECODE_RUN_HOOKS):
+            cls.prefill_runs = False
 
     def __init__(self, model, params: dict | Params, trace=None, seed: int = 0, base_dir=None):
         self.model = model
@@ -264,9 +271,15 @@ class ExpertPolicy:
         """True if plan_batch_run gives exactly what plan_step would, step by step, now."""
         return self.batch_runs and self.miss_mode == "fetch" and self.plans_decode_runs
 
-    def plan_batch_run(self, run: StepBatch) -> RunPlan | None:
+    @property
+    def plans_prefill_runs(self) -> bool:
+        """True if plan_batch_run also takes the prefill step before its decode steps, now."""
+        return self.prefill_runs and self.plans_batch_runs
+
+    def plan_batch_run(self, run: StepBatch, first: StepBatch | None = None) -> RunPlan | None:
         """Serve T decode steps of the same B requests (run.experts (T, B, L, k): step t, request
-        b), updating state and counters as T plan_step calls would. A policy may plan only the
+        b), updating state and counters as T plan_step calls would; with `first` (prefill_runs
+        only), that step first, the plan's step 0 (T + 1 steps). A policy may plan only the
         first T' >= 2 of them (the engine runs those), or return None before changing anything
         (the engine steps)."""
         raise NotImplementedError
@@ -371,6 +384,34 @@ class ExpertPolicy:
         by_req = (flat.reshape(tokens, -1) + (batch.token_req * LE).astype(flat.dtype)[:, None]).ravel()
         return np.bincount(by_req, minlength=n_req * LE).reshape(n_req, LE)
 
+    def _credit_held(self, batch: StepBatch, flat: np.ndarray, by_req: np.ndarray | None, held: np.ndarray) -> None:
+        """Accounting.step for a fetching step that missed: each request's routes to the experts
+        held (resident and not copied in the step), counted by request where by_req has them."""
+        if by_req is None:
+            self.accounting.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
+        else:
+            self.accounting.step(batch, None, None, hits=by_req @ held.ravel().astype(by_req.dtype))
+
+    def _account_prefill(self, first: StepBatch) -> tuple[np.ndarray, Callable[[np.ndarray], None]]:
+        """A run's prefill step (plan_batch_run's `first`), as serve() counts it: returns its (L, E)
+        counts now and a function that credits it given what was held as it began (called before
+        the decode steps are counted: the float sums keep stepping's order)."""
+        flat = self._flat_routes(first.experts)
+        by_req = self._needed_by_request(first, flat)
+        counts = self._needed(first.experts, flat) if by_req is None else \
+            np.add.reduce(by_req, axis=0).reshape(self.L, self.E)
+
+        def credit(held: np.ndarray) -> None:
+            self.rerouter.popularity += counts
+            used = counts > 0
+            n_miss = int(np.count_nonzero(used & ~held))
+            self.accounting.served(int(np.count_nonzero(used)), n_miss, 0)
+            if n_miss:
+                self._credit_held(first, flat, by_req, held)
+            else:
+                self.accounting.step(first, None, None)
+        return counts, credit
+
     # Hot-path note: serve runs once per engine step (tens of thousands of times per
     # simulated minute at light load), so it uses ndarray methods, np.add.reduce and
     # np.count_nonzero, which skip numpy's Python-level wrappers (~2x cheaper on (L, E)
@@ -415,10 +456,7 @@ class ExpertPolicy:
             self.touch(used, needed)
             return StepPlan(counts=needed, demand=self._zeros_L, prefetch=prefetch, staged=0, routes=ex)
         held = resident if fresh is None else resident & ~fresh    # resident and not copied now
-        if by_req is None:
-            acc.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
-        else:
-            acc.step(batch, None, None, hits=by_req @ held.ravel().astype(by_req.dtype))
+        self._credit_held(batch, flat, by_req, held)
         # (demand copies never evict what this step's own prefetches just brought)
         streamed = cache.admit(missing, used if fresh is None else used | fresh,
                                lambda: self.evict_key(batch)) if n_miss else None

@@ -127,18 +127,24 @@ class OnDemandPolicy(ExpertPolicy):
 
     # ---- saturation: the same requests decoding together (sim/engine.py batch runs) ----
     batch_runs = True
+    prefill_runs = True
 
-    def plan_batch_run(self, run: StepBatch) -> RunPlan:
+    def plan_batch_run(self, run: StepBatch, first: StepBatch | None = None) -> RunPlan:
         """LRU or LFU over T decode steps of the same B requests, without stepping. What
         ExpertCache.admit does to a layer in one step is a ranking: after the step it holds
         the top `capacity` of, in order, the experts the step used that were resident, those
         it used that were not (lowest id first: admitted while slots last, the rest streamed
         through the staging buffer), and the other resident ones by (eviction key, id)
         (evicted lowest first); never an expert neither resident nor used. So each step is a
-        few whole-array operations on (L, E); the counters are counted once for the run."""
+        few whole-array operations on (L, E); the counters are counted once for the run. With
+        `first`, the step that prefills the requests that joined comes first: the same rule."""
         ex = run.experts
-        T, L, E = len(ex), self.L, self.E
+        L, E = self.L, self.E
         counts, flat = self._batch_counts(ex)
+        if first is not None:
+            counts0, credit_first = self._account_prefill(first)
+            counts = np.concatenate([counts0[None], counts])
+        T = len(counts)
         used = counts > 0
         ids = np.arange(E)
         lru = self.params.eviction == "lru"
@@ -173,7 +179,12 @@ class OnDemandPolicy(ExpertPolicy):
             states[t + 1] = res = c >= np.maximum(cut, 0.0)[:, None]
             full = bool((res.sum(axis=1) == capacity).all())
         held = states[:-1]
-        miss = self._account_batch_run(run, counts, flat, held)
+        if first is None:
+            miss = self._account_batch_run(run, counts, flat, held)
+        else:
+            credit_first(held[0])
+            miss = np.concatenate([(counts[0] > 0)[None] & ~held[:1],
+                                   self._account_batch_run(run, counts[1:], flat, held[1:])])
         streamed = np.add.reduce(miss & ~states[1:], axis=2)
         self.resident[...] = res
         self.last_used = np.where(used.any(axis=0), self.clock + 1 + (T - 1 - used[::-1].argmax(axis=0)),
