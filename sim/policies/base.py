@@ -149,8 +149,9 @@ class ExpertPolicy:
                         "plan_batch_run", "_batch_counts", "_account_batch_run", "_flat_routes",
                         "_needed_by_request", "_capacity_per_layer",
                         # the prefetching policies' runs restate what stepping does with these
-                        # (admission, a prediction's update, the look-ahead), or use them only there
-                        "admit_prefetch", "on_admit", "on_finish", "_observe", "_predicted", "_predict",
+                        # (prefetch admission, a prediction's update, the look-ahead), or use them
+                        # only there (on_admit, on_finish: the engine calls them either way)
+                        "admit_prefetch", "_observe", "_predicted", "_predict",
                         "_update_prediction", "_top_predicted", "_would_prefetch", "_prefetches_now",
                         "_plan_run", "_steps_to_next_use")
 
