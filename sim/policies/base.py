@@ -146,8 +146,8 @@ class ExpertPolicy:
     DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "initial_load", "reroute_rank_from",
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
-                        "plan_batch_run", "_batch_counts", "_account_batch_run", "_flat_routes",
-                        "_needed_by_request", "_capacity_per_layer",
+                        "plan_batch_run", "_batch_counts", "_account_batch_run", "_account_prefill", "_credit_held",
+                        "_flat_routes", "_needed_by_request", "_capacity_per_layer",
                         # the prefetching policies' runs restate what stepping does with these
                         # (prefetch admission, a prediction's update, the look-ahead), or use them
                         # only there (on_admit, on_finish: the engine calls them either way)
