@@ -559,11 +559,11 @@ class Engine:
             waiting[first:] += 1
         same = [B] * n
         tokens, decode, prefill, prefill_ctx = same, same, [0] * n, [0.0] * n
-        first = c["first"]
-        if first is not None:                          # step 0 prefilled the requests that joined
+        lead = c["first"]
+        if lead is not None:                           # step 0 prefilled the requests that joined
             tokens, decode, prefill, prefill_ctx = list(same), list(same), list(prefill), list(prefill_ctx)
-            tokens[0], decode[0] = first.n_tokens, len(first.decode)
-            prefill[0], prefill_ctx[0] = first.n_tokens - len(first.decode), first.prefill_ctx
+            tokens[0], decode[0] = lead.n_tokens, len(lead.decode)
+            prefill[0], prefill_ctx[0] = lead.n_tokens - len(lead.decode), lead.prefill_ctx
         self.timeline.extend(rows_from_columns(
             t_s=starts.tolist(), step_s=c["step_s"].tolist(), tokens=tokens, batch_requests=same, running=same,
             waiting=waiting.tolist(), decode_tokens=decode, prefill_tokens=prefill,
