@@ -418,7 +418,7 @@ class Engine:
 
     # ---- saturation: the same requests decoding together, their steps at once ---------------
     def _batch_run(self, now: float):
-        """At saturation every running request decodes and nothing can join them (no slot, no
+        """At saturation the running requests decode and nothing can join them (no slot, no
         KV for the head of the queue, or no one waiting), so the batch is the same from step
         to step until the first of them finishes. Then the policy and the cost model plan
         those steps in one vectorised call (same decisions, times to float rounding) and SimPy
@@ -502,8 +502,9 @@ class Engine:
         def gather(a):                                                    # (n - lo, B, ...) rows
             got = a[flat]
             return got.reshape(n - lo, B, *got.shape[1:])
-        # Gates and router probabilities are not gathered: only fetching policies take batch
-        # runs, and nothing is rerouted (a plan_batch_run that read them would fail loudly).
+        # The decode steps' gates and router probabilities are not gathered: only fetching
+        # policies take batch runs, and nothing is rerouted (a plan_batch_run that read them
+        # would fail loudly; the prefill step's are read from the trace if used, as stepping's).
         run = StepBatch(step=self.steps, experts=gather(tr.experts), gates=None, probs=None,
                         token_req=np.arange((n - lo) * B) % B, requests=list(running))
         plan = policy.plan_batch_run(run) if first is None else policy.plan_batch_run(run, first=first.batch)
@@ -554,7 +555,8 @@ class Engine:
             first = int(np.searchsorted(starts, at, side="right"))      # steps starting after it
             j = first - 1                                               # a step starting at exactly `at`
             if 0 < j < n and starts[j] == at and (scheduled < starts[j - 1]
-                                                  or scheduled == starts[j - 1] == won):
+                                                  or scheduled == starts[j - 1] == won
+                                                  or won == at):        # (one event: with the one that won)
                 first, won = j, at                                      # SimPy handles the arrival first
             waiting[first:] += 1
         same = [B] * n

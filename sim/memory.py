@@ -97,7 +97,7 @@ class MemoryLedger:
         n = len(kv_used)
         dense, predictor = float(self.dense), float(self.predictor)
         if np.ndim(n_tokens):
-            act = n_tokens * self.act_per_token + n_sampled * self.logit_bytes
+            act = (n_tokens * self.act_per_token + n_sampled * self.logit_bytes).astype(float)
             activations, act_peak, act_column = act, float(act.max()), act.tolist()
         else:
             activations = act_peak = float(n_tokens * self.act_per_token + n_sampled * self.logit_bytes)

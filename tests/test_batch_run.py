@@ -165,6 +165,7 @@ def test_runs_that_start_by_prefilling_the_requests_that_joined(monkeypatch, pol
             led.append(len(joining))
         return got
     monkeypatch.setattr(Engine, "_batch_run", counting)
+    limits = dict(limits)
     hardware = {"measured": {"kv_block_tokens": 16}} if limits.pop("measured_kv", False) else None
     fast = run_scenario(scenario(policy, hardware=hardware, requests=40, **limits))
     slow = run_scenario(scenario(policy, hardware=hardware, requests=40, **limits, decode_runs=False))
@@ -223,6 +224,25 @@ def test_arrivals_tied_with_step_starts(monkeypatch, case):
                      "at two steps' starts": [t[j - 1], t[j]]}[case]
     fast, slow = both()
     identical(fast, slow)
+
+
+@pytest.mark.parametrize("scheduler", ["fcfs", "sjf"])
+def test_two_arrivals_at_once_at_a_run_step_start(monkeypatch, scheduler):
+    """Two requests arriving in one event at exactly the start of a run's second step (after the
+    step that prefills the requests that joined, which starts at the instant an arrival woke the
+    engine): both are counted waiting from that step, as stepping counts them (a review found
+    the second counted a step late)."""
+    import sim.workload as workload
+    arrivals = [0.0] * 7 + [1e5] * 7 + [2e5] * 2
+    monkeypatch.setattr(workload, "arrival_times", lambda sc, trace: np.array(arrivals, dtype=float))
+
+    def go(**kw):
+        return run_scenario(scenario(LRU, scheduler, requests=16, max_running=3, **kw))
+    t = go(decode_runs=False).timeline
+    p = int(np.searchsorted(t.t_s.to_numpy(), 1e5))       # the step at 1e5 prefills the 3 that join
+    assert t.prefill_tokens[p] > 0
+    arrivals[14:16] = [t.t_s[p + 1]] * 2                   # both arrive as the next step starts
+    identical(go(), go(decode_runs=False))
 
 
 def test_a_subclass_that_resizes_the_cache_is_stepped():
