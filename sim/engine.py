@@ -302,8 +302,8 @@ class Engine:
         self.scheduler.on_step(self.running, timing.duration_s, now)
         return step_s
 
-    def _build_step(self) -> StepWork:
-        decode, chunks = self._plan_tokens()
+    def _build_step(self, planned: tuple | None = None) -> StepWork:
+        decode, chunks = planned or self._plan_tokens()
         n_new = len(decode) + sum(c for _, c in chunks)
         if not self.mem.kv_fits(n_new):
             self._preempt_for(n_new)
@@ -414,7 +414,7 @@ class Engine:
             return None
         if not self.mem.kv_fits(len(decode) + sum(c for _, c in chunks)):
             return None
-        return self._build_step()
+        return self._build_step((decode, chunks))
 
     # ---- saturation: the same requests decoding together, their steps at once ---------------
     def _batch_run(self, now: float):
@@ -438,14 +438,11 @@ class Engine:
         if (not self.decode_runs or not B or (B == 1 and not self.n_waiting) or not policy.plans_batch_runs
                 or not self.cost.link_idle(now)):
             return None
-        first = None
-        if any(r.in_prefill for r in running):
-            # (not for a scheduler that watches each step: the eMoE scheduler's on_step reads the
-            # requests' progress, which a run applies only at its end, as if still prefilling)
-            if policy.plans_prefill_runs and type(self.scheduler).on_step is Scheduler.on_step:
-                first = self._prefill_first()
-            if first is None:
-                return None
+        # (a run led by a prefill step: not for a scheduler that watches each step, as the eMoE
+        # scheduler's on_step reads the requests' progress, which a run applies only at its end)
+        prefilling = any(r.in_prefill for r in running)
+        if prefilling and not (policy.plans_prefill_runs and type(self.scheduler).on_step is Scheduler.on_step):
+            return None
         base_select = self._base_select
         # Nobody waiting can join while every slot is taken, or while the head of the queue, in
         # the scheduler's fixed order, did not fit just now (the base select() stops at it; the
@@ -465,6 +462,9 @@ class Engine:
         n = min(min(r.output_tokens - r.generated for r in running), self.MAX_RUN, max(2, self.MAX_RUN_TOKENS // B))
         if self.max_steps:
             n = min(n, self.max_steps - self.steps)
+        first = self._prefill_first() if prefilling and n >= 2 else None   # (built once the cheap checks pass)
+        if prefilling and first is None:
+            return None
         mem = self.mem
         new_kv = np.full(n, B * mem.kv_per_token)
         if first is not None:

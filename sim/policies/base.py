@@ -146,7 +146,7 @@ class ExpertPolicy:
     DECODE_RUN_HOOKS = ("plan_step", "serve", "evict_key", "touch", "initial_load", "reroute_rank_from",
                         "_plan_reroute_run", "_run_counts", "_needed", "plan_decode_run", "max_decode_loads",
                         "decode_run_ready", "judged_sensitivity", "fixed_set", "_account_run",
-                        "plan_batch_run", "_batch_counts", "_account_batch_run", "_account_prefill", "_credit_held",
+                        "plan_batch_run", "_batch_counts", "_account_batch_run", "_account_prefill", "_credit_fetched",
                         "_flat_routes", "_needed_by_request", "_capacity_per_layer",
                         # the prefetching policies' runs restate what stepping does with these
                         # (prefetch admission, a prediction's update, the look-ahead), or use them
@@ -385,13 +385,19 @@ class ExpertPolicy:
         by_req = (flat.reshape(tokens, -1) + (batch.token_req * LE).astype(flat.dtype)[:, None]).ravel()
         return np.bincount(by_req, minlength=n_req * LE).reshape(n_req, LE)
 
-    def _credit_held(self, batch: StepBatch, flat: np.ndarray, by_req: np.ndarray | None, held: np.ndarray) -> None:
-        """Accounting.step for a fetching step that missed: each request's routes to the experts
-        held (resident and not copied in the step), counted by request where by_req has them."""
-        if by_req is None:
-            self.accounting.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
+    def _credit_fetched(self, batch: StepBatch, flat: np.ndarray, by_req: np.ndarray | None, used: np.ndarray,
+                        held: np.ndarray, n_miss: int, n_fresh: int) -> None:
+        """The counters of a fetching step: the experts it used, n_miss copied on demand and n_fresh
+        brought by its prefetches, and each request's routes to the experts held (resident and
+        not copied in the step), counted by request where by_req has them."""
+        acc = self.accounting
+        acc.served(int(np.count_nonzero(used)), n_miss, n_fresh)
+        if not n_miss and not n_fresh:
+            acc.step(batch, None, None)
+        elif by_req is None:
+            acc.step(batch, held.ravel().take(flat), None)   # held[layer, ex], one take
         else:
-            self.accounting.step(batch, None, None, hits=by_req @ held.ravel().astype(by_req.dtype))
+            acc.step(batch, None, None, hits=by_req @ held.ravel().astype(by_req.dtype))
 
     def _account_prefill(self, first: StepBatch) -> tuple[np.ndarray, Callable[[np.ndarray], None]]:
         """A run's prefill step (plan_batch_run's `first`), as serve() counts it: returns its (L, E)
@@ -405,12 +411,7 @@ class ExpertPolicy:
         def credit(held: np.ndarray) -> None:
             self.rerouter.popularity += counts
             used = counts > 0
-            n_miss = int(np.count_nonzero(used & ~held))
-            self.accounting.served(int(np.count_nonzero(used)), n_miss, 0)
-            if n_miss:
-                self._credit_held(first, flat, by_req, held)
-            else:
-                self.accounting.step(first, None, None)
+            self._credit_fetched(first, flat, by_req, used, held, int(np.count_nonzero(used & ~held)), 0)
         return counts, credit
 
     # Hot-path note: serve runs once per engine step (tens of thousands of times per
@@ -451,13 +452,11 @@ class ExpertPolicy:
         if fresh is not None:
             n_fresh = int(np.count_nonzero(used & fresh))
             acc.prefetched(len(prefetch), n_fresh)
-        acc.served(int(np.count_nonzero(used)), n_miss, n_fresh)
+        held = resident if fresh is None else resident & ~fresh    # resident and not copied now
+        self._credit_fetched(batch, flat, by_req, used, held, n_miss, n_fresh)
         if not n_miss and not n_fresh:
-            acc.step(batch, None, None)
             self.touch(used, needed)
             return StepPlan(counts=needed, demand=self._zeros_L, prefetch=prefetch, staged=0, routes=ex)
-        held = resident if fresh is None else resident & ~fresh    # resident and not copied now
-        self._credit_held(batch, flat, by_req, held)
         # (demand copies never evict what this step's own prefetches just brought)
         streamed = cache.admit(missing, used if fresh is None else used | fresh,
                                lambda: self.evict_key(batch)) if n_miss else None
